@@ -1,0 +1,141 @@
+"""The proxy's aiohttp application: routes, request handling, and resource lifetimes.
+
+    make_app(settings) -> web.Application
+        /healthz, /readyz          answered locally (health.py)
+        /api/get_token             answered locally (local_token.py)
+        /api/...                   forwarded with the managed token (forward.py)
+        anything else              404, never forwarded
+
+The one ClientSession, the token manager and its background refresher are opened at start-up
+and closed at shutdown through cleanup_ctx; request handlers reach them through typed AppKeys.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from typing import Final
+
+import aiohttp
+import structlog
+from aiohttp import web
+
+from proxy import protocol
+from proxy.errors import InternalError, ProxyError
+from proxy.forward import Forwarder
+from proxy.health import healthz, readyz
+from proxy.local_token import LocalTokenEndpoint
+from proxy.logs import get_logger
+from proxy.paths import split_target
+from proxy.settings import Settings
+from proxy.token_source import SobotTokenSource
+from proxy.tokens import Backoff, TokenManager
+
+# Keep-alive connections to Sobot; past this, requests wait for a free connection.
+UPSTREAM_CONNECTIONS: Final = 100
+# Request bodies are held whole for the 900002 replay; larger ones are refused with 413.
+MAX_BODY: Final = 64 * 1024 * 1024
+
+
+class ApiHandler:
+    """Every request under the catch-all route: dispatch, error answers, the request log line."""
+
+    def __init__(
+        self,
+        *,
+        forwarder: Forwarder,
+        local_token: LocalTokenEndpoint,
+        log: structlog.typing.FilteringBoundLogger,
+    ) -> None:
+        self._forwarder = forwarder
+        self._local_token = local_token
+        self._log = log
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        started = time.perf_counter()
+        fields: dict[str, object] = {"method": request.method, "path": request.path}
+        response: web.StreamResponse
+        try:
+            path, query = split_target(request.raw_path)
+            fields["path"] = path
+            if path.rstrip("/") == protocol.GET_TOKEN_PATH:
+                response, fields["ret_code"] = await self._local_token.answer(request)
+                fields.update(status=response.status, attempts=0)
+            else:
+                response = await self._forwarder.forward(request, path, query, fields)
+        except ProxyError as exc:
+            fields.update(status=exc.status, ret_code=exc.ret_code, error=exc.message)
+            response = exc.to_response()
+        except Exception:
+            self._log.exception("internal_error", method=request.method, path=fields["path"])
+            error = InternalError("the proxy failed to handle the request; see its log")
+            fields.update(status=error.status, ret_code=error.ret_code)
+            response = error.to_response()
+        fields["duration_ms"] = round((time.perf_counter() - started) * 1000, 2)
+        self._log.info("request", **fields)
+        return response
+
+
+TOKENS: Final = web.AppKey("tokens", TokenManager)
+API: Final = web.AppKey("api", ApiHandler)
+
+
+async def _api(request: web.Request) -> web.StreamResponse:
+    return await request.app[API].handle(request)
+
+
+def make_app(settings: Settings, *, backoff: Backoff | None = None) -> web.Application:
+    app = web.Application()
+    log = get_logger()
+
+    async def lifetime(app: web.Application) -> AsyncIterator[None]:
+        session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=UPSTREAM_CONNECTIONS, ttl_dns_cache=300),
+            # Bodies pass through as the upstream encoded them, Content-Encoding and all.
+            auto_decompress=False,
+            # A proxy for many clients must not keep one client's cookies for the next.
+            cookie_jar=aiohttp.DummyCookieJar(),
+            trust_env=False,
+        )
+        source = SobotTokenSource(
+            session,
+            base_url=settings.base_url,
+            appid=settings.appid,
+            app_key=settings.app_key,
+            timeout=settings.upstream_timeout,
+            log=log,
+        )
+        tokens = TokenManager(
+            source, refresh_margin=settings.refresh_margin, log=log, backoff=backoff or Backoff()
+        )
+        app[TOKENS] = tokens
+        app[API] = ApiHandler(
+            forwarder=Forwarder(
+                base_url=settings.base_url,
+                session=session,
+                tokens=tokens,
+                timeout=settings.upstream_timeout,
+                max_body=MAX_BODY,
+                log=log,
+            ),
+            local_token=LocalTokenEndpoint(
+                appid=settings.appid, app_key=settings.app_key, tokens=tokens
+            ),
+            log=log,
+        )
+        tokens.start()
+        try:
+            yield
+        finally:
+            await tokens.stop()
+            await session.close()
+
+    app.cleanup_ctx.append(lifetime)
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", _readyz)
+    app.router.add_route("*", "/{tail:.*}", _api)
+    return app
+
+
+async def _readyz(request: web.Request) -> web.Response:
+    return readyz(request.app[TOKENS])

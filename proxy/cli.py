@@ -1,0 +1,165 @@
+"""The `sobot-proxy` command: `serve` (the default) and `fake-sobot`.
+
+Configuration mistakes stop start-up with one line per problem on stderr and exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import sys
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from typing import Final
+
+from aiohttp import web
+
+from proxy import __version__
+from proxy.app import make_app
+from proxy.fake_sobot import FakeSobot
+from proxy.logs import configure_logging, get_logger
+from proxy.server import run, serve
+from proxy.settings import (
+    APP_KEY_ENV,
+    APP_KEY_FILE_ENV,
+    CONFIG_ENV,
+    LOG_FORMATS,
+    LOG_LEVELS,
+    OPTIONS,
+    ConfigError,
+    load_settings,
+)
+
+DEMO_APPID: Final = "demo-appid"
+DEMO_APP_KEY: Final = "demo-app-key"
+# In demo mode these come from the demo, whatever the environment says.
+_DEMO_IGNORED_ENV: Final = frozenset(
+    {"SOBOT_APPID", APP_KEY_ENV, APP_KEY_FILE_ENV, "SOBOT_REGION", "SOBOT_BASE_URL"}
+)
+EXIT_CONFIG: Final = 2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="sobot-proxy",
+        description="Authenticating reverse proxy for the Sobot Open API (v5).",
+    )
+    parser.add_argument("--version", action="version", version=f"sobot-proxy {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    serve_cmd = commands.add_parser(
+        "serve",
+        help="run the proxy (the default command)",
+        description="Run the proxy. The app_key is read from SOBOT_APP_KEY or "
+        "SOBOT_APP_KEY_FILE only, never from a flag, so it stays out of `ps`.",
+    )
+    serve_cmd.add_argument(
+        "--config", metavar="FILE", help=f"TOML configuration file (or {CONFIG_ENV})"
+    )
+    for option in OPTIONS:
+        if option.flag:
+            serve_cmd.add_argument(
+                option.flag,
+                dest=option.name,
+                metavar=option.name.upper(),
+                default=None,
+                help=f"{option.help} [{option.env}]",
+            )
+    serve_cmd.add_argument(
+        "--demo",
+        action="store_true",
+        help="run against an in-process fake Sobot with demo credentials, to try the proxy",
+    )
+
+    fake_cmd = commands.add_parser(
+        "fake-sobot",
+        help="run a fake Sobot upstream, for development without credentials",
+    )
+    fake_cmd.add_argument("--host", default="127.0.0.1")
+    fake_cmd.add_argument("--port", type=int, default=8081)
+    fake_cmd.add_argument("--appid", default=DEMO_APPID)
+    fake_cmd.add_argument("--app-key", default=DEMO_APP_KEY)
+    fake_cmd.add_argument(
+        "--token-lifetime", type=float, default=86400.0, help="expires_in of issued tokens"
+    )
+    fake_cmd.add_argument("--log-level", choices=LOG_LEVELS, default="info")
+    fake_cmd.add_argument("--log-format", choices=LOG_FORMATS, default="json")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    arguments = list(sys.argv[1:] if argv is None else argv)
+    # `serve` is the default command: `sobot-proxy --port 9000` serves.
+    if not arguments or (
+        arguments[0].startswith("-") and arguments[0] not in ("-h", "--help", "--version")
+    ):
+        arguments.insert(0, "serve")
+    args = build_parser().parse_args(arguments)
+    if args.command == "fake-sobot":
+        return _run_fake(args)
+    return _run_serve(args, os.environ)
+
+
+def _run_serve(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
+    flags: dict[str, object] = {option.name: getattr(args, option.name) for option in OPTIONS}
+    flags["config"] = args.config
+    env = dict(environ)
+    demo_socket = None
+    if args.demo:
+        demo_socket = socket.create_server(("127.0.0.1", 0))
+        env = {k: v for k, v in env.items() if k not in _DEMO_IGNORED_ENV}
+        env[APP_KEY_ENV] = DEMO_APP_KEY
+        flags.update(
+            appid=DEMO_APPID,
+            region=None,
+            base_url=f"http://127.0.0.1:{demo_socket.getsockname()[1]}",
+        )
+    try:
+        settings = load_settings(flags, env)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            print(f"sobot-proxy: configuration error: {problem}", file=sys.stderr)
+        if demo_socket is not None:
+            demo_socket.close()
+        return EXIT_CONFIG
+
+    configure_logging(settings.log_level, settings.log_format)
+    log = get_logger()
+    app = make_app(settings)
+    if demo_socket is not None:
+        app.cleanup_ctx.insert(0, _demo_upstream(demo_socket))
+    return run(
+        serve(
+            app,
+            host=settings.host,
+            port=settings.port,
+            log=log,
+            upstream=settings.base_url,
+            demo=args.demo,
+        )
+    )
+
+
+def _demo_upstream(
+    sock: socket.socket,
+) -> Callable[[web.Application], AsyncIterator[None]]:
+    """Start a fake Sobot on an already bound socket before the proxy starts."""
+
+    async def context(_app: web.Application) -> AsyncIterator[None]:
+        fake = FakeSobot(DEMO_APPID, DEMO_APP_KEY)
+        runner = web.AppRunner(fake.make_app(), access_log=None)
+        await runner.setup()
+        await web.SockSite(runner, sock).start()
+        try:
+            yield
+        finally:
+            await runner.cleanup()
+
+    return context
+
+
+def _run_fake(args: argparse.Namespace) -> int:
+    configure_logging(args.log_level, args.log_format)
+    log = get_logger()
+    fake = FakeSobot(args.appid, args.app_key, token_lifetime=args.token_lifetime)
+    return run(serve(fake.make_app(), host=args.host, port=args.port, log=log, role="fake-sobot"))

@@ -1,0 +1,84 @@
+"""Errors a client can see, each with its HTTP status and a body in Sobot's shape.
+
+    ProxyError                      any failure answered by the proxy itself
+    ├── BadRequest          400     980400  a request target the proxy will not forward
+    ├── NotProxied          404     980404  a path outside /api/ (never forwarded)
+    ├── BodyTooLarge        413     980413  a request body over the configured cap
+    ├── UpstreamUnreachable 502     980502  cannot connect to Sobot, or it broke the exchange
+    ├── UpstreamTimeout     504     980504  Sobot did not answer within the timeout
+    ├── TokenUnavailable    502     <get_token's code, or 980502>
+    ├── NotReady            503     <get_token's code, or 980503>  /readyz with no valid token
+    └── InternalError       500     980500  a bug in the proxy; details go to the log only
+
+Proxy codes are 98xxxx, where xxx is the HTTP status, so they never collide with Sobot's own
+codes (000000, 7xxxxx, 9000xx, 999999) and any client that treats "not 000000" as failure keeps
+working. Messages say what went wrong and what to check; they never carry a credential, an
+internal path or a stack trace.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import orjson
+from aiohttp import web
+
+
+class ProxyError(Exception):
+    status: ClassVar[int] = 500
+    code: ClassVar[str] = "980500"
+
+    def __init__(self, message: str, *, ret_code: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.ret_code = ret_code or self.code
+
+    def to_response(self) -> web.Response:
+        return error_response(self.status, self.ret_code, self.message)
+
+
+class BadRequest(ProxyError):
+    status = 400
+    code = "980400"
+
+
+class NotProxied(ProxyError):
+    status = 404
+    code = "980404"
+
+
+class BodyTooLarge(ProxyError):
+    status = 413
+    code = "980413"
+
+
+class UpstreamUnreachable(ProxyError):
+    status = 502
+    code = "980502"
+
+
+class UpstreamTimeout(ProxyError):
+    status = 504
+    code = "980504"
+
+
+class TokenUnavailable(ProxyError):
+    """No valid token could be obtained; ret_code is get_token's own code when it answered one."""
+
+    status = 502
+    code = "980502"
+
+
+class NotReady(ProxyError):
+    status = 503
+    code = "980503"
+
+
+class InternalError(ProxyError):
+    status = 500
+    code = "980500"
+
+
+def error_response(status: int, ret_code: str, message: str) -> web.Response:
+    body = orjson.dumps({"ret_code": ret_code, "ret_msg": message})
+    return web.Response(status=status, body=body, content_type="application/json")

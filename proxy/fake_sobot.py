@@ -1,0 +1,294 @@
+"""A fake Sobot upstream that speaks the protocol faithfully, for tests, demos and development.
+
+- `GET /api/get_token` checks appid (900004 if unknown), create_time (900003 if more than 300 s
+  from this clock) and sign (900003), then issues a NEW token that invalidates the previous one.
+- Every other `/api/...` path checks the `token` header (900001 when empty, 900002 when not the
+  current token or expired) and answers like the echo: what arrived, so a demo shows it. The
+  token value itself is never echoed, only whether it was valid and which one it was.
+- Controls under `/_fake/` (never under /api/, so never reachable through the proxy):
+    GET  /_fake/stats                       counters
+    POST /_fake/expire                      expire the current token now
+    POST /_fake/lifetime?seconds=N          expires_in of the next tokens issued
+    POST /_fake/fail-get-token?mode=M&times=N
+         M = a ret_code (e.g. 900003), `malformed`, `http500` or `disconnect`; N = -1 for always
+    POST /_fake/script?times=N              the next N /api/ answers are the JSON body posted
+    POST /_fake/reset                       forget everything but the credentials
+The same controls are methods on FakeSobot for in-process tests.
+
+Run it alone: `sobot-proxy fake-sobot --port P --appid A --app-key K`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import time
+import uuid
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+import orjson
+from aiohttp import web
+from multidict import CIMultiDict
+
+from proxy import protocol
+
+MAX_CLOCK_SKEW: Final = 300
+ECHOED_BODY_LIMIT: Final = 4096  # larger bodies are echoed as size and sha256 only
+KEPT_BODY_LIMIT: Final = 1024 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class Received:
+    """One /api/ request as it arrived (get_token excluded)."""
+
+    method: str
+    path: str
+    query: str  # raw, as sent
+    headers: CIMultiDict[str]
+    body: bytes | None  # None when larger than KEPT_BODY_LIMIT
+    body_size: int
+    body_sha256: str
+    token_state: str  # valid, expired, missing
+    token_serial: int | None
+
+
+@dataclass(slots=True)
+class Stats:
+    get_token_calls: int = 0
+    tokens_issued: int = 0
+    api_calls: int = 0
+    token_rejections: int = 0  # 900001 and 900002 answers
+
+    def as_dict(self) -> dict[str, int]:
+        return {name: getattr(self, name) for name in self.__slots__}
+
+
+@dataclass(slots=True)
+class _Script:
+    answer: dict[str, Any]
+    times: int
+
+
+@dataclass(slots=True)
+class _State:
+    token: str | None = None
+    serial: int = 0
+    expires_at: float = 0.0
+    lifetime: float = 86400.0
+    get_token_failure: str | None = None
+    get_token_failures_left: int = 0
+    scripts: deque[_Script] = field(default_factory=deque)
+
+
+class FakeSobot:
+    def __init__(
+        self,
+        appid: str,
+        app_key: str,
+        *,
+        token_lifetime: float = 86400.0,
+        clock: Callable[[], float] = time.monotonic,
+        wall_clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.appid = appid
+        self._app_key = app_key
+        self._initial_lifetime = token_lifetime
+        self._clock = clock
+        self._wall_clock = wall_clock
+        self.stats = Stats()
+        self.received: deque[Received] = deque(maxlen=10_000)
+        self._state = _State(lifetime=token_lifetime)
+        self._runner: web.AppRunner | None = None
+        self.url = ""
+
+    # -- controls --------------------------------------------------------------------------
+
+    def expire_token(self) -> None:
+        self._state.expires_at = 0.0
+
+    def set_lifetime(self, seconds: float) -> None:
+        self._state.lifetime = seconds
+
+    def fail_get_token(self, mode: str, times: int = 1) -> None:
+        """Make the next `times` get_token calls fail (-1: until told otherwise, 0: stop)."""
+        self._state.get_token_failure = mode if times else None
+        self._state.get_token_failures_left = times
+
+    def script(self, answer: dict[str, Any], times: int = 1) -> None:
+        """Answer the next `times` /api/ calls with `answer` (JSON), whatever their token."""
+        self._state.scripts.append(_Script(answer, times))
+
+    def reset(self) -> None:
+        self.stats = Stats()
+        self.received.clear()
+        self._state = _State(lifetime=self._initial_lifetime)
+
+    @property
+    def current_token(self) -> str | None:
+        """The valid token, for tests that check a secret never leaks."""
+        state = self._state
+        return state.token if state.token and self._clock() < state.expires_at else None
+
+    # -- serving ---------------------------------------------------------------------------
+
+    def make_app(self) -> web.Application:
+        app = web.Application(client_max_size=64 * 1024 * 1024)
+        app.router.add_get(protocol.GET_TOKEN_PATH, self._get_token)
+        app.router.add_get("/_fake/stats", self._stats)
+        app.router.add_post("/_fake/{control}", self._control)
+        app.router.add_route("*", "/api/{tail:.*}", self._api)
+        return app
+
+    async def start(self, host: str = "127.0.0.1", port: int = 0) -> str:
+        self._runner = web.AppRunner(self.make_app(), access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, host, port)
+        await site.start()
+        bound_host, bound_port = self._runner.addresses[0][:2]
+        self.url = f"http://{bound_host}:{bound_port}"
+        return self.url
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+    # -- the protocol ----------------------------------------------------------------------
+
+    async def _get_token(self, request: web.Request) -> web.StreamResponse:
+        self.stats.get_token_calls += 1
+        state = self._state
+        if state.get_token_failure is not None:
+            mode = state.get_token_failure
+            if state.get_token_failures_left > 0:
+                state.get_token_failures_left -= 1
+                if state.get_token_failures_left == 0:
+                    state.get_token_failure = None
+            return await self._failed_get_token(request, mode)
+
+        query = request.query
+        appid, create_time, sign = (query.get(k, "") for k in ("appid", "create_time", "sign"))
+        if appid != self.appid:
+            return _answer(protocol.NO_API_CONFIGURATION, "no API configuration for the company")
+        try:
+            skew = abs(int(create_time) - self._wall_clock())
+        except ValueError:
+            return _answer(protocol.SIGNATURE_ERROR, "create_time is not a timestamp")
+        if skew > MAX_CLOCK_SKEW:
+            return _answer(protocol.SIGNATURE_ERROR, "create_time is too far from now")
+        expected = protocol.make_sign(appid, create_time, self._app_key)
+        if not hmac.compare_digest(sign.encode(), expected.encode()):
+            return _answer(protocol.SIGNATURE_ERROR, "signature error")
+
+        # Every call issues a new token and the previous one stops working.
+        state.token = uuid.uuid4().hex
+        state.serial += 1
+        state.expires_at = self._clock() + state.lifetime
+        self.stats.tokens_issued += 1
+        lifetime = state.lifetime
+        expires_in = str(int(lifetime)) if lifetime == int(lifetime) else str(lifetime)
+        return _answer(protocol.OK, "Success", {"token": state.token, "expires_in": expires_in})
+
+    async def _failed_get_token(self, request: web.Request, mode: str) -> web.StreamResponse:
+        if mode == "malformed":
+            return web.Response(text="<html>not json</html>", content_type="text/html")
+        if mode == "http500":
+            return web.Response(status=500, text="Internal Server Error")
+        if mode == "disconnect":
+            if request.transport is not None:
+                request.transport.abort()
+            return web.Response()
+        return _answer(mode, protocol.RET_CODE_MEANINGS.get(mode, "error"))
+
+    async def _api(self, request: web.Request) -> web.StreamResponse:
+        self.stats.api_calls += 1
+        body = await request.read()
+        state = self._state
+        sent = request.headers.get(protocol.TOKEN_HEADER, "")
+        if not sent:
+            token_state, serial = "missing", None
+        elif sent == state.token and self._clock() < state.expires_at:
+            token_state, serial = "valid", state.serial
+        else:
+            token_state, serial = "expired", None
+        received = Received(
+            method=request.method,
+            path=request.path,
+            query=request.query_string and request.raw_path.partition("?")[2],
+            headers=CIMultiDict(request.headers),
+            body=body if len(body) <= KEPT_BODY_LIMIT else None,
+            body_size=len(body),
+            body_sha256=hashlib.sha256(body).hexdigest(),
+            token_state=token_state,
+            token_serial=serial,
+        )
+        self.received.append(received)
+
+        if state.scripts:
+            script = state.scripts[0]
+            script.times -= 1
+            if script.times <= 0:
+                state.scripts.popleft()
+            return web.Response(body=orjson.dumps(script.answer), content_type="application/json")
+        if token_state == "missing":
+            self.stats.token_rejections += 1
+            return _answer(protocol.TOKEN_EMPTY, "token is empty")
+        if token_state == "expired":
+            self.stats.token_rejections += 1
+            return _answer(protocol.TOKEN_EXPIRED, "token has expired, obtain a new one")
+        return _answer(protocol.OK, "success", _echo(received))
+
+    # -- control endpoints -----------------------------------------------------------------
+
+    async def _stats(self, _request: web.Request) -> web.Response:
+        return web.json_response({**self.stats.as_dict(), "token_serial": self._state.serial})
+
+    async def _control(self, request: web.Request) -> web.Response:
+        control = request.match_info["control"]
+        query = request.query
+        try:
+            if control == "expire":
+                self.expire_token()
+            elif control == "lifetime":
+                self.set_lifetime(float(query["seconds"]))
+            elif control == "fail-get-token":
+                self.fail_get_token(query["mode"], int(query.get("times", "1")))
+            elif control == "script":
+                self.script(orjson.loads(await request.read()), int(query.get("times", "1")))
+            elif control == "reset":
+                self.reset()
+            else:
+                raise web.HTTPNotFound(text=f"unknown control {control!r}")
+        except (KeyError, ValueError) as exc:
+            raise web.HTTPBadRequest(text=f"bad control request: {exc}") from None
+        return web.json_response({"ok": True})
+
+
+def _answer(ret_code: str, ret_msg: str, item: dict[str, Any] | None = None) -> web.Response:
+    body: dict[str, Any] = {"ret_code": ret_code, "ret_msg": ret_msg}
+    if item is not None:
+        body["item"] = item
+    return web.Response(body=orjson.dumps(body), content_type="application/json")
+
+
+def _echo(received: Received) -> dict[str, Any]:
+    echo: dict[str, Any] = {
+        "method": received.method,
+        "path": received.path,
+        "query": received.query,
+        # The token is a credential: say which one arrived, never its value.
+        "headers": [
+            [name, value]
+            for name, value in received.headers.items()
+            if name.lower() != protocol.TOKEN_HEADER
+        ],
+        "token": {"state": received.token_state, "serial": received.token_serial},
+        "body_size": received.body_size,
+        "body_sha256": received.body_sha256,
+    }
+    if received.body is not None and received.body_size <= ECHOED_BODY_LIMIT:
+        echo["body"] = received.body.decode("utf-8", "replace")
+    return echo

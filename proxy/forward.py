@@ -1,0 +1,216 @@
+"""Forwarding one client request to Sobot with the managed token, and the one 900002 replay.
+
+A request reaches the upstream twice only when Sobot answers 900002 (or 900001) to the token the
+proxy injected: the token is replaced (see tokens.py) and the identical request is sent once more.
+Nothing else is ever retried.
+
+Answers are inspected only when they may carry a Sobot return code and are small enough to read
+whole (INSPECT_LIMIT); everything else streams through to the client.
+"""
+
+from __future__ import annotations
+
+import time
+import zlib
+from dataclasses import dataclass
+from typing import Final
+
+import aiohttp
+import orjson
+import structlog
+from aiohttp import hdrs, web
+from multidict import CIMultiDict
+from yarl import URL
+
+from proxy import protocol
+from proxy.errors import BodyTooLarge, UpstreamTimeout, UpstreamUnreachable
+from proxy.headers import SKIP_AUTO_HEADERS, downstream_headers, upstream_headers
+from proxy.tokens import Token, TokenManager
+
+# Answers up to this size that may be JSON are read whole to find their ret_code. Sobot's
+# error answers are a few hundred bytes; a larger answer streams through uninspected.
+INSPECT_LIMIT: Final = 1024 * 1024
+CHUNK_SIZE: Final = 64 * 1024
+
+
+@dataclass(slots=True)
+class _Answer:
+    """An upstream answer, read whole (body) or still to be streamed (body is a prefix)."""
+
+    response: aiohttp.ClientResponse
+    body: bytes
+    complete: bool
+    ret_code: str | None
+
+
+class Forwarder:
+    def __init__(
+        self,
+        *,
+        base_url: str,
+        session: aiohttp.ClientSession,
+        tokens: TokenManager,
+        timeout: float,
+        max_body: int,
+        log: structlog.typing.FilteringBoundLogger,
+    ) -> None:
+        self._base_url = base_url
+        self._session = session
+        self._tokens = tokens
+        self._timeout = aiohttp.ClientTimeout(total=timeout)
+        self._max_body = max_body
+        self._log = log
+
+    async def forward(
+        self, request: web.Request, path: str, query: str, fields: dict[str, object]
+    ) -> web.StreamResponse:
+        """Forward one request; record what happened in `fields` for the request log."""
+        body = await self._read_body(request)
+        url = URL(self._base_url + path + query, encoded=True)
+        headers = upstream_headers(request.headers, client_ip=request.remote, scheme=request.scheme)
+        upstream_s = 0.0
+
+        token = await self._tokens.get()
+        sent = time.perf_counter()
+        answer = await self._send(request.method, url, headers, body, token)
+        upstream_s += time.perf_counter() - sent
+        attempts = 1
+        if answer.ret_code in protocol.TOKEN_REJECTED:
+            token = await self._tokens.replace(token)
+            sent = time.perf_counter()
+            answer = await self._send(request.method, url, headers, body, token)
+            upstream_s += time.perf_counter() - sent
+            attempts = 2
+
+        fields.update(
+            status=answer.response.status,
+            ret_code=answer.ret_code,
+            attempts=attempts,
+            upstream_ms=round(upstream_s * 1000, 2),
+        )
+        return await self._relay(request, answer)
+
+    async def _read_body(self, request: web.Request) -> bytes:
+        """The whole request body, kept for the replay; over max_body is refused unread."""
+        if request.content_length is not None and request.content_length > self._max_body:
+            raise BodyTooLarge(f"request body over the limit of {self._max_body} bytes")
+        chunks = []
+        size = 0
+        async for chunk in request.content.iter_chunked(CHUNK_SIZE):
+            size += len(chunk)
+            if size > self._max_body:
+                raise BodyTooLarge(f"request body over the limit of {self._max_body} bytes")
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    async def _send(
+        self, method: str, url: URL, headers: CIMultiDict[str], body: bytes, token: Token
+    ) -> _Answer:
+        headers[protocol.TOKEN_HEADER] = token.value
+        try:
+            response = await self._session.request(
+                method,
+                url,
+                headers=headers,
+                data=body or None,
+                allow_redirects=False,
+                timeout=self._timeout,
+                skip_auto_headers=SKIP_AUTO_HEADERS,
+            )
+        except TimeoutError:
+            raise UpstreamTimeout("Sobot did not answer in time") from None
+        except aiohttp.ClientConnectorError as exc:
+            raise UpstreamUnreachable(f"cannot connect to Sobot at {exc.host}:{exc.port}") from None
+        except aiohttp.ClientError as exc:
+            raise UpstreamUnreachable(
+                f"the exchange with Sobot failed ({type(exc).__name__})"
+            ) from None
+        try:
+            return await self._inspect(response)
+        except BaseException:
+            response.release()
+            raise
+
+    async def _inspect(self, response: aiohttp.ClientResponse) -> _Answer:
+        """Read a small answer that may be JSON whole and find its ret_code."""
+        content_type = response.headers.get(hdrs.CONTENT_TYPE, "").lower()
+        may_be_json = (
+            "json" in content_type or content_type.startswith("text/plain") or (not content_type)
+        )
+        length = response.content_length
+        if not may_be_json or (length is not None and length > INSPECT_LIMIT):
+            return _Answer(response, b"", complete=False, ret_code=None)
+        try:
+            body = await response.content.read(INSPECT_LIMIT + 1)
+            while len(body) <= INSPECT_LIMIT and not response.content.at_eof():
+                more = await response.content.read(INSPECT_LIMIT + 1 - len(body))
+                if not more:
+                    break
+                body += more
+        except TimeoutError:
+            raise UpstreamTimeout("Sobot did not answer in time") from None
+        except aiohttp.ClientError as exc:
+            raise UpstreamUnreachable(
+                f"the exchange with Sobot failed ({type(exc).__name__})"
+            ) from None
+        if len(body) > INSPECT_LIMIT:
+            return _Answer(response, body, complete=False, ret_code=None)
+        encoding = response.headers.get(hdrs.CONTENT_ENCODING, "identity")
+        return _Answer(response, body, complete=True, ret_code=_ret_code(body, encoding))
+
+    async def _relay(self, request: web.Request, answer: _Answer) -> web.StreamResponse:
+        upstream = answer.response
+        headers = downstream_headers(upstream.headers)
+        if answer.complete:
+            upstream.release()
+            if request.method == hdrs.METH_HEAD and upstream.content_length is not None:
+                headers[hdrs.CONTENT_LENGTH] = str(upstream.content_length)
+                # A HEAD answer has no body but tells the length a GET would have.
+                response = web.StreamResponse(status=upstream.status, headers=headers)
+                await response.prepare(request)
+                await response.write_eof()
+                return response
+            return web.Response(status=upstream.status, body=answer.body, headers=headers)
+        return await self._stream(request, answer, headers)
+
+    async def _stream(
+        self, request: web.Request, answer: _Answer, headers: CIMultiDict[str]
+    ) -> web.StreamResponse:
+        upstream = answer.response
+        if upstream.content_length is not None:
+            headers[hdrs.CONTENT_LENGTH] = str(upstream.content_length)
+        response = web.StreamResponse(status=upstream.status, headers=headers)
+        try:
+            await response.prepare(request)
+            if answer.body:
+                await response.write(answer.body)
+            async for chunk in upstream.content.iter_chunked(CHUNK_SIZE):
+                await response.write(chunk)
+            await response.write_eof()
+        except (TimeoutError, aiohttp.ClientError) as exc:
+            # Headers are gone already: the only honest signal left is to abort the connection,
+            # so the client never takes a truncated body for a complete one.
+            self._log.warning("upstream_aborted", path=request.path, reason=type(exc).__name__)
+            if request.transport is not None:
+                request.transport.abort()
+        finally:
+            upstream.release()
+        return response
+
+
+def _ret_code(body: bytes, content_encoding: str) -> str | None:
+    """The Sobot return code of an answer body, if it is a JSON object that carries one."""
+    encoding = content_encoding.strip().lower()
+    try:
+        if encoding == "gzip":
+            body = zlib.decompressobj(16 + zlib.MAX_WBITS).decompress(body, 4 * INSPECT_LIMIT)
+        elif encoding == "deflate":
+            body = zlib.decompressobj().decompress(body, 4 * INSPECT_LIMIT)
+        elif encoding not in ("", "identity"):
+            return None  # e.g. br: relayed as is, not inspected
+        stripped = body.lstrip()
+        if not stripped.startswith(b"{"):
+            return None
+        return protocol.ret_code_of(orjson.loads(stripped))
+    except (zlib.error, orjson.JSONDecodeError):
+        return None

@@ -1,0 +1,78 @@
+"""Header rules for both directions of the proxy (RFC 9110 section 7.6.1)."""
+
+from __future__ import annotations
+
+from typing import Final
+
+from aiohttp import hdrs
+from multidict import CIMultiDict, CIMultiDictProxy, istr
+
+from proxy.protocol import TOKEN_HEADER
+
+# Meaningful only for one connection: never forwarded in either direction.
+HOP_BY_HOP: Final = frozenset(
+    istr(name)
+    for name in (
+        hdrs.CONNECTION,
+        hdrs.KEEP_ALIVE,
+        hdrs.TE,
+        hdrs.TRAILER,
+        hdrs.TRANSFER_ENCODING,
+        hdrs.UPGRADE,
+        hdrs.PROXY_AUTHORIZATION,
+        hdrs.PROXY_AUTHENTICATE,
+        "Proxy-Connection",  # not standard, but still sent by some clients
+    )
+)
+
+# Also not copied upstream: Host and Content-Length are set for the upstream request itself,
+# the client's token is replaced by the managed one, X-Forwarded-* are rebuilt below.
+_NOT_COPIED_UPSTREAM: Final = HOP_BY_HOP | {
+    istr(hdrs.HOST),
+    istr(hdrs.CONTENT_LENGTH),
+    istr(TOKEN_HEADER),
+    istr(hdrs.X_FORWARDED_FOR),
+    istr(hdrs.X_FORWARDED_PROTO),
+}
+# Content-Length is set by the server from the body it sends.
+_NOT_COPIED_DOWNSTREAM: Final = HOP_BY_HOP | {istr(hdrs.CONTENT_LENGTH)}
+
+# Headers aiohttp's client would add on its own; the upstream gets only what the client sent.
+SKIP_AUTO_HEADERS: Final = frozenset(
+    {hdrs.USER_AGENT, hdrs.ACCEPT, hdrs.ACCEPT_ENCODING, hdrs.CONTENT_TYPE}
+)
+
+
+def _connection_named(headers: CIMultiDictProxy[str]) -> frozenset[str]:
+    """Header names listed in Connection, which are hop-by-hop for this message only."""
+    named = headers.getall(hdrs.CONNECTION, ())
+    if not named:
+        return frozenset()
+    return frozenset(
+        name.strip().lower() for value in named for name in value.split(",") if name.strip()
+    )
+
+
+def _copy(headers: CIMultiDictProxy[str], dropped: frozenset[istr]) -> CIMultiDict[str]:
+    named = _connection_named(headers)
+    out: CIMultiDict[str] = CIMultiDict()
+    for name, value in headers.items():
+        if name not in dropped and (not named or name.lower() not in named):
+            out.add(name, value)
+    return out
+
+
+def upstream_headers(
+    headers: CIMultiDictProxy[str], *, client_ip: str | None, scheme: str
+) -> CIMultiDict[str]:
+    """The client's end-to-end headers plus X-Forwarded-For / -Proto; the token is set later."""
+    out = _copy(headers, _NOT_COPIED_UPSTREAM)
+    forwarded_for = ", ".join([*headers.getall(hdrs.X_FORWARDED_FOR, ()), client_ip or "unknown"])
+    out[hdrs.X_FORWARDED_FOR] = forwarded_for
+    out[hdrs.X_FORWARDED_PROTO] = scheme
+    return out
+
+
+def downstream_headers(headers: CIMultiDictProxy[str]) -> CIMultiDict[str]:
+    """The upstream's answer headers for the client: all but the hop-by-hop ones."""
+    return _copy(headers, _NOT_COPIED_DOWNSTREAM)

@@ -1,0 +1,42 @@
+"""Which request targets are forwarded, and the exact path and query sent upstream.
+
+Only origin-form targets under /api/ are forwarded. Leading repeated slashes count as one
+(a public PHP SDK for Sobot sends `//api/ws/5/ticket/...`). Anything that could make the path
+mean something else upstream is rejected with 400 rather than normalised, because a normalised
+path is not what the client asked for: dot segments (`.`, `..`, also percent-encoded), encoded
+slashes or backslashes (`%2f`, `%5c`), raw backslashes and empty segments inside the path. The
+query string is passed on byte for byte.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+from urllib.parse import unquote
+
+from proxy.errors import BadRequest, NotProxied
+
+API_PREFIX: Final = "/api/"
+
+
+def split_target(raw_target: str) -> tuple[str, str]:
+    """The (path, '?query' or '') to forward for a raw request target, or raise.
+
+    Raises NotProxied (404) for paths outside /api/ and BadRequest (400) for targets that could
+    reach the upstream anywhere else.
+    """
+    if not raw_target.startswith("/"):
+        raise BadRequest("only origin-form request targets such as /api/... are accepted")
+    path, mark, query = raw_target.partition("?")
+    path = "/" + path.lstrip("/")
+    if not path.startswith(API_PREFIX):
+        raise NotProxied(f"only paths under {API_PREFIX} are forwarded to Sobot")
+    segments = path[len(API_PREFIX) :].split("/")
+    for index, segment in enumerate(segments):
+        if not segment:
+            if index == len(segments) - 1:
+                continue  # a trailing slash is part of some APIs' paths
+            raise BadRequest("empty path segments are not forwarded")
+        decoded = unquote(segment)
+        if decoded in (".", "..") or "/" in decoded or "\\" in decoded:
+            raise BadRequest("dot segments, encoded slashes and backslashes are not forwarded")
+    return path, mark + query

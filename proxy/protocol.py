@@ -1,0 +1,128 @@
+"""The Sobot Open API (v5) protocol facts the proxy relies on, and nothing else.
+
+See ../shared/reference/sobot-protocol.md and the vendor's "API Call Instructions" page.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from typing import Any, Final
+
+import orjson
+
+GET_TOKEN_PATH: Final = "/api/get_token"
+TOKEN_HEADER: Final = "token"
+
+OK: Final = "000000"
+EDITION_UNSUPPORTED: Final = "700046"
+TOKEN_EMPTY: Final = "900001"
+TOKEN_EXPIRED: Final = "900002"
+SIGNATURE_ERROR: Final = "900003"
+NO_API_CONFIGURATION: Final = "900004"
+UNKNOWN_ERROR: Final = "999999"
+
+# Sobot's own wording, so logs and /readyz explain a code without a trip to the docs.
+RET_CODE_MEANINGS: Final = {
+    OK: "success",
+    EDITION_UNSUPPORTED: "the company's edition does not support this API",
+    TOKEN_EMPTY: "token is empty",
+    TOKEN_EXPIRED: "token has expired",
+    SIGNATURE_ERROR: "signature error",
+    NO_API_CONFIGURATION: "no API configuration found for the company",
+    UNKNOWN_ERROR: "unknown system exception",
+}
+
+# get_token codes that no retry can fix: the appid, app_key or account is wrong.
+CONFIGURATION_ERRORS: Final = frozenset(
+    {SIGNATURE_ERROR, NO_API_CONFIGURATION, EDITION_UNSUPPORTED}
+)
+
+# Answers that mean the injected token was not accepted. 900001 ("token is empty") can only
+# mean that too, since the proxy always sends one.
+TOKEN_REJECTED: Final = frozenset({TOKEN_EXPIRED, TOKEN_EMPTY})
+
+
+def make_sign(appid: str, create_time: str, app_key: str) -> str:
+    """Lowercase hex md5(appid + create_time + app_key): plain concatenation, as Sobot signs."""
+    return hashlib.md5((appid + create_time + app_key).encode()).hexdigest()
+
+
+def describe(ret_code: str) -> str:
+    meaning = RET_CODE_MEANINGS.get(ret_code)
+    return f"{ret_code} ({meaning})" if meaning else ret_code
+
+
+@dataclass(frozen=True, slots=True)
+class IssuedToken:
+    """A token as get_token issued it: the value and its lifetime in seconds."""
+
+    value: str = ""
+    lifetime: float = 0.0
+
+    def __repr__(self) -> str:  # the value is a credential: never in a repr or a traceback
+        return f"IssuedToken(lifetime={self.lifetime})"
+
+
+class MalformedAnswer(ValueError):
+    """get_token answered something that is not a well-formed Sobot answer."""
+
+
+def parse_token_answer(body: bytes) -> tuple[str, str, IssuedToken | None]:
+    """Parse a get_token answer into (ret_code, ret_msg, token or None when ret_code is not OK).
+
+    Accepts `expires_in` or `expire_in` (both spellings appear in the vendor's pages) as a string
+    or a number of seconds. Raises MalformedAnswer for anything else.
+    """
+    try:
+        answer = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise MalformedAnswer("the answer is not JSON") from exc
+    if not isinstance(answer, dict):
+        raise MalformedAnswer("the answer is not a JSON object")
+    ret_code = ret_code_of(answer)
+    if ret_code is None:
+        raise MalformedAnswer("the answer has no ret_code")
+    ret_msg = str(answer.get("ret_msg", ""))
+    if ret_code != OK:
+        return ret_code, ret_msg, None
+    item = answer.get("item")
+    if not isinstance(item, dict):
+        raise MalformedAnswer("the answer has no item object")
+    token = item.get("token")
+    if not isinstance(token, str) or not token:
+        raise MalformedAnswer("the answer has no token")
+    lifetime = _seconds(item.get("expires_in", item.get("expire_in")))
+    if lifetime is None:
+        raise MalformedAnswer("the answer has no valid expires_in")
+    return ret_code, ret_msg, IssuedToken(token, lifetime)
+
+
+def _seconds(value: Any) -> float | None:
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int | float):
+        seconds = float(value)
+    elif isinstance(value, str):
+        try:
+            seconds = float(value.strip())
+        except ValueError:
+            return None
+    else:
+        return None
+    return seconds if 0 < seconds < float("inf") else None
+
+
+def ret_code_of(answer: Any) -> str | None:
+    """The return code of a decoded answer as it came, or None when it has none.
+
+    Most product lines answer `ret_code` as a string; some answer `retCode`, and some robot APIs
+    answer a number such as 0. The value is returned as text for logging and comparison; the
+    body itself is never altered.
+    """
+    if not isinstance(answer, dict):
+        return None
+    code = answer.get("ret_code", answer.get("retCode"))
+    if code is None or isinstance(code, dict | list):
+        return None
+    return str(code)

@@ -1,0 +1,310 @@
+"""Configuration: every setting declared once, loaded once into one immutable Settings object.
+
+Precedence, highest first: command-line flag > environment > TOML file > default. The loader is
+pure: it reads what it is given (flags, an environment mapping, files named there) and either
+returns Settings or raises ConfigError listing every problem, one line each.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Final
+from urllib.parse import urlsplit
+
+REGIONS: Final = {"sg": "https://sg.sobot.io", "us": "https://us.sobot.com"}
+LOG_LEVELS: Final = ("debug", "info", "warning", "error")
+LOG_FORMATS: Final = ("json", "console")
+CONFIG_ENV: Final = "SOBOT_PROXY_CONFIG"
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    appid: str
+    app_key: str = field(repr=False)
+    base_url: str  # scheme://host[:port][/prefix], without a trailing slash
+    host: str = "127.0.0.1"
+    port: int = 8080
+    upstream_timeout: float = 30.0
+    refresh_margin: float = 300.0
+    log_level: str = "info"
+    log_format: str = "json"
+
+
+class ConfigError(Exception):
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("\n".join(problems))
+        self.problems = problems
+
+
+def _text(value: Any) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise ValueError("must be a non-empty string")
+    return value.strip()
+
+
+def _choice(choices: tuple[str, ...] | Mapping[str, str]) -> Callable[[Any], str]:
+    def parse(value: Any) -> str:
+        text = str(value).strip().lower()
+        if text not in choices:
+            raise ValueError(f"{value!r} is not one of {', '.join(choices)}")
+        return text
+
+    return parse
+
+
+def _port(value: Any) -> int:
+    try:
+        port = int(str(value).strip()) if not isinstance(value, bool) else -1
+    except ValueError:
+        port = -1
+    if not 0 <= port <= 65535:
+        raise ValueError(f"{value!r} is not a port number (0-65535; 0 picks a free port)")
+    return port
+
+
+def _positive_seconds(value: Any) -> float:
+    try:
+        seconds = float(str(value).strip()) if not isinstance(value, bool) else -1.0
+    except ValueError:
+        seconds = -1.0
+    if not 0 < seconds < 1e9:
+        raise ValueError(f"{value!r} is not a positive number of seconds")
+    return seconds
+
+
+def _host(value: Any) -> str:
+    host = _text(value)
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        if host != "localhost" and not all(
+            part and len(part) < 64 and part.replace("-", "").isalnum() for part in host.split(".")
+        ):
+            raise ValueError(f"{value!r} is not an IP address or host name") from None
+    return host
+
+
+def _base_url(value: Any) -> str:
+    url = _text(value)
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 -- raises ValueError on a bad port
+    except ValueError:
+        raise ValueError(f"{value!r} is not a valid URL") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"{value!r} is not an http(s) URL with a host")
+    if parts.query or parts.fragment or parts.username or parts.password:
+        raise ValueError(f"{value!r} must not carry a query, fragment or credentials")
+    return url.rstrip("/")
+
+
+@dataclass(frozen=True, slots=True)
+class Option:
+    """One setting: where it can come from, how it is parsed, and what it is for."""
+
+    name: str  # the Settings field and the TOML key
+    env: str
+    flag: str | None
+    parse: Callable[[Any], Any]
+    default: Any
+    help: str
+
+
+REQUIRED: Final = object()
+
+OPTIONS: Final = (
+    Option("appid", "SOBOT_APPID", "--appid", _text, REQUIRED, "Sobot appid (public id)"),
+    Option(
+        "region",
+        "SOBOT_REGION",
+        "--region",
+        _choice(REGIONS),
+        None,
+        "Sobot region: sg = https://sg.sobot.io, us = https://us.sobot.com",
+    ),
+    Option(
+        "base_url",
+        "SOBOT_BASE_URL",
+        "--base-url",
+        _base_url,
+        None,
+        "upstream base URL, any http(s) URL; overrides the region",
+    ),
+    Option("host", "SOBOT_PROXY_HOST", "--host", _host, "127.0.0.1", "address to listen on"),
+    Option("port", "SOBOT_PROXY_PORT", "--port", _port, 8080, "port to listen on"),
+    Option(
+        "upstream_timeout",
+        "SOBOT_UPSTREAM_TIMEOUT",
+        "--upstream-timeout",
+        _positive_seconds,
+        30.0,
+        "seconds an upstream call may take in all",
+    ),
+    Option(
+        "refresh_margin",
+        "SOBOT_REFRESH_MARGIN",
+        "--refresh-margin",
+        _positive_seconds,
+        300.0,
+        "renew the token this many seconds before it expires (at most 10%% of its life)",
+    ),
+    Option(
+        "log_level",
+        "SOBOT_LOG_LEVEL",
+        "--log-level",
+        _choice(LOG_LEVELS),
+        "info",
+        "debug, info, warning or error",
+    ),
+    Option(
+        "log_format",
+        "SOBOT_LOG_FORMAT",
+        "--log-format",
+        _choice(LOG_FORMATS),
+        "json",
+        "json (one object a line, for log shippers) or console (for people)",
+    ),
+)
+
+# The app_key has no flag (it would show in `ps`) and two spellings: a value or a file.
+APP_KEY_ENV: Final = "SOBOT_APP_KEY"
+APP_KEY_FILE_ENV: Final = "SOBOT_APP_KEY_FILE"
+TOML_KEYS: Final = frozenset(o.name for o in OPTIONS) | {"app_key", "app_key_file"}
+
+
+@dataclass(frozen=True, slots=True)
+class _Source:
+    """One layer of configuration: its values, and how to name a key of it in a message."""
+
+    values: Mapping[str, Any]
+    label: Callable[[Option | str], str]
+
+
+def load_settings(
+    flags: Mapping[str, Any],
+    env: Mapping[str, str],
+    *,
+    read_text: Callable[[Path], str] = lambda path: path.read_text(encoding="utf-8"),
+) -> Settings:
+    """Build Settings from flags (option name -> value or None), an environment and files.
+
+    `flags` may carry "config", the TOML file to read (else SOBOT_PROXY_CONFIG names it).
+    """
+    problems: list[str] = []
+    toml_values, toml_label = _read_toml(flags, env, read_text, problems)
+    sources = (
+        _Source(
+            {k: v for k, v in flags.items() if v is not None},
+            lambda o: o.flag or o.env if isinstance(o, Option) else o,
+        ),
+        _Source(
+            {o.name: env[o.env] for o in OPTIONS if env.get(o.env)},
+            lambda o: o.env if isinstance(o, Option) else o,
+        ),
+        _Source(toml_values, lambda o: f"{toml_label}: {o.name if isinstance(o, Option) else o}"),
+    )
+
+    values: dict[str, Any] = {}
+    for option in OPTIONS:
+        for source in sources:
+            if option.name in source.values:
+                try:
+                    values[option.name] = option.parse(source.values[option.name])
+                except ValueError as exc:
+                    problems.append(f"{source.label(option)}: {exc}")
+                    values[option.name] = None
+                break
+        else:
+            if option.default is REQUIRED:
+                problems.append(f"{option.name} is required: set {option.env} or {option.flag}")
+            values[option.name] = None if option.default is REQUIRED else option.default
+
+    app_key = _read_app_key(env, toml_values, toml_label, read_text, problems)
+
+    if (
+        values["base_url"] is None
+        and values["region"] is None
+        and not _mentioned(sources, ("region", "base_url"))
+    ):
+        problems.append(
+            "no upstream: set SOBOT_REGION (sg or us) or SOBOT_BASE_URL (--region / --base-url)"
+        )
+    if problems:
+        raise ConfigError(problems)
+
+    region = values.pop("region")
+    values["base_url"] = values["base_url"] or REGIONS[region]
+    return Settings(app_key=app_key, **values)
+
+
+def _mentioned(sources: tuple[_Source, ...], names: tuple[str, ...]) -> bool:
+    return any(name in source.values for source in sources for name in names)
+
+
+def _read_toml(
+    flags: Mapping[str, Any],
+    env: Mapping[str, str],
+    read_text: Callable[[Path], str],
+    problems: list[str],
+) -> tuple[dict[str, Any], str]:
+    name = flags.get("config") or env.get(CONFIG_ENV)
+    if not name:
+        return {}, ""
+    label = str(name)
+    try:
+        values = tomllib.loads(read_text(Path(name)))
+    except OSError as exc:
+        problems.append(f"config file {label}: cannot be read ({exc.strerror or exc})")
+        return {}, label
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        problems.append(f"config file {label}: not valid TOML ({exc})")
+        return {}, label
+    for key in sorted(set(values) - TOML_KEYS):
+        problems.append(
+            f"config file {label}: unknown setting {key!r} (known: {', '.join(sorted(TOML_KEYS))})"
+        )
+    return {k: v for k, v in values.items() if k in TOML_KEYS}, label
+
+
+def _read_app_key(
+    env: Mapping[str, str],
+    toml_values: Mapping[str, Any],
+    toml_label: str,
+    read_text: Callable[[Path], str],
+    problems: list[str],
+) -> str:
+    """The app_key from the highest layer that sets it, as a value or as a file to read."""
+    layers = (
+        (env.get(APP_KEY_ENV), env.get(APP_KEY_FILE_ENV), APP_KEY_ENV, APP_KEY_FILE_ENV),
+        (
+            toml_values.get("app_key"),
+            toml_values.get("app_key_file"),
+            f"{toml_label}: app_key",
+            f"{toml_label}: app_key_file",
+        ),
+    )
+    for value, file_name, value_label, file_label in layers:
+        if value and file_name:
+            problems.append(f"set only one of {value_label} and {file_label}")
+            return ""
+        if value:
+            if not isinstance(value, str) or not value.strip():
+                problems.append(f"{value_label}: must be a non-empty string")
+                return ""
+            return value.strip()
+        if file_name:
+            try:
+                key = read_text(Path(str(file_name))).strip()
+            except (OSError, UnicodeDecodeError) as exc:
+                reason = exc.strerror if isinstance(exc, OSError) else "not text"
+                problems.append(f"{file_label}: cannot read {file_name} ({reason or exc})")
+                return ""
+            if not key:
+                problems.append(f"{file_label}: {file_name} is empty")
+            return key
+    problems.append(f"app_key is required: set {APP_KEY_ENV} or {APP_KEY_FILE_ENV}")
+    return ""
