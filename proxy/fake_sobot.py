@@ -11,7 +11,7 @@
     POST /_fake/lifetime?seconds=N          expires_in of the next tokens issued
     POST /_fake/fail-get-token?mode=M&times=N
          M = a ret_code (e.g. 900003), `malformed`, `http500` or `disconnect`; N = -1 for always
-    POST /_fake/script?times=N              the next N /api/ answers are the JSON body posted
+    POST /_fake/script?times=N&status=S     the next N /api/ answers are the JSON body posted
     POST /_fake/reset                       forget everything but the credentials
 The same controls are methods on FakeSobot for in-process tests.
 
@@ -20,6 +20,7 @@ Run it alone: `sobot-proxy fake-sobot --port P --appid A --app-key K`.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import time
@@ -61,6 +62,7 @@ class Stats:
     tokens_issued: int = 0
     api_calls: int = 0
     token_rejections: int = 0  # 900001 and 900002 answers
+    renewals_before_expiry: int = 0  # get_token calls made while the previous token was valid
 
     def as_dict(self) -> dict[str, int]:
         return {name: getattr(self, name) for name in self.__slots__}
@@ -70,6 +72,8 @@ class Stats:
 class _Script:
     answer: dict[str, Any]
     times: int
+    status: int
+    headers: dict[str, str]
 
 
 @dataclass(slots=True)
@@ -100,6 +104,8 @@ class FakeSobot:
         self._wall_clock = wall_clock
         self.stats = Stats()
         self.received: deque[Received] = deque(maxlen=10_000)
+        self.issued_tokens: list[str] = []  # for tests that check no token ever leaks
+        self._get_token_called = asyncio.Event()
         self._state = _State(lifetime=token_lifetime)
         self._runner: web.AppRunner | None = None
         self.url = ""
@@ -117,9 +123,22 @@ class FakeSobot:
         self._state.get_token_failure = mode if times else None
         self._state.get_token_failures_left = times
 
-    def script(self, answer: dict[str, Any], times: int = 1) -> None:
+    def script(
+        self,
+        answer: dict[str, Any],
+        times: int = 1,
+        *,
+        status: int = 200,
+        headers: dict[str, str] | None = None,
+    ) -> None:
         """Answer the next `times` /api/ calls with `answer` (JSON), whatever their token."""
-        self._state.scripts.append(_Script(answer, times))
+        self._state.scripts.append(_Script(answer, times, status, headers or {}))
+
+    async def wait_for_get_token_calls(self, count: int) -> None:
+        """Return once get_token has been called `count` times in all (bound it with a timeout)."""
+        while self.stats.get_token_calls < count:
+            self._get_token_called.clear()
+            await self._get_token_called.wait()
 
     def reset(self) -> None:
         self.stats = Stats()
@@ -160,6 +179,7 @@ class FakeSobot:
 
     async def _get_token(self, request: web.Request) -> web.StreamResponse:
         self.stats.get_token_calls += 1
+        self._get_token_called.set()
         state = self._state
         if state.get_token_failure is not None:
             mode = state.get_token_failure
@@ -183,8 +203,11 @@ class FakeSobot:
         if not hmac.compare_digest(sign.encode(), expected.encode()):
             return _answer(protocol.SIGNATURE_ERROR, "signature error")
 
+        if state.token is not None and self._clock() < state.expires_at:
+            self.stats.renewals_before_expiry += 1
         # Every call issues a new token and the previous one stops working.
         state.token = uuid.uuid4().hex
+        self.issued_tokens.append(state.token)
         state.serial += 1
         state.expires_at = self._clock() + state.lifetime
         self.stats.tokens_issued += 1
@@ -232,7 +255,11 @@ class FakeSobot:
             script.times -= 1
             if script.times <= 0:
                 state.scripts.popleft()
-            return web.Response(body=orjson.dumps(script.answer), content_type="application/json")
+            return web.Response(
+                status=script.status,
+                body=orjson.dumps(script.answer),
+                headers={"Content-Type": "application/json", **script.headers},
+            )
         if token_state == "missing":
             self.stats.token_rejections += 1
             return _answer(protocol.TOKEN_EMPTY, "token is empty")
@@ -257,7 +284,11 @@ class FakeSobot:
             elif control == "fail-get-token":
                 self.fail_get_token(query["mode"], int(query.get("times", "1")))
             elif control == "script":
-                self.script(orjson.loads(await request.read()), int(query.get("times", "1")))
+                self.script(
+                    orjson.loads(await request.read()),
+                    int(query.get("times", "1")),
+                    status=int(query.get("status", "200")),
+                )
             elif control == "reset":
                 self.reset()
             else:

@@ -97,7 +97,9 @@ def _base_url(value: Any) -> str:
         raise ValueError(f"{value!r} is not a valid URL") from None
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ValueError(f"{value!r} is not an http(s) URL with a host")
-    if parts.query or parts.fragment or parts.username or parts.password:
+    # An empty query, fragment or user ("https://h/?", "http://@h") counts too: every path
+    # would be appended after it.
+    if "?" in url or "#" in url or "@" in parts.netloc:
         raise ValueError(f"{value!r} must not carry a query, fragment or credentials")
     return url.rstrip("/")
 

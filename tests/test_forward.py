@@ -1,0 +1,208 @@
+"""Forwarding through a real proxy to the real fake Sobot: what arrives, what comes back."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+
+import pytest
+
+from proxy.fake_sobot import FakeSobot
+from tests.conftest import CapturedLogs, exact_url, send_raw
+
+
+async def test_request_reaches_the_upstream_with_the_managed_token(proxy, fake: FakeSobot):
+    response = await proxy.get("/api/ws/5/ticket/list")
+    answer = await response.json()
+    assert response.status == 200
+    assert answer["ret_code"] == "000000"
+    [received] = fake.received
+    assert received.token_state == "valid"
+    assert received.path == "/api/ws/5/ticket/list"
+
+
+async def test_many_requests_share_one_token(proxy, fake: FakeSobot):
+    for _ in range(20):
+        response = await proxy.get("/api/echo")
+        assert (await response.json())["ret_code"] == "000000"
+    assert fake.stats.get_token_calls == 1
+    assert {r.token_serial for r in fake.received} == {1}
+
+
+@pytest.mark.parametrize(
+    "query",
+    [
+        "a=1&a=2&a=1",  # repeated keys, order kept
+        "z=1&b=2&a=3",  # not sorted
+        "q=%E4%B8%AD%E6%96%87&sp=a+b&pct=%2F%3F%26",  # percent-encodings kept as sent
+        "empty=&flag&x=%20",
+        "lower=%2f&upper=%2F",
+    ],
+)
+async def test_query_string_is_forwarded_byte_for_byte(proxy, fake: FakeSobot, query):
+    response = await proxy.session.get(exact_url(proxy, f"/api/echo?{query}"))
+    assert response.status == 200
+    assert fake.received[-1].query == query
+
+
+async def test_method_and_body_are_forwarded(proxy, fake: FakeSobot):
+    body = os.urandom(200_000)
+    for method in ("POST", "PUT", "PATCH", "DELETE"):
+        response = await proxy.request(method, "/api/5/user/save", data=body)
+        assert response.status == 200
+        received = fake.received[-1]
+        assert received.method == method
+        assert received.body == body
+
+
+async def test_end_to_end_headers_are_forwarded_and_hop_by_hop_dropped(proxy, fake: FakeSobot):
+    headers = [
+        ("X-Custom", "one"),
+        ("X-Custom", "two"),
+        ("Content-Type", "application/json; charset=utf-8"),
+        ("Authorization", "Bearer app-level"),
+        ("Connection", "keep-alive, X-Named-Hop"),
+        ("X-Named-Hop", "dropped because Connection names it"),
+        ("Keep-Alive", "timeout=5"),
+        ("TE", "trailers"),
+        ("Trailer", "X-Checksum"),
+        ("Upgrade", "websocket"),
+        ("Proxy-Authorization", "Basic c2VjcmV0"),
+        ("Proxy-Authenticate", "Basic"),
+        ("token", "a-token-the-client-brought"),
+        ("X-Forwarded-For", "203.0.113.9"),
+    ]
+    response = await proxy.post("/api/echo", data=b"{}", headers=headers)
+    assert response.status == 200
+    received = fake.received[-1]
+    assert received.headers.getall("X-Custom") == ["one", "two"]
+    assert received.headers["Content-Type"] == "application/json; charset=utf-8"
+    assert received.headers["Authorization"] == "Bearer app-level"
+    for dropped in (
+        "Connection",
+        "X-Named-Hop",
+        "Keep-Alive",
+        "TE",
+        "Trailer",
+        "Upgrade",
+        "Proxy-Authorization",
+        "Proxy-Authenticate",
+    ):
+        assert dropped not in received.headers, dropped
+    # The client's token is replaced by the managed one, which the fake accepted.
+    assert received.headers.getall("token") != ["a-token-the-client-brought"]
+    assert len(received.headers.getall("token")) == 1
+    assert received.token_state == "valid"
+    assert received.headers["Host"] == fake.url.removeprefix("http://")
+    assert received.headers["X-Forwarded-For"] == "203.0.113.9, 127.0.0.1"
+    assert received.headers["X-Forwarded-Proto"] == "http"
+
+
+async def test_no_headers_are_invented_for_the_upstream(proxy, fake: FakeSobot):
+    """aiohttp's client would add User-Agent, Accept and friends; the client sent none."""
+    head = await send_raw(
+        proxy, b"GET /api/echo HTTP/1.1\r\nHost: proxy\r\nConnection: close\r\n\r\n"
+    )
+    assert head.startswith(b"HTTP/1.1 200")
+    names = {name.lower() for name in fake.received[-1].headers}
+    assert names == {"host", "token", "x-forwarded-for", "x-forwarded-proto"}
+
+
+async def test_answer_status_headers_and_body_come_back_unchanged(proxy, fake: FakeSobot):
+    answer = {"ret_code": "999999", "ret_msg": "unknown system exception", "item": [1, "two"]}
+    fake.script(
+        answer,
+        status=503,
+        headers={
+            "X-Upstream": "kept",
+            "Set-Cookie": "a=b",
+            "Keep-Alive": "timeout=9",
+            "Proxy-Authenticate": "Basic",
+            "Connection": "X-Upstream-Hop",
+            "X-Upstream-Hop": "dropped",
+        },
+    )
+    response = await proxy.get("/api/echo")
+    assert response.status == 503
+    assert response.headers["X-Upstream"] == "kept"
+    assert response.headers["Set-Cookie"] == "a=b"
+    for dropped in ("Keep-Alive", "Proxy-Authenticate", "X-Upstream-Hop"):
+        assert dropped not in response.headers
+    assert await response.json() == answer
+
+
+async def test_sloppily_joined_paths_count_one_leading_slash(proxy, fake: FakeSobot):
+    """A public PHP SDK for Sobot sends //api/ws/5/ticket/...; it is forwarded as /api/..."""
+    head = await send_raw(
+        proxy, b"GET //api/ws/5/ticket/get?id=1 HTTP/1.1\r\nHost: p\r\nConnection: close\r\n\r\n"
+    )
+    assert head.startswith(b"HTTP/1.1 200")
+    assert (fake.received[-1].path, fake.received[-1].query) == ("/api/ws/5/ticket/get", "id=1")
+
+
+@pytest.mark.parametrize("path", ["/", "/index.html", "/apix/5/user", "/API/5/user", "/api"])
+async def test_paths_outside_api_get_404_and_are_never_forwarded(proxy, fake: FakeSobot, path):
+    response = await proxy.get(path)
+    assert response.status == 404
+    assert (await response.json())["ret_code"] == "980404"
+    assert fake.stats.api_calls == 0
+
+
+@pytest.mark.parametrize(
+    "target",
+    [
+        "/api/../secret",
+        "/api/5/../../secret",
+        "/api/%2e%2e/secret",
+        "/api/%2E%2e/secret",
+        "/api/5/%2fetc",
+        "/api/5/%5cetc",
+        "/api/5\\..\\etc",
+        "/api/5//user",
+        "/api/./5/user",
+        "http://evil.example/api/5/user",
+    ],
+)
+async def test_targets_that_could_escape_api_get_400(proxy, fake: FakeSobot, target):
+    answer = await send_raw(
+        proxy, f"GET {target} HTTP/1.1\r\nHost: p\r\nConnection: close\r\n\r\n".encode()
+    )
+    assert answer.startswith(b"HTTP/1.1 400"), answer[:80]
+    assert b'"ret_code":"980400"' in answer
+    assert fake.stats.api_calls == 0
+
+
+async def test_each_request_is_logged_once_with_its_return_code(
+    proxy, fake: FakeSobot, logs: CapturedLogs
+):
+    fake.script({"retCode": "700046", "ret_msg": "edition"})
+    await proxy.get("/api/robot/5/ask?q=1")
+    await proxy.post("/api/5/user/save", data=b"x")
+    first, second = logs.events("request")
+    assert first["method"] == "GET"
+    assert first["path"] == "/api/robot/5/ask"  # never the query string
+    assert first["status"] == 200
+    assert first["ret_code"] == "700046"  # as it came, under either name
+    assert first["attempts"] == 1
+    assert first["duration_ms"] >= first["upstream_ms"] >= 0
+    assert second["ret_code"] == "000000"
+
+
+async def test_answers_that_are_not_json_are_relayed_uninspected(proxy, fake: FakeSobot):
+    """A download never carries a return code: even one that looks like 900002 is not replayed."""
+    fake.script({"ret_code": "900002"}, headers={"Content-Type": "application/octet-stream"})
+    response = await proxy.get("/api/file")
+    assert response.headers["Content-Type"] == "application/octet-stream"
+    assert await response.read() == b'{"ret_code":"900002"}'
+    assert fake.stats.api_calls == 1
+
+
+async def test_large_answers_stream_through_byte_exact(proxy, fake: FakeSobot):
+    items = [hashlib.sha256(str(i).encode()).hexdigest() for i in range(60_000)]
+    fake.script({"ret_code": "000000", "item": items})  # about 4 MiB of JSON
+    response = await proxy.get("/api/export")
+    body = await response.read()
+    assert response.status == 200
+    assert len(body) > 1024 * 1024
+    assert body.endswith(b'"]}')
+    assert response.headers["Content-Length"] == str(len(body))
