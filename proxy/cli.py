@@ -10,7 +10,7 @@ import os
 import socket
 import sys
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
-from typing import Final
+from typing import Final, NoReturn
 
 from aiohttp import web
 
@@ -39,13 +39,28 @@ _DEMO_IGNORED_ENV: Final = frozenset(
 EXIT_CONFIG: Final = 2
 
 
+class _Parser(argparse.ArgumentParser):
+    """An argument parser whose errors never repeat argument values.
+
+    `sobot-proxy --app-key SECRET` must not print SECRET back: only option names are shown.
+    """
+
+    def error(self, message: str) -> NoReturn:
+        prefix = "unrecognized arguments: "
+        if message.startswith(prefix):
+            words = message.removeprefix(prefix).split()
+            names = [word.split("=", 1)[0] for word in words if word.startswith("-")]
+            message = prefix + (" ".join(names) or "(values not shown)")
+        super().error(message)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="sobot-proxy",
         description="Authenticating reverse proxy for the Sobot Open API (v5).",
     )
     parser.add_argument("--version", action="version", version=f"sobot-proxy {__version__}")
-    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
 
     serve_cmd = commands.add_parser(
         "serve",

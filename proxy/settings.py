@@ -95,12 +95,15 @@ def _base_url(value: Any) -> str:
         parts.port  # noqa: B018 -- raises ValueError on a bad port
     except ValueError:
         raise ValueError(f"{value!r} is not a valid URL") from None
+    if "@" in parts.netloc:  # the value is not repeated: it may hold a password
+        raise ValueError("the URL must not carry credentials")
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ValueError(f"{value!r} is not an http(s) URL with a host")
-    # An empty query, fragment or user ("https://h/?", "http://@h") counts too: every path
-    # would be appended after it.
-    if "?" in url or "#" in url or "@" in parts.netloc:
-        raise ValueError(f"{value!r} must not carry a query, fragment or credentials")
+    if any(char.isspace() for char in url):
+        raise ValueError(f"{value!r} contains white space")
+    # An empty query or fragment ("https://h/?") counts too: every path would follow it.
+    if "?" in url or "#" in url:
+        raise ValueError(f"{value!r} must not carry a query or fragment")
     return url.rstrip("/")
 
 
@@ -281,15 +284,17 @@ def _read_app_key(
 ) -> str:
     """The app_key from the highest layer that sets it, as a value or as a file to read."""
     layers = (
-        (env.get(APP_KEY_ENV), env.get(APP_KEY_FILE_ENV), APP_KEY_ENV, APP_KEY_FILE_ENV),
+        (env.get(APP_KEY_ENV), env.get(APP_KEY_FILE_ENV), APP_KEY_ENV, APP_KEY_FILE_ENV, Path()),
         (
             toml_values.get("app_key"),
             toml_values.get("app_key_file"),
             f"{toml_label}: app_key",
             f"{toml_label}: app_key_file",
+            # A relative app_key_file in a TOML file is found beside that file.
+            Path(toml_label).parent,
         ),
     )
-    for value, file_name, value_label, file_label in layers:
+    for value, file_name, value_label, file_label, base_dir in layers:
         if value and file_name:
             problems.append(f"set only one of {value_label} and {file_label}")
             return ""
@@ -300,7 +305,7 @@ def _read_app_key(
             return value.strip()
         if file_name:
             try:
-                key = read_text(Path(str(file_name))).strip()
+                key = read_text(base_dir / str(file_name)).strip()
             except (OSError, UnicodeDecodeError) as exc:
                 reason = exc.strerror if isinstance(exc, OSError) else "not text"
                 problems.append(f"{file_label}: cannot read {file_name} ({reason or exc})")

@@ -46,7 +46,14 @@ def test_defaults_apply_when_nothing_else_sets_them():
 # the same order and the default last)
 LAYERED = [
     ("port", "SOBOT_PROXY_PORT", "1111", "2222", 3333, (1111, 2222, 3333, 8080)),
-    ("log_level", "SOBOT_LOG_LEVEL", "debug", "warning", "error", ("debug", "warning", "error", "info")),
+    (
+        "log_level",
+        "SOBOT_LOG_LEVEL",
+        "debug",
+        "warning",
+        "error",
+        ("debug", "warning", "error", "info"),
+    ),
     ("upstream_timeout", "SOBOT_UPSTREAM_TIMEOUT", "1.5", "2.5", 3.5, (1.5, 2.5, 3.5, 30.0)),
 ]
 
@@ -229,10 +236,11 @@ VALUE_ERRORS = [
     ({"base_url": "https://h/?q=1"}, {}, "--base-url: 'https://h/?q=1' must not carry a query"),
     ({"base_url": "https://h/?"}, {}, "--base-url: 'https://h/?' must not carry a query"),
     ({"base_url": "https://h/#top"}, {}, "--base-url: 'https://h/#top' must not carry a query"),
-    ({"base_url": "https://u:p@h/"}, {}, "--base-url: 'https://u:p@h/' must not carry a query"),
+    ({"base_url": "https://u:p@h/"}, {}, "--base-url: the URL must not carry credentials"),
     ({"base_url": "https://h/#"}, {}, "--base-url: 'https://h/#' must not carry a query"),
-    ({"base_url": "http://@h/"}, {}, "--base-url: 'http://@h/' must not carry a query"),
+    ({"base_url": "http://@h/"}, {}, "--base-url: the URL must not carry credentials"),
     ({"base_url": "http://h:99999"}, {}, "--base-url: 'http://h:99999' is not a valid URL"),
+    ({"base_url": "https://exa mple.com"}, {}, "--base-url: 'https://exa mple.com' contains white"),
     ({"base_url": "sobot.io"}, {}, "--base-url: 'sobot.io' is not an http(s) URL"),
     ({"port": "abc"}, {}, "--port: 'abc' is not a port number"),
     ({"port": "70000"}, {}, "--port: '70000' is not a port number"),
@@ -349,3 +357,18 @@ def test_unreadable_app_key_file_named_in_the_toml_file(tmp_path):
     env = {k: v for k, v in ENV.items() if k != "SOBOT_APP_KEY"}
     [problem] = problems_of({"config": str(config)}, env)
     assert problem.startswith(f"{config}: app_key_file: cannot read {missing} (")
+
+
+def test_a_relative_app_key_file_in_the_toml_file_is_found_beside_it(tmp_path, monkeypatch):
+    (tmp_path / "key.txt").write_text("beside-the-config\n")
+    config = tmp_path / "sobot-proxy.toml"
+    config.write_text('appid = "a"\nregion = "sg"\napp_key_file = "key.txt"\n')
+    monkeypatch.chdir("/")
+    assert load_settings({"config": str(config)}, {}).app_key == "beside-the-config"
+
+
+def test_a_url_with_credentials_is_refused_without_repeating_it():
+    with pytest.raises(ConfigError) as raised:
+        load_settings({}, {**ENV, "SOBOT_BASE_URL": "https://user:hunter2@h.example"})
+    assert "hunter2" not in str(raised.value)
+    assert "SOBOT_BASE_URL" in str(raised.value)
