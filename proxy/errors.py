@@ -27,6 +27,8 @@ from aiohttp import web
 class ProxyError(Exception):
     status: ClassVar[int] = 500
     code: ClassVar[str] = "980500"
+    # The request body may be left unread: the connection cannot carry another request.
+    closes_connection: ClassVar[bool] = False
 
     def __init__(self, message: str, *, ret_code: str | None = None) -> None:
         super().__init__(message)
@@ -34,7 +36,10 @@ class ProxyError(Exception):
         self.ret_code = ret_code or self.code
 
     def to_response(self) -> web.Response:
-        return error_response(self.status, self.ret_code, self.message)
+        response = error_response(self.status, self.ret_code, self.message)
+        if self.closes_connection:
+            response.force_close()
+        return response
 
 
 class BadRequest(ProxyError):
@@ -50,6 +55,7 @@ class NotProxied(ProxyError):
 class BodyTooLarge(ProxyError):
     status = 413
     code = "980413"
+    closes_connection = True
 
 
 class UpstreamUnreachable(ProxyError):

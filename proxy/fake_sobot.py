@@ -70,7 +70,7 @@ class Stats:
 
 @dataclass(slots=True)
 class _Script:
-    answer: dict[str, Any]
+    body: bytes
     times: int
     status: int
     headers: dict[str, str]
@@ -125,14 +125,18 @@ class FakeSobot:
 
     def script(
         self,
-        answer: dict[str, Any],
+        answer: dict[str, Any] | bytes,
         times: int = 1,
         *,
         status: int = 200,
         headers: dict[str, str] | None = None,
     ) -> None:
-        """Answer the next `times` /api/ calls with `answer` (JSON), whatever their token."""
-        self._state.scripts.append(_Script(answer, times, status, headers or {}))
+        """Answer the next `times` /api/ calls with `answer`, whatever their token.
+
+        A dict is sent as JSON; bytes are sent as they are (with `headers` saying what they are).
+        """
+        body = answer if isinstance(answer, bytes) else orjson.dumps(answer)
+        self._state.scripts.append(_Script(body, times, status, headers or {}))
 
     async def wait_for_get_token_calls(self, count: int) -> None:
         """Return once get_token has been called `count` times in all (bound it with a timeout)."""
@@ -257,7 +261,7 @@ class FakeSobot:
                 state.scripts.popleft()
             return web.Response(
                 status=script.status,
-                body=orjson.dumps(script.answer),
+                body=script.body,
                 headers={"Content-Type": "application/json", **script.headers},
             )
         if token_state == "missing":

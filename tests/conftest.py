@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import io
+import re
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -79,12 +80,20 @@ async def proxy(make_proxy: ProxyFactory) -> TestClient[Any, Any]:
 
 
 async def send_raw(client: TestClient[Any, Any], request: bytes) -> bytes:
-    """Send bytes as they are (no client library re-encoding) and read the whole answer."""
+    """Send bytes as they are (no client library re-encoding) and read one answer.
+
+    The answer ends after Content-Length bytes of body, or at the end of the connection.
+    """
     reader, writer = await asyncio.open_connection(client.host, client.port)
     try:
         writer.write(request)
         await writer.drain()
-        return await asyncio.wait_for(reader.read(), 10)
+        async with asyncio.timeout(10):
+            head = await reader.readuntil(b"\r\n\r\n")
+            length = re.search(rb"(?im)^content-length: *(\d+)\r$", head)
+            if length is None:
+                return head + await reader.read()
+            return head + await reader.readexactly(int(length.group(1)))
     finally:
         writer.close()
 

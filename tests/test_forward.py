@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import os
 
@@ -206,3 +207,72 @@ async def test_large_answers_stream_through_byte_exact(proxy, fake: FakeSobot):
     assert len(body) > 1024 * 1024
     assert body.endswith(b'"]}')
     assert response.headers["Content-Length"] == str(len(body))
+
+
+async def test_compressed_answers_are_inspected_and_relayed_compressed(
+    proxy, fake: FakeSobot, logs: CapturedLogs
+):
+    compressed = gzip.compress(b'{"ret_code": "700046", "ret_msg": "edition"}')
+    gzip_json = {"Content-Type": "application/json", "Content-Encoding": "gzip"}
+    fake.script(compressed, headers=gzip_json)
+    response = await proxy.get(
+        "/api/echo", headers={"Accept-Encoding": "gzip"}, auto_decompress=False
+    )
+    assert response.headers["Content-Encoding"] == "gzip"
+    assert await response.read() == compressed
+    assert logs.events("request")[-1]["ret_code"] == "700046"
+
+
+async def test_a_compressed_900002_is_replayed(proxy, fake: FakeSobot):
+    await proxy.get("/api/echo")
+    gzip_json = {"Content-Type": "application/json", "Content-Encoding": "gzip"}
+    fake.script(gzip.compress(b'{"ret_code":"900002"}'), headers=gzip_json)
+    response = await proxy.get("/api/echo")
+    assert (await response.json())["ret_code"] == "000000"
+    assert fake.stats.api_calls == 3
+
+
+@pytest.mark.parametrize("size", [10, 2 * 1024 * 1024])
+async def test_head_answers_keep_the_length_a_get_would_have(proxy, fake: FakeSobot, size):
+    fake.script(b"x" * size, headers={"Content-Type": "application/octet-stream"})
+    response = await proxy.head("/api/file")
+    assert response.status == 200
+    assert response.headers["Content-Length"] == str(size)
+    assert await response.read() == b""
+    assert fake.received[-1].method == "HEAD"
+
+
+async def test_an_empty_post_is_forwarded_with_an_empty_body(proxy, fake: FakeSobot):
+    head = await send_raw(
+        proxy,
+        b"POST /api/5/user/touch HTTP/1.1\r\nHost: p\r\nContent-Length: 0\r\n"
+        b"Connection: close\r\n\r\n",
+    )
+    assert head.startswith(b"HTTP/1.1 200")
+    assert fake.received[-1].body == b""
+    assert fake.received[-1].headers.get("Content-Length") == "0"
+
+
+async def test_a_chunked_request_body_is_forwarded_whole(proxy, fake: FakeSobot):
+    head = await send_raw(
+        proxy,
+        b"POST /api/5/user/save HTTP/1.1\r\nHost: p\r\nTransfer-Encoding: chunked\r\n"
+        b"Connection: close\r\n\r\n5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n",
+    )
+    assert head.startswith(b"HTTP/1.1 200")
+    received = fake.received[-1]
+    assert received.body == b"hello world"
+    assert "Transfer-Encoding" not in received.headers
+    assert received.headers["Content-Length"] == "11"
+
+
+async def test_a_body_over_the_cap_gets_413_and_is_not_forwarded(proxy, fake: FakeSobot):
+    head = await send_raw(
+        proxy,
+        b"POST /api/5/file HTTP/1.1\r\nHost: p\r\nContent-Length: 999999999999\r\n"
+        b"Connection: close\r\n\r\n",
+    )
+    assert head.startswith(b"HTTP/1.1 413")
+    assert b"Connection: close" in head  # the unread body makes the connection unusable
+    assert b'"ret_code":"980413"' in head
+    assert fake.stats.api_calls == 0
