@@ -12,6 +12,7 @@
     POST /_fake/fail-get-token?mode=M&times=N
          M = a ret_code (e.g. 900003), `malformed`, `http500` or `disconnect`; N = -1 for always
     POST /_fake/script?times=N&status=S     the next N /api/ answers are the JSON body posted
+    POST /_fake/hold, /_fake/release        stop answering /api/ requests, and start again
     POST /_fake/reset                       forget everything but the credentials
 The same controls are methods on FakeSobot for in-process tests.
 
@@ -106,6 +107,8 @@ class FakeSobot:
         self.received: deque[Received] = deque(maxlen=10_000)
         self.issued_tokens: list[str] = []  # for tests that check no token ever leaks
         self._get_token_called = asyncio.Event()
+        self._answers_released = asyncio.Event()
+        self._answers_released.set()
         self._state = _State(lifetime=token_lifetime)
         self._runner: web.AppRunner | None = None
         self.url = ""
@@ -137,6 +140,13 @@ class FakeSobot:
         """
         body = answer if isinstance(answer, bytes) else orjson.dumps(answer)
         self._state.scripts.append(_Script(body, times, status, headers or {}))
+
+    def hold_answers(self) -> None:
+        """Stall: /api/ requests are received and recorded, but not answered until released."""
+        self._answers_released.clear()
+
+    def release_answers(self) -> None:
+        self._answers_released.set()
 
     async def wait_for_get_token_calls(self, count: int) -> None:
         """Return once get_token has been called `count` times in all (bound it with a timeout)."""
@@ -175,6 +185,7 @@ class FakeSobot:
         return self.url
 
     async def stop(self) -> None:
+        self.release_answers()
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
@@ -253,6 +264,7 @@ class FakeSobot:
             token_serial=serial,
         )
         self.received.append(received)
+        await self._answers_released.wait()
 
         if state.scripts:
             script = state.scripts[0]
@@ -293,6 +305,10 @@ class FakeSobot:
                     int(query.get("times", "1")),
                     status=int(query.get("status", "200")),
                 )
+            elif control == "hold":
+                self.hold_answers()
+            elif control == "release":
+                self.release_answers()
             elif control == "reset":
                 self.reset()
             else:

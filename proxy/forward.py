@@ -57,7 +57,8 @@ class Forwarder:
         self._base_url = base_url
         self._session = session
         self._tokens = tokens
-        self._timeout = aiohttp.ClientTimeout(total=timeout)
+        # No overall limit: a large download may take long, but it must keep moving.
+        self._timeout = aiohttp.ClientTimeout(total=None, connect=timeout, sock_read=timeout)
         self._max_body = max_body
         self._log = log
 

@@ -147,7 +147,7 @@ OPTIONS: Final = (
         "--upstream-timeout",
         _positive_seconds,
         30.0,
-        "seconds an upstream call may take in all",
+        "seconds to wait on Sobot: to connect, and for each read of its answer",
     ),
     Option(
         "refresh_margin",

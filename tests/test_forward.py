@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import gzip
 import hashlib
 import os
@@ -276,3 +277,23 @@ async def test_a_body_over_the_cap_gets_413_and_is_not_forwarded(proxy, fake: Fa
     assert b"Connection: close" in head  # the unread body makes the connection unusable
     assert b'"ret_code":"980413"' in head
     assert fake.stats.api_calls == 0
+
+
+async def test_a_stalled_upstream_gives_504_and_is_not_retried(make_proxy, fake: FakeSobot):
+    proxy = await make_proxy(upstream_timeout=0.3)
+    await proxy.get("/api/echo")
+    fake.hold_answers()
+    async with asyncio.timeout(10):
+        response = await proxy.post("/api/5/user/save", data=b"once")
+    assert response.status == 504
+    assert (await response.json())["ret_code"] == "980504"
+    assert fake.stats.api_calls == 2  # the first call, and this one exactly once
+
+
+async def test_an_unreachable_upstream_gives_502_for_forwarded_calls(make_proxy, fake: FakeSobot):
+    proxy = await make_proxy()
+    await proxy.get("/api/echo")  # a valid token is held
+    await fake.stop()
+    response = await proxy.get("/api/echo")
+    assert response.status == 502
+    assert (await response.json())["ret_code"] == "980502"
