@@ -141,14 +141,20 @@ def _run_serve(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
     configure_logging(settings.log_level, settings.log_format)
     log = get_logger()
     app = make_app(settings)
+    on_listening = None
     if demo_socket is not None:
         app.cleanup_ctx.insert(0, _demo_upstream(demo_socket))
+
+        async def on_listening(host: str, port: int) -> None:
+            log.info("demo", hint=f"try: curl http://{host}:{port}/api/echo?hello=world")
+
     return run(
         serve(
             app,
             host=settings.host,
             port=settings.port,
             log=log,
+            on_listening=on_listening,
             upstream=settings.base_url,
             demo=args.demo,
         )
