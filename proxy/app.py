@@ -19,14 +19,15 @@ from typing import Final
 import aiohttp
 import structlog
 from aiohttp import web
+from aiohttp.typedefs import Handler
 
-from proxy import protocol
-from proxy.errors import InternalError, ProxyError
+from proxy.errors import InternalError, ProxyError, error_response
 from proxy.forward import Forwarder
 from proxy.health import healthz, readyz
 from proxy.local_token import LocalTokenEndpoint
 from proxy.logs import get_logger
-from proxy.paths import split_target
+from proxy.paths import is_get_token, split_target
+from proxy.request_log import RequestRecord
 from proxy.settings import Settings
 from proxy.token_source import SobotTokenSource
 from proxy.tokens import Backoff, TokenManager
@@ -53,26 +54,25 @@ class ApiHandler:
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         started = time.perf_counter()
-        fields: dict[str, object] = {"method": request.method, "path": request.path}
+        record = RequestRecord(request.method, request.path)
         response: web.StreamResponse
         try:
             path, query = split_target(request.raw_path)
-            fields["path"] = path
-            if path.rstrip("/") == protocol.GET_TOKEN_PATH:
-                response, fields["ret_code"] = await self._local_token.answer(request)
-                fields.update(status=response.status, attempts=0)
+            record.path = path
+            if is_get_token(path):
+                response, record.ret_code = await self._local_token.answer(request)
+                record.status = response.status
             else:
-                response = await self._forwarder.forward(request, path, query, fields)
+                response = await self._forwarder.forward(request, path, query, record)
         except ProxyError as exc:
-            fields.update(status=exc.status, ret_code=exc.ret_code, error=exc.message)
+            record.status, record.ret_code, record.error = exc.status, exc.ret_code, exc.message
             response = exc.to_response()
         except Exception:
-            self._log.exception("internal_error", method=request.method, path=fields["path"])
+            self._log.exception("internal_error", method=record.method, path=record.path)
             error = InternalError("the proxy failed to handle the request; see its log")
-            fields.update(status=error.status, ret_code=error.ret_code)
+            record.status, record.ret_code = error.status, error.ret_code
             response = error.to_response()
-        fields["duration_ms"] = round((time.perf_counter() - started) * 1000, 2)
-        self._log.info("request", **fields)
+        self._log.info("request", **record.fields(time.perf_counter() - started))
         return response
 
 
@@ -80,12 +80,23 @@ TOKENS: Final = web.AppKey("tokens", TokenManager)
 API: Final = web.AppKey("api", ApiHandler)
 
 
+@web.middleware
+async def _json_http_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """aiohttp's own refusals (a target no route matches, such as `OPTIONS *`) in Sobot's shape."""
+    try:
+        return await handler(request)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        return error_response(exc.status, f"980{exc.status}", exc.reason)
+
+
 async def _api(request: web.Request) -> web.StreamResponse:
     return await request.app[API].handle(request)
 
 
 def make_app(settings: Settings, *, backoff: Backoff | None = None) -> web.Application:
-    app = web.Application()
+    app = web.Application(middlewares=[_json_http_errors])
     log = get_logger()
 
     async def lifetime(app: web.Application) -> AsyncIterator[None]:

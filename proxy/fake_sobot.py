@@ -106,6 +106,7 @@ class FakeSobot:
         self.stats = Stats()
         self.received: deque[Received] = deque(maxlen=10_000)
         self.issued_tokens: list[str] = []  # for tests that check no token ever leaks
+        self.issue_times: list[float] = []  # when each was issued, on the fake's clock
         self._get_token_called = asyncio.Event()
         self._answers_released = asyncio.Event()
         self._answers_released.set()
@@ -138,8 +139,14 @@ class FakeSobot:
 
         A dict is sent as JSON; bytes are sent as they are (with `headers` saying what they are).
         """
-        body = answer if isinstance(answer, bytes) else orjson.dumps(answer)
-        self._state.scripts.append(_Script(body, times, status, headers or {}))
+        if isinstance(answer, bytes):
+            body, headers = answer, headers or {}
+        else:
+            body, headers = (
+                orjson.dumps(answer),
+                {"Content-Type": "application/json", **(headers or {})},
+            )
+        self._state.scripts.append(_Script(body, times, status, headers))
 
     def hold_answers(self) -> None:
         """Stall: /api/ requests are received and recorded, but not answered until released."""
@@ -223,6 +230,7 @@ class FakeSobot:
         # Every call issues a new token and the previous one stops working.
         state.token = uuid.uuid4().hex
         self.issued_tokens.append(state.token)
+        self.issue_times.append(self._clock())
         state.serial += 1
         state.expires_at = self._clock() + state.lifetime
         self.stats.tokens_issued += 1
@@ -271,11 +279,7 @@ class FakeSobot:
             script.times -= 1
             if script.times <= 0:
                 state.scripts.popleft()
-            return web.Response(
-                status=script.status,
-                body=script.body,
-                headers={"Content-Type": "application/json", **script.headers},
-            )
+            return web.Response(status=script.status, body=script.body, headers=script.headers)
         if token_state == "missing":
             self.stats.token_rejections += 1
             return _answer(protocol.TOKEN_EMPTY, "token is empty")

@@ -10,6 +10,7 @@ whole (INSPECT_LIMIT); everything else streams through to the client.
 
 from __future__ import annotations
 
+import asyncio
 import time
 import zlib
 from dataclasses import dataclass
@@ -23,8 +24,9 @@ from multidict import CIMultiDict
 from yarl import URL
 
 from proxy import protocol
-from proxy.errors import BodyTooLarge, UpstreamTimeout, UpstreamUnreachable
+from proxy.errors import BodyTooLarge, ProxyError, UpstreamTimeout, UpstreamUnreachable
 from proxy.headers import SKIP_AUTO_HEADERS, downstream_headers, upstream_headers
+from proxy.request_log import RequestRecord
 from proxy.tokens import Token, TokenManager
 
 # Answers up to this size that may be JSON are read whole to find their ret_code. Sobot's
@@ -59,37 +61,25 @@ class Forwarder:
         self._tokens = tokens
         # No overall limit: a large download may take long, but it must keep moving.
         self._timeout = aiohttp.ClientTimeout(total=None, connect=timeout, sock_read=timeout)
+        self._answer_timeout = timeout
         self._max_body = max_body
         self._log = log
 
     async def forward(
-        self, request: web.Request, path: str, query: str, fields: dict[str, object]
+        self, request: web.Request, path: str, query: str, record: RequestRecord
     ) -> web.StreamResponse:
-        """Forward one request; record what happened in `fields` for the request log."""
+        """Forward one request, noting in `record` what happened."""
         body = await self._read_body(request)
         url = URL(self._base_url + path + query, encoded=True)
         headers = upstream_headers(request.headers, client_ip=request.remote, scheme=request.scheme)
-        upstream_s = 0.0
-
         token = await self._tokens.get()
-        sent = time.perf_counter()
-        answer = await self._send(request.method, url, headers, body, token)
-        upstream_s += time.perf_counter() - sent
-        attempts = 1
+        answer = await self._send(request.method, url, headers, body, token, record)
         if answer.ret_code in protocol.TOKEN_REJECTED:
+            answer.response.release()
             token = await self._tokens.replace(token)
-            sent = time.perf_counter()
-            answer = await self._send(request.method, url, headers, body, token)
-            upstream_s += time.perf_counter() - sent
-            attempts = 2
-
-        fields.update(
-            status=answer.response.status,
-            ret_code=answer.ret_code,
-            attempts=attempts,
-            upstream_ms=round(upstream_s * 1000, 2),
-        )
-        return await self._relay(request, answer)
+            answer = await self._send(request.method, url, headers, body, token, record)
+        record.status, record.ret_code = answer.response.status, answer.ret_code
+        return await self._relay(request, answer, record)
 
     async def _read_body(self, request: web.Request) -> bytes:
         """The whole request body, kept for the replay; over max_body is refused unread."""
@@ -105,27 +95,41 @@ class Forwarder:
         return b"".join(chunks)
 
     async def _send(
-        self, method: str, url: URL, headers: CIMultiDict[str], body: bytes, token: Token
+        self,
+        method: str,
+        url: URL,
+        headers: CIMultiDict[str],
+        body: bytes,
+        token: Token,
+        record: RequestRecord,
     ) -> _Answer:
+        """One attempt: send, then read the answer whole if it may carry a return code."""
         headers[protocol.TOKEN_HEADER] = token.value
+        record.attempts += 1
+        sent = time.perf_counter()
         try:
-            response = await self._session.request(
-                method,
-                url,
-                headers=headers,
-                data=body or None,
-                allow_redirects=False,
-                timeout=self._timeout,
-                skip_auto_headers=SKIP_AUTO_HEADERS,
-            )
-        except TimeoutError:
-            raise UpstreamTimeout("Sobot did not answer in time") from None
-        except aiohttp.ClientConnectorError as exc:
-            raise UpstreamUnreachable(f"cannot connect to Sobot at {exc.host}:{exc.port}") from None
-        except aiohttp.ClientError as exc:
-            raise UpstreamUnreachable(
-                f"the exchange with Sobot failed ({type(exc).__name__})"
-            ) from None
+            return await self._exchange(method, url, headers, body)
+        finally:
+            record.upstream_s += time.perf_counter() - sent
+
+    async def _exchange(
+        self, method: str, url: URL, headers: CIMultiDict[str], body: bytes
+    ) -> _Answer:
+        try:
+            # sock_read starts only once the body is sent: this bounds sending it and waiting
+            # for the answer's headers too.
+            async with asyncio.timeout(self._answer_timeout):
+                response = await self._session.request(
+                    method,
+                    url,
+                    headers=headers,
+                    data=body or None,
+                    allow_redirects=False,
+                    timeout=self._timeout,
+                    skip_auto_headers=SKIP_AUTO_HEADERS,
+                )
+        except (TimeoutError, aiohttp.ClientError) as exc:
+            raise _upstream_error(exc) from None
         try:
             return await self._inspect(response)
         except BaseException:
@@ -148,34 +152,36 @@ class Forwarder:
                 if not more:
                     break
                 body += more
-        except TimeoutError:
-            raise UpstreamTimeout("Sobot did not answer in time") from None
-        except aiohttp.ClientError as exc:
-            raise UpstreamUnreachable(
-                f"the exchange with Sobot failed ({type(exc).__name__})"
-            ) from None
+        except (TimeoutError, aiohttp.ClientError) as exc:
+            raise _upstream_error(exc) from None
         if len(body) > INSPECT_LIMIT:
             return _Answer(response, body, complete=False, ret_code=None)
         encoding = response.headers.get(hdrs.CONTENT_ENCODING, "identity")
         return _Answer(response, body, complete=True, ret_code=_ret_code(body, encoding))
 
-    async def _relay(self, request: web.Request, answer: _Answer) -> web.StreamResponse:
+    async def _relay(
+        self, request: web.Request, answer: _Answer, record: RequestRecord
+    ) -> web.StreamResponse:
         upstream = answer.response
         headers = downstream_headers(upstream.headers)
-        if answer.complete:
-            upstream.release()
-            if request.method == hdrs.METH_HEAD and upstream.content_length is not None:
-                headers[hdrs.CONTENT_LENGTH] = str(upstream.content_length)
-                # A HEAD answer has no body but tells the length a GET would have.
-                response = web.StreamResponse(status=upstream.status, headers=headers)
-                await response.prepare(request)
-                await response.write_eof()
-                return response
-            return web.Response(status=upstream.status, body=answer.body, headers=headers)
-        return await self._stream(request, answer, headers)
+        if not answer.complete:
+            return await self._stream(request, answer, headers, record)
+        upstream.release()
+        if request.method == hdrs.METH_HEAD and upstream.content_length is not None:
+            # A HEAD answer has no body but tells the length a GET would have.
+            headers[hdrs.CONTENT_LENGTH] = str(upstream.content_length)
+            response = web.StreamResponse(status=upstream.status, headers=headers)
+            await response.prepare(request)
+            await response.write_eof()
+            return response
+        return web.Response(status=upstream.status, body=answer.body, headers=headers)
 
     async def _stream(
-        self, request: web.Request, answer: _Answer, headers: CIMultiDict[str]
+        self,
+        request: web.Request,
+        answer: _Answer,
+        headers: CIMultiDict[str],
+        record: RequestRecord,
     ) -> web.StreamResponse:
         upstream = answer.response
         if upstream.content_length is not None:
@@ -183,20 +189,39 @@ class Forwarder:
         response = web.StreamResponse(status=upstream.status, headers=headers)
         try:
             await response.prepare(request)
-            if answer.body:
-                await response.write(answer.body)
-            async for chunk in upstream.content.iter_chunked(CHUNK_SIZE):
-                await response.write(chunk)
+            chunk = answer.body  # what inspection already read, if anything
+            while True:
+                try:
+                    if chunk:
+                        await response.write(chunk)
+                except (ConnectionError, aiohttp.ClientConnectionError):
+                    record.error = "the client went away mid-answer"
+                    return response
+                try:
+                    chunk = await upstream.content.readany()
+                except (TimeoutError, aiohttp.ClientError) as exc:
+                    # Headers are gone already: the only honest signal left is to abort the
+                    # connection, so the client never takes a truncated body for a whole one.
+                    record.error = f"Sobot broke off its answer ({type(exc).__name__})"
+                    self._log.warning("upstream_aborted", path=record.path, reason=record.error)
+                    if request.transport is not None:
+                        request.transport.abort()
+                    return response
+                if not chunk:
+                    break
             await response.write_eof()
-        except (TimeoutError, aiohttp.ClientError) as exc:
-            # Headers are gone already: the only honest signal left is to abort the connection,
-            # so the client never takes a truncated body for a complete one.
-            self._log.warning("upstream_aborted", path=request.path, reason=type(exc).__name__)
-            if request.transport is not None:
-                request.transport.abort()
         finally:
             upstream.release()
         return response
+
+
+def _upstream_error(exc: BaseException) -> ProxyError:
+    """The client-facing error for a failed exchange with Sobot (no URL, no credential)."""
+    if isinstance(exc, TimeoutError):
+        return UpstreamTimeout("Sobot did not answer in time")
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        return UpstreamUnreachable(f"cannot connect to Sobot at {exc.host}:{exc.port}")
+    return UpstreamUnreachable(f"the exchange with Sobot failed ({type(exc).__name__})")
 
 
 def _ret_code(body: bytes, content_encoding: str) -> str | None:
@@ -206,7 +231,11 @@ def _ret_code(body: bytes, content_encoding: str) -> str | None:
         if encoding == "gzip":
             body = zlib.decompressobj(16 + zlib.MAX_WBITS).decompress(body, 4 * INSPECT_LIMIT)
         elif encoding == "deflate":
-            body = zlib.decompressobj().decompress(body, 4 * INSPECT_LIMIT)
+            # RFC 9110 says zlib-wrapped; some servers send raw deflate. Try both.
+            try:
+                body = zlib.decompressobj().decompress(body, 4 * INSPECT_LIMIT)
+            except zlib.error:
+                body = zlib.decompressobj(-zlib.MAX_WBITS).decompress(body, 4 * INSPECT_LIMIT)
         elif encoding not in ("", "identity"):
             return None  # e.g. br: relayed as is, not inspected
         stripped = body.lstrip()

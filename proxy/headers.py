@@ -26,10 +26,12 @@ HOP_BY_HOP: Final = frozenset(
 )
 
 # Also not copied upstream: Host and Content-Length are set for the upstream request itself,
-# the client's token is replaced by the managed one, X-Forwarded-* are rebuilt below.
+# the client's token is replaced by the managed one, X-Forwarded-* are rebuilt below. Expect
+# was answered by the proxy's own server, which has the body by the time it forwards it.
 _NOT_COPIED_UPSTREAM: Final = HOP_BY_HOP | {
     istr(hdrs.HOST),
     istr(hdrs.CONTENT_LENGTH),
+    istr(hdrs.EXPECT),
     istr(TOKEN_HEADER),
     istr(hdrs.X_FORWARDED_FOR),
     istr(hdrs.X_FORWARDED_PROTO),

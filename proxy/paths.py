@@ -14,6 +14,7 @@ from typing import Final
 from urllib.parse import unquote
 
 from proxy.errors import BadRequest, NotProxied
+from proxy.protocol import GET_TOKEN_PATH
 
 API_PREFIX: Final = "/api/"
 
@@ -40,3 +41,13 @@ def split_target(raw_target: str) -> tuple[str, str]:
         if decoded in (".", "..") or "/" in decoded or "\\" in decoded:
             raise BadRequest("dot segments, encoded slashes and backslashes are not forwarded")
     return path, mark + query
+
+
+def is_get_token(path: str) -> bool:
+    """Whether the upstream could take `path` for get_token, however it is spelled.
+
+    An upstream may decode percent-encodings (`get%5ftoken`), drop `;parameters`, fold case or
+    ignore a trailing slash: any of these must still be answered locally, never forwarded.
+    """
+    segments = (unquote(segment.partition(";")[0]) for segment in path.split("/"))
+    return "/".join(segments).rstrip("/").lower() == GET_TOKEN_PATH

@@ -11,6 +11,10 @@
   90% of the lifetime (0.5 s before the end of a 5 s token; 300 s before the end of a day).
 - `replace(rejected)` serves the 900002 replay: if a newer token is already held it is returned at
   once; otherwise the rejected token is dropped and one fetch serves everyone it failed for.
+- Rejections rotate the token at most once a second: when a token not yet
+  `min_rotation_interval` old is rejected, the refresh waits until it is. A token that young
+  cannot have expired, so someone else rotated it or the endpoint rejects tokens in general;
+  refreshing at once would rotate the token for everyone on every such request.
 - After a failed fetch, callers get the failure at once until a backoff (doubling, capped) has
   passed, rather than each calling get_token again.
 """
@@ -29,6 +33,7 @@ import structlog
 
 from proxy import protocol
 from proxy.errors import TokenUnavailable
+from proxy.protocol import IssuedToken
 from proxy.token_source import TokenSource
 
 # Renew at no earlier than this fraction of a token's life, whatever the margin.
@@ -42,6 +47,10 @@ class Token:
     serial: int  # increases with every token this manager obtains
     expires_at: float  # on the manager's monotonic clock
     lifetime: float
+
+    @property
+    def obtained_at(self) -> float:
+        return self.expires_at - self.lifetime
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,12 +79,14 @@ class TokenManager:
         refresh_margin: float,
         log: structlog.typing.FilteringBoundLogger,
         backoff: Backoff = Backoff(),
+        min_rotation_interval: float = 1.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._source = source
         self._refresh_margin = refresh_margin
         self._log = log
         self._backoff = backoff
+        self._min_rotation_interval = min_rotation_interval
         self._clock = clock
         self._cache: cachetools.TLRUCache[str, Token] = cachetools.TLRUCache(
             maxsize=1, ttu=lambda _key, token, _now: token.expires_at, timer=clock
@@ -109,7 +120,16 @@ class TokenManager:
         current = self._cache.get(_KEY)
         if current is not None and current.serial > rejected.serial:
             return current
-        if current is not None:  # it is the rejected one: known expired, so never hand it out
+        if current is not None and self._inflight is None:
+            too_young_by = current.obtained_at + self._min_rotation_interval - self._clock()
+            if too_young_by > 0:
+                self._log.warning("young_token_rejected", wait_s=round(too_young_by, 3))
+                await asyncio.sleep(too_young_by)
+                current = self._cache.get(_KEY)
+                if current is not None and current.serial > rejected.serial:
+                    return current
+        if current is not None and current.serial == rejected.serial:
+            # Known rejected: never hand it out again.
             del self._cache[_KEY]
             self._changed.set()
         return await self._shared_fetch()
@@ -128,7 +148,7 @@ class TokenManager:
     async def _fetch(self) -> Token:
         sent_at = self._clock()
         try:
-            issued = await self._source.fetch()
+            issued = await self._fetch_from_source()
         except TokenUnavailable as exc:
             self._failures += 1
             self._retry_at = self._clock() + self._backoff.delay(self._failures)
@@ -152,6 +172,16 @@ class TokenManager:
         finally:
             self._inflight = None
             self._changed.set()
+
+    async def _fetch_from_source(self) -> IssuedToken:
+        try:
+            return await self._source.fetch()
+        except TokenUnavailable:
+            raise
+        except Exception as exc:
+            # A bug, not Sobot: log it; the backoff and the refresher carry on as for a failure.
+            self._log.exception("get_token_internal_error")
+            raise TokenUnavailable("the proxy failed to fetch a token; see its log") from exc
 
     # -- background renewal ----------------------------------------------------------------
 

@@ -297,3 +297,47 @@ async def test_an_unreachable_upstream_gives_502_for_forwarded_calls(make_proxy,
     response = await proxy.get("/api/echo")
     assert response.status == 502
     assert (await response.json())["ret_code"] == "980502"
+
+
+async def test_expect_100_continue_is_answered_by_the_proxy_not_forwarded(proxy, fake: FakeSobot):
+    reader, writer = await asyncio.open_connection(proxy.host, proxy.port)
+    try:
+        writer.write(
+            b"POST /api/5/user/save HTTP/1.1\r\nHost: p\r\nContent-Length: 5\r\n"
+            b"Expect: 100-continue\r\nConnection: close\r\n\r\n"
+        )
+        await writer.drain()
+        async with asyncio.timeout(10):
+            interim = await reader.readuntil(b"\r\n\r\n")
+            assert interim.startswith(b"HTTP/1.1 100")
+            writer.write(b"hello")
+            await writer.drain()
+            answer = await reader.read()
+    finally:
+        writer.close()
+    assert answer.startswith(b"HTTP/1.1 200")
+    received = fake.received[-1]
+    assert received.body == b"hello"
+    assert "Expect" not in received.headers
+
+
+async def test_failed_exchanges_are_logged_with_attempts_and_upstream_time(
+    make_proxy, fake: FakeSobot, logs: CapturedLogs
+):
+    proxy = await make_proxy(upstream_timeout=0.2)
+    await proxy.get("/api/echo")
+    fake.hold_answers()
+    assert (await proxy.get("/api/echo")).status == 504
+    event = logs.events("request")[-1]
+    assert (event["status"], event["ret_code"], event["attempts"]) == (504, "980504", 1)
+    assert event["upstream_ms"] >= 200
+    assert event["error"] == "Sobot did not answer in time"
+
+
+@pytest.mark.parametrize("target", ["*", "sg.sobot.io:443"])
+async def test_targets_no_route_matches_get_a_json_404(proxy, fake: FakeSobot, target):
+    method = "CONNECT" if ":" in target else "OPTIONS"
+    answer = await send_raw(proxy, f"{method} {target} HTTP/1.1\r\nHost: p\r\n\r\n".encode())
+    assert answer.split(b" ", 2)[1] in (b"400", b"404")
+    assert b'"ret_code":"980' in answer
+    assert fake.stats.api_calls == 0

@@ -8,7 +8,7 @@ import pytest
 
 from proxy.fake_sobot import FakeSobot
 from proxy.protocol import make_sign
-from tests.conftest import APP_KEY, APPID, CapturedLogs
+from tests.conftest import APP_KEY, APPID, CapturedLogs, exact_url
 
 
 def signed_query(appid: str = APPID, app_key: str = APP_KEY, offset: int = 0) -> dict[str, str]:
@@ -70,3 +70,27 @@ async def test_client_token_calls_are_logged_without_query(
     assert event["ret_code"] == "000000"
     assert event["attempts"] == 0
     assert query["sign"].encode() not in logs.raw
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/api/get%5ftoken",
+        "/api/get_t%6Fken",
+        "/api/get_token;jsessionid=1",
+        "/api/GET_TOKEN",
+        "/api/get_token/",
+        "//api/get_token",
+    ],
+)
+async def test_every_spelling_of_get_token_is_answered_locally(proxy, fake: FakeSobot, path):
+    """An upstream might decode, strip or fold any of these into get_token: never forward them."""
+    query = "&".join(f"{key}={value}" for key, value in signed_query().items())
+    response = await proxy.session.get(exact_url(proxy, f"{path}?{query}"))
+    answer = await response.json()
+    assert answer["ret_code"] == "000000"
+    assert answer["item"]["token"] == fake.current_token
+    wrong = await proxy.session.get(exact_url(proxy, f"{path}?appid={APPID}&sign=x"))
+    assert (await wrong.json())["ret_code"] == "900003"
+    assert fake.stats.get_token_calls == 1
+    assert fake.stats.api_calls == 0

@@ -116,3 +116,19 @@ async def test_the_upstreams_own_errors_for_a_replay_reach_the_client(proxy, fak
     assert response.status == 502
     assert (await response.json())["ret_code"] == "900004"
     assert fake.stats.api_calls == 2  # the request was not replayed without a token
+
+
+async def test_rejections_rotate_the_token_at_most_once_a_second(
+    proxy, fake: FakeSobot, logs: CapturedLogs
+):
+    """An endpoint that rejects every token must not rotate it for everyone on every call."""
+    await proxy.get("/api/echo")
+    fake.script({"ret_code": "900001", "ret_msg": "token is empty"}, times=100)
+    async with asyncio.timeout(20):
+        for _ in range(3):
+            response = await proxy.get("/api/odd/endpoint")
+            assert (await response.json())["ret_code"] == "900001"
+    assert fake.stats.get_token_calls == 4
+    gaps = [b - a for a, b in zip(fake.issue_times, fake.issue_times[1:], strict=False)]
+    assert min(gaps) >= 0.9
+    assert logs.events("young_token_rejected")

@@ -257,3 +257,32 @@ async def test_an_unreachable_upstream_gives_a_clear_502_and_the_proxy_stays_up(
     readyz = await proxy.get("/readyz")
     assert readyz.status == 503
     assert (await readyz.json())["ret_code"] == "980502"
+
+
+class BrokenSource(GatedSource):
+    async def fetch(self) -> IssuedToken:
+        self.calls += 1
+        if self.calls == 1:
+            raise RuntimeError("a bug in the token source")
+        return IssuedToken(f"token-{self.calls}", self.lifetime)
+
+
+async def test_a_bug_in_fetching_is_a_failed_fetch_and_the_refresher_survives(
+    logs: CapturedLogs,
+):
+    source = BrokenSource()
+    tokens = TokenManager(
+        source, refresh_margin=300, log=get_logger(), backoff=Backoff(first=0.01, cap=0.01)
+    )
+    with pytest.raises(TokenUnavailable) as raised:
+        await tokens.get()
+    assert "see its log" in raised.value.message
+    tokens.start()
+    try:
+        async with asyncio.timeout(5):
+            while tokens.current() is None:  # noqa: ASYNC110 -- the refresher's own backoff
+                await asyncio.sleep(0.01)
+    finally:
+        await tokens.stop()
+    assert source.calls == 2
+    assert logs.events("get_token_internal_error")

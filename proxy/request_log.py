@@ -1,0 +1,32 @@
+"""What one request did, gathered while it is handled and logged as one line when it ends."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(slots=True)
+class RequestRecord:
+    method: str
+    path: str
+    status: int | None = None
+    ret_code: str | None = None
+    attempts: int = 0  # 0: answered by the proxy itself; 2: after the 900002 replay
+    upstream_s: float = 0.0
+    error: str | None = None
+
+    def fields(self, duration_s: float) -> dict[str, object]:
+        fields: dict[str, object] = {
+            "method": self.method,
+            "path": self.path,
+            "status": self.status,
+            "attempts": self.attempts,
+            "duration_ms": round(duration_s * 1000, 2),
+        }
+        if self.ret_code is not None:
+            fields["ret_code"] = self.ret_code
+        if self.attempts:
+            fields["upstream_ms"] = round(self.upstream_s * 1000, 2)
+        if self.error is not None:
+            fields["error"] = self.error
+        return fields
