@@ -12,6 +12,7 @@ and closed at shutdown through cleanup_ctx; request handlers reach them through 
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator
 from typing import Final
@@ -32,11 +33,6 @@ from proxy.settings import Settings
 from proxy.token_source import SobotTokenSource
 from proxy.tokens import Backoff, TokenManager
 
-# Keep-alive connections to Sobot; past this, requests wait for a free connection.
-UPSTREAM_CONNECTIONS: Final = 100
-# Request bodies are held whole for the 900002 replay; larger ones are refused with 413.
-MAX_BODY: Final = 64 * 1024 * 1024
-
 
 class ApiHandler:
     """Every request under the catch-all route: dispatch, error answers, the request log line."""
@@ -51,11 +47,13 @@ class ApiHandler:
         self._forwarder = forwarder
         self._local_token = local_token
         self._log = log
+        self.in_flight = 0
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         started = time.perf_counter()
         record = RequestRecord(request.method, request.path)
         response: web.StreamResponse
+        self.in_flight += 1
         try:
             path, query = split_target(request.raw_path)
             record.path = path
@@ -67,11 +65,17 @@ class ApiHandler:
         except ProxyError as exc:
             record.status, record.ret_code, record.error = exc.status, exc.ret_code, exc.message
             response = exc.to_response()
+        except asyncio.CancelledError:
+            record.error = "cancelled: the client went away, or the proxy stopped"
+            self._log.info("request", **record.fields(time.perf_counter() - started))
+            raise
         except Exception:
             self._log.exception("internal_error", method=record.method, path=record.path)
             error = InternalError("the proxy failed to handle the request; see its log")
             record.status, record.ret_code = error.status, error.ret_code
             response = error.to_response()
+        finally:
+            self.in_flight -= 1
         self._log.info("request", **record.fields(time.perf_counter() - started))
         return response
 
@@ -101,7 +105,7 @@ def make_app(settings: Settings, *, backoff: Backoff | None = None) -> web.Appli
 
     async def lifetime(app: web.Application) -> AsyncIterator[None]:
         session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=UPSTREAM_CONNECTIONS, ttl_dns_cache=300),
+            connector=aiohttp.TCPConnector(limit=settings.upstream_connections, ttl_dns_cache=300),
             # Bodies pass through as the upstream encoded them, Content-Encoding and all.
             auto_decompress=False,
             # A proxy for many clients must not keep one client's cookies for the next.
@@ -113,7 +117,7 @@ def make_app(settings: Settings, *, backoff: Backoff | None = None) -> web.Appli
             base_url=settings.base_url,
             appid=settings.appid,
             app_key=settings.app_key,
-            timeout=settings.upstream_timeout,
+            timeout=settings.connect_timeout + settings.upstream_timeout,
             log=log,
         )
         tokens = TokenManager(
@@ -121,14 +125,7 @@ def make_app(settings: Settings, *, backoff: Backoff | None = None) -> web.Appli
         )
         app[TOKENS] = tokens
         app[API] = ApiHandler(
-            forwarder=Forwarder(
-                base_url=settings.base_url,
-                session=session,
-                tokens=tokens,
-                timeout=settings.upstream_timeout,
-                max_body=MAX_BODY,
-                log=log,
-            ),
+            forwarder=Forwarder(settings, session=session, tokens=tokens, log=log),
             local_token=LocalTokenEndpoint(
                 appid=settings.appid, app_key=settings.app_key, tokens=tokens
             ),
@@ -141,7 +138,11 @@ def make_app(settings: Settings, *, backoff: Backoff | None = None) -> web.Appli
             await tokens.stop()
             await session.close()
 
+    async def draining(app: web.Application) -> None:
+        log.info("draining", in_flight=app[API].in_flight)
+
     app.cleanup_ctx.append(lifetime)
+    app.on_shutdown.append(draining)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", _readyz)
     app.router.add_route("*", "/{tail:.*}", _api)

@@ -153,6 +153,7 @@ def _run_serve(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
             app,
             host=settings.host,
             port=settings.port,
+            shutdown_grace=settings.shutdown_grace,
             log=log,
             on_listening=on_listening,
             upstream=settings.base_url,
@@ -183,4 +184,7 @@ def _run_fake(args: argparse.Namespace) -> int:
     configure_logging(args.log_level, args.log_format)
     log = get_logger()
     fake = FakeSobot(args.appid, args.app_key, token_lifetime=args.token_lifetime)
-    return run(serve(fake.make_app(), host=args.host, port=args.port, log=log, role="fake-sobot"))
+    app = fake.make_app()
+    return run(
+        serve(app, host=args.host, port=args.port, shutdown_grace=1.0, log=log, role="fake-sobot")
+    )

@@ -3,8 +3,10 @@
     ProxyError                      any failure answered by the proxy itself
     ├── BadRequest          400     980400  a request target the proxy will not forward
     ├── NotProxied          404     980404  a path outside /api/ (never forwarded)
+    ├── ClientTimeout       408     980408  the client stopped sending its request body
     ├── BodyTooLarge        413     980413  a request body over the configured cap
     ├── UpstreamUnreachable 502     980502  cannot connect to Sobot, or it broke the exchange
+    ├── Overloaded          503     980503  more requests waiting for Sobot than allowed
     ├── UpstreamTimeout     504     980504  Sobot did not answer within the timeout
     ├── TokenUnavailable    502     <get_token's code, or 980502>
     ├── NotReady            503     <get_token's code, or 980503>  /readyz with no valid token
@@ -52,6 +54,12 @@ class NotProxied(ProxyError):
     code = "980404"
 
 
+class ClientTimeout(ProxyError):
+    status = 408
+    code = "980408"
+    closes_connection = True
+
+
 class BodyTooLarge(ProxyError):
     status = 413
     code = "980413"
@@ -61,6 +69,11 @@ class BodyTooLarge(ProxyError):
 class UpstreamUnreachable(ProxyError):
     status = 502
     code = "980502"
+
+
+class Overloaded(ProxyError):
+    status = 503
+    code = "980503"
 
 
 class UpstreamTimeout(ProxyError):

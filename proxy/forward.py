@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import time
 import zlib
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Final
 
@@ -24,15 +25,16 @@ from multidict import CIMultiDict
 from yarl import URL
 
 from proxy import protocol
-from proxy.errors import BodyTooLarge, ProxyError, UpstreamTimeout, UpstreamUnreachable
+from proxy.body import ReplayableBody
+from proxy.errors import ClientTimeout, Overloaded, ProxyError, UpstreamTimeout, UpstreamUnreachable
 from proxy.headers import SKIP_AUTO_HEADERS, downstream_headers, upstream_headers
 from proxy.request_log import RequestRecord
+from proxy.settings import Settings
 from proxy.tokens import Token, TokenManager
 
 # Answers up to this size that may be JSON are read whole to find their ret_code. Sobot's
 # error answers are a few hundred bytes; a larger answer streams through uninspected.
 INSPECT_LIMIT: Final = 1024 * 1024
-CHUNK_SIZE: Final = 64 * 1024
 
 
 @dataclass(slots=True)
@@ -48,58 +50,86 @@ class _Answer:
 class Forwarder:
     def __init__(
         self,
+        settings: Settings,
         *,
-        base_url: str,
         session: aiohttp.ClientSession,
         tokens: TokenManager,
-        timeout: float,
-        max_body: int,
         log: structlog.typing.FilteringBoundLogger,
     ) -> None:
-        self._base_url = base_url
+        self._base_url = settings.base_url
         self._session = session
         self._tokens = tokens
-        # No overall limit: a large download may take long, but it must keep moving.
-        self._timeout = aiohttp.ClientTimeout(total=None, connect=timeout, sock_read=timeout)
-        self._answer_timeout = timeout
-        self._max_body = max_body
         self._log = log
+        self._read_timeout = settings.upstream_timeout
+        # No overall limit: a large download may take long, but it must keep moving.
+        self._timeout = aiohttp.ClientTimeout(
+            total=None,
+            connect=settings.connect_timeout,
+            sock_connect=settings.connect_timeout,
+            sock_read=settings.upstream_timeout,
+        )
+        self._max_body = settings.max_body
+        self._temp_dir = settings.temp_dir
+        # Requests past the connection pool wait for a connection, up to max_queue of them.
+        self._capacity = settings.upstream_connections + settings.max_queue
+        self._active = 0
+
+    @property
+    def active(self) -> int:
+        """Requests being forwarded now, including those waiting for a connection."""
+        return self._active
 
     async def forward(
         self, request: web.Request, path: str, query: str, record: RequestRecord
     ) -> web.StreamResponse:
         """Forward one request, noting in `record` what happened."""
-        body = await self._read_body(request)
-        url = URL(self._base_url + path + query, encoded=True)
+        if self._active >= self._capacity:
+            raise Overloaded("too many requests are waiting for Sobot; try again shortly")
+        self._active += 1
+        body = None
+        try:
+            if request.body_exists:
+                body = ReplayableBody(
+                    request.content,
+                    declared_length=request.content_length,
+                    max_size=self._max_body,
+                    temp_dir=self._temp_dir,
+                )
+            return await self._forward(request, path + query, body, record)
+        finally:
+            self._active -= 1
+            if body is not None:
+                body.close()
+
+    async def _forward(
+        self,
+        request: web.Request,
+        target: str,
+        body: ReplayableBody | None,
+        record: RequestRecord,
+    ) -> web.StreamResponse:
+        url = URL(self._base_url + target, encoded=True)
         headers = upstream_headers(request.headers, client_ip=request.remote, scheme=request.scheme)
+        if request.content_length is not None and body is not None:
+            headers[hdrs.CONTENT_LENGTH] = str(request.content_length)
         token = await self._tokens.get()
-        answer = await self._send(request.method, url, headers, body, token, record)
+        data = None if body is None else body.first_pass()
+        answer = await self._send(request.method, url, headers, data, body, token, record)
         if answer.ret_code in protocol.TOKEN_REJECTED:
             answer.response.release()
             token = await self._tokens.replace(token)
-            answer = await self._send(request.method, url, headers, body, token, record)
+            data = None if body is None else body.replay()
+            answer = await self._send(request.method, url, headers, data, body, token, record)
         record.status, record.ret_code = answer.response.status, answer.ret_code
         return await self._relay(request, answer, record)
-
-    async def _read_body(self, request: web.Request) -> bytes:
-        """The whole request body, kept for the replay; over max_body is refused unread."""
-        if request.content_length is not None and request.content_length > self._max_body:
-            raise BodyTooLarge(f"request body over the limit of {self._max_body} bytes")
-        chunks = []
-        size = 0
-        async for chunk in request.content.iter_chunked(CHUNK_SIZE):
-            size += len(chunk)
-            if size > self._max_body:
-                raise BodyTooLarge(f"request body over the limit of {self._max_body} bytes")
-            chunks.append(chunk)
-        return b"".join(chunks)
 
     async def _send(
         self,
         method: str,
         url: URL,
         headers: CIMultiDict[str],
-        body: bytes,
+        data: AsyncIterator[bytes] | None,
+        body: ReplayableBody | None,
         token: Token,
         record: RequestRecord,
     ) -> _Answer:
@@ -108,33 +138,49 @@ class Forwarder:
         record.attempts += 1
         sent = time.perf_counter()
         try:
-            return await self._exchange(method, url, headers, body)
+            response = await self._request(method, url, headers, data, body)
+            try:
+                return await self._inspect(response)
+            except BaseException:
+                response.release()
+                raise
         finally:
             record.upstream_s += time.perf_counter() - sent
 
-    async def _exchange(
-        self, method: str, url: URL, headers: CIMultiDict[str], body: bytes
-    ) -> _Answer:
+    async def _request(
+        self,
+        method: str,
+        url: URL,
+        headers: CIMultiDict[str],
+        data: AsyncIterator[bytes] | None,
+        body: ReplayableBody | None,
+    ) -> aiohttp.ClientResponse:
+        """Send the request and wait for the answer's headers.
+
+        aiohttp's sock_read only starts once the body is sent, so this phase has a deadline of
+        its own: read_timeout, pushed back whenever body bytes move.
+        """
+        loop = asyncio.get_running_loop()
         try:
-            # sock_read starts only once the body is sent: this bounds sending it and waiting
-            # for the answer's headers too.
-            async with asyncio.timeout(self._answer_timeout):
-                response = await self._session.request(
+            async with asyncio.timeout(self._read_timeout) as deadline:
+                if body is not None:
+                    body.progress = lambda: deadline.reschedule(loop.time() + self._read_timeout)
+                return await self._session.request(
                     method,
                     url,
                     headers=headers,
-                    data=body or None,
+                    data=data,
                     allow_redirects=False,
                     timeout=self._timeout,
                     skip_auto_headers=SKIP_AUTO_HEADERS,
                 )
         except (TimeoutError, aiohttp.ClientError) as exc:
+            # The client's side of the body explains a failure first: too large, or stalled.
+            if body is not None and isinstance(body.error, ProxyError):
+                raise body.error from None
+            if body is not None and body.waiting_for_client and isinstance(exc, TimeoutError):
+                raise ClientTimeout("the client stopped sending its request body") from None
             raise _upstream_error(exc) from None
-        try:
-            return await self._inspect(response)
-        except BaseException:
-            response.release()
-            raise
 
     async def _inspect(self, response: aiohttp.ClientResponse) -> _Answer:
         """Read a small answer that may be JSON whole and find its ret_code."""

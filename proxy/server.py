@@ -6,14 +6,22 @@ import asyncio
 import signal
 import sys
 from collections.abc import Awaitable, Callable, Coroutine
-from typing import Any, Final
+from typing import Any
 
 import structlog
 from aiohttp import web
 
-# In-flight requests get this long to finish after SIGTERM / SIGINT; a Kubernetes pod's default
-# termination grace period is 30 s, so the proxy is done before it would be killed.
-SHUTDOWN_GRACE: Final = 25.0
+
+def make_runner(app: web.Application, *, shutdown_grace: float) -> web.AppRunner:
+    """The runner for `app`: in-flight requests get `shutdown_grace` seconds when stopping."""
+    return web.AppRunner(
+        app,
+        # Our own request line replaces aiohttp's access log (one line a request, not two).
+        access_log=None,
+        # A client that goes away cancels its request, and with it the upstream exchange.
+        handler_cancellation=True,
+        shutdown_timeout=shutdown_grace,
+    )
 
 
 async def serve(
@@ -21,13 +29,13 @@ async def serve(
     *,
     host: str,
     port: int,
+    shutdown_grace: float,
     log: structlog.typing.FilteringBoundLogger,
     on_listening: Callable[[str, int], Awaitable[None]] | None = None,
     **listening_fields: object,
 ) -> int:
     """Serve `app` until SIGTERM or SIGINT; exit status 0 after a clean stop, 1 if it can't bind."""
-    # Our own request line replaces aiohttp's access log (one line a request, not two).
-    runner = web.AppRunner(app, access_log=None, shutdown_timeout=SHUTDOWN_GRACE)
+    runner = make_runner(app, shutdown_grace=shutdown_grace)
     await runner.setup()
     try:
         site = web.TCPSite(runner, host, port, backlog=1024)
@@ -46,7 +54,8 @@ async def serve(
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
     await stop.wait()
-    log.info("stopping", grace_s=SHUTDOWN_GRACE)
+    # Stop accepting; in-flight requests get the grace period, then are cancelled (and logged).
+    log.info("stopping", grace_s=shutdown_grace)
     await runner.cleanup()
     log.info("stopped")
     return 0

@@ -8,6 +8,7 @@ returns Settings or raises ConfigError listing every problem, one line each.
 from __future__ import annotations
 
 import ipaddress
+import os
 import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -15,6 +16,7 @@ from pathlib import Path
 from typing import Any, Final
 from urllib.parse import urlsplit
 
+MIB: Final = 1024 * 1024
 REGIONS: Final = {"sg": "https://sg.sobot.io", "us": "https://us.sobot.com"}
 LOG_LEVELS: Final = ("debug", "info", "warning", "error")
 LOG_FORMATS: Final = ("json", "console")
@@ -29,7 +31,13 @@ class Settings:
     host: str = "127.0.0.1"
     port: int = 8080
     upstream_timeout: float = 30.0
+    connect_timeout: float = 5.0
     refresh_margin: float = 300.0
+    max_body: int = 64 * MIB
+    upstream_connections: int = 100
+    max_queue: int = 1000
+    shutdown_grace: float = 25.0
+    temp_dir: str | None = None  # None: the system's ($TMPDIR, else /tmp)
     log_level: str = "info"
     log_format: str = "json"
 
@@ -74,6 +82,61 @@ def _positive_seconds(value: Any) -> float:
     if not 0 < seconds < 1e9:
         raise ValueError(f"{value!r} is not a positive number of seconds")
     return seconds
+
+
+def _count(minimum: int) -> Callable[[Any], int]:
+    def parse(value: Any) -> int:
+        try:
+            count = int(str(value).strip()) if not isinstance(value, bool) else minimum - 1
+        except ValueError:
+            count = minimum - 1
+        if count < minimum:
+            raise ValueError(f"{value!r} is not a whole number of at least {minimum}")
+        return count
+
+    return parse
+
+
+_SIZE_UNITS: Final = {
+    "": 1,
+    "k": 1024,
+    "kib": 1024,
+    "m": MIB,
+    "mib": MIB,
+    "g": 1024 * MIB,
+    "gib": 1024 * MIB,
+}
+
+
+def _size(value: Any) -> int:
+    """Bytes, as a number or with a binary unit: 1048576, 1024KiB, 64MiB, 1G."""
+    text = str(value).strip().lower().replace(" ", "")
+    number = text.rstrip("kmgib")
+    unit = text[len(number) :]
+    try:
+        size = int(number) * _SIZE_UNITS[unit] if not isinstance(value, bool) else 0
+    except (ValueError, KeyError):
+        size = 0
+    if size <= 0:
+        raise ValueError(f"{value!r} is not a size in bytes (such as 1048576, 512KiB or 64MiB)")
+    return size
+
+
+def _non_negative_seconds(value: Any) -> float:
+    try:
+        seconds = float(str(value).strip()) if not isinstance(value, bool) else -1.0
+    except ValueError:
+        seconds = -1.0
+    if not 0 <= seconds < 1e9:
+        raise ValueError(f"{value!r} is not a number of seconds (0 or more)")
+    return seconds
+
+
+def _directory(value: Any) -> str:
+    path = _text(value)
+    if not os.path.isdir(path) or not os.access(path, os.W_OK | os.X_OK):
+        raise ValueError(f"{value!r} is not a directory the proxy can write to")
+    return path
 
 
 def _host(value: Any) -> str:
@@ -147,7 +210,15 @@ OPTIONS: Final = (
         "--upstream-timeout",
         _positive_seconds,
         30.0,
-        "seconds to wait on Sobot: to connect, and for each read of its answer",
+        "read timeout: the longest wait on Sobot, or on a client's body, for the next bytes",
+    ),
+    Option(
+        "connect_timeout",
+        "SOBOT_CONNECT_TIMEOUT",
+        "--connect-timeout",
+        _positive_seconds,
+        5.0,
+        "seconds to wait for a connection to Sobot",
     ),
     Option(
         "refresh_margin",
@@ -156,6 +227,46 @@ OPTIONS: Final = (
         _positive_seconds,
         300.0,
         "renew the token this many seconds before it expires (at most 10%% of its life)",
+    ),
+    Option(
+        "max_body",
+        "SOBOT_MAX_BODY",
+        "--max-body",
+        _size,
+        64 * MIB,
+        "largest request body accepted (kept for the replay), e.g. 64MiB",
+    ),
+    Option(
+        "upstream_connections",
+        "SOBOT_UPSTREAM_CONNECTIONS",
+        "--upstream-connections",
+        _count(1),
+        100,
+        "connections to Sobot at most (the keep-alive pool)",
+    ),
+    Option(
+        "max_queue",
+        "SOBOT_MAX_QUEUE",
+        "--max-queue",
+        _count(0),
+        1000,
+        "requests that may wait for a connection; beyond, 503",
+    ),
+    Option(
+        "shutdown_grace",
+        "SOBOT_SHUTDOWN_GRACE",
+        "--shutdown-grace",
+        _non_negative_seconds,
+        25.0,
+        "seconds in-flight requests get to finish after SIGTERM / SIGINT",
+    ),
+    Option(
+        "temp_dir",
+        "SOBOT_TEMP_DIR",
+        "--temp-dir",
+        _directory,
+        None,
+        "directory for request bodies over 1 MiB, kept for the replay (default: $TMPDIR)",
     ),
     Option(
         "log_level",
