@@ -1,0 +1,167 @@
+"""Running the real `sobot-proxy` command in a subprocess, with every wait bounded."""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+START_TIMEOUT = 10.0  # for the command to start listening
+EXIT_TIMEOUT = 10.0  # for the command to exit, by itself or after SIGTERM
+HTTP_TIMEOUT = 5.0
+# What a process needs to run; nothing else, and never a SOBOT_* variable, leaks in.
+KEPT_ENV = ("PATH", "HOME", "LANG", "LC_ALL", "LC_CTYPE", "TMPDIR", "SYSTEMROOT", "PYTHONPATH")
+# A fake Sobot token (uuid4().hex) or a sign (md5 hex) would show as 32 hex digits.
+HEX32 = re.compile(r"(?<![0-9a-f])[0-9a-f]{32}(?![0-9a-f])")
+# No proxy from the environment between the tests and 127.0.0.1.
+OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
+def command_env(**variables: str) -> dict[str, str]:
+    env = {name: value for name, value in os.environ.items() if name in KEPT_ENV}
+    env = {name: value for name, value in env.items() if not name.startswith("SOBOT_")}
+    return {**env, **variables}
+
+
+def run_command(*args: str, cwd: Path, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "proxy", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=cwd,
+        timeout=EXIT_TIMEOUT,
+        check=False,
+    )
+
+
+def http_get(url: str) -> tuple[int, Any]:
+    """GET `url`: the status and the JSON body."""
+    try:
+        with OPENER.open(url, timeout=HTTP_TIMEOUT) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        with error:
+            return error.code, json.loads(error.read())
+
+
+def json_object(line: str) -> dict[str, Any] | None:
+    try:
+        value = json.loads(line)
+    except ValueError:
+        return None
+    return value if isinstance(value, dict) else None
+
+
+class Running:
+    """A started command whose stdout and stderr are drained by threads, line by line."""
+
+    def __init__(self, *args: str, cwd: Path, env: dict[str, str]) -> None:
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "proxy", *args],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env=env,
+            cwd=cwd,
+        )
+        self.stdout: list[str] = []
+        self.stderr: list[str] = []
+        self._fresh: queue.Queue[str | None] = queue.Queue()
+        self._drains = [
+            threading.Thread(target=self._drain, args=(self.process.stdout, self.stdout, True)),
+            threading.Thread(target=self._drain, args=(self.process.stderr, self.stderr, False)),
+        ]
+        for drain in self._drains:
+            drain.start()
+
+    def _drain(self, stream: Any, lines: list[str], announce: bool) -> None:
+        for raw in stream:
+            line = raw.decode("utf-8", "replace").rstrip("\r\n")
+            lines.append(line)
+            if announce:
+                self._fresh.put(line)
+        if announce:
+            self._fresh.put(None)
+
+    def wait_for_line(self, matches: Callable[[str], bool], timeout: float = START_TIMEOUT) -> str:
+        """The next stdout line that matches; fails after `timeout` or if stdout ends first."""
+        deadline = time.monotonic() + timeout
+        while True:
+            remaining = deadline - time.monotonic()
+            try:
+                line = self._fresh.get(timeout=max(remaining, 0))
+            except queue.Empty:
+                pytest.fail(f"no matching line within {timeout} s; stdout: {self.stdout}")
+            if line is None:
+                pytest.fail(f"stdout ended first; stdout: {self.stdout}; stderr: {self.stderr}")
+            if matches(line):
+                return line
+
+    def wait_for_event(self, name: str) -> dict[str, Any]:
+        line = self.wait_for_line(lambda line: (json_object(line) or {}).get("event") == name)
+        event = json_object(line)
+        assert event is not None
+        return event
+
+    def terminate(self) -> int:
+        """Send SIGTERM and return the exit status, once the process and its output ended."""
+        self.process.send_signal(signal.SIGTERM)
+        status = self.process.wait(timeout=EXIT_TIMEOUT)
+        self._join()
+        return status
+
+    @property
+    def output(self) -> str:
+        return "\n".join([*self.stdout, *self.stderr])
+
+    def _join(self) -> None:
+        for drain in self._drains:
+            drain.join(timeout=EXIT_TIMEOUT)
+            assert not drain.is_alive()
+
+    def close(self) -> None:
+        try:
+            if self.process.poll() is None:
+                self.process.kill()
+                self.process.wait(timeout=EXIT_TIMEOUT)
+            self._join()
+        finally:
+            for stream in (self.process.stdout, self.process.stderr):
+                if stream is not None:
+                    stream.close()
+
+
+@contextmanager
+def running(*args: str, cwd: Path, env: dict[str, str] | None = None) -> Iterator[Running]:
+    command = Running(*args, cwd=cwd, env=command_env() if env is None else env)
+    try:
+        yield command
+    finally:
+        command.close()
+
+
+def wait_until_ready(base: str) -> dict[str, Any]:
+    deadline = time.monotonic() + START_TIMEOUT
+    while True:
+        status, body = http_get(f"{base}/readyz")
+        if status == 200:
+            return body
+        assert status == 503, body
+        if time.monotonic() > deadline:
+            pytest.fail(f"/readyz still {status} after {START_TIMEOUT} s: {body}")
+        time.sleep(0.05)

@@ -1,0 +1,169 @@
+"""Request bodies: streamed to Sobot as they arrive, kept for the one replay, bounded in memory."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import io
+import os
+from pathlib import Path
+
+import pytest
+
+from proxy.fake_sobot import FakeSobot
+from tests.conftest import send_raw
+
+
+def open_files_under(directory: Path) -> list[str]:
+    """This process's open files in `directory` (anonymous temp files show as deleted ones)."""
+    found = []
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            continue
+        if target.startswith(str(directory)):
+            found.append(target)
+    return found
+
+
+async def chunks(data: bytes, size: int = 256 * 1024):
+    for start in range(0, len(data), size):
+        yield data[start : start + size]
+
+
+@pytest.mark.parametrize("size", [1, 1024 * 1024, 1024 * 1024 + 1, 12 * 1024 * 1024])
+async def test_a_replayed_upload_reaches_sobot_intact_at_any_size(
+    make_proxy, fake: FakeSobot, tmp_path, size
+):
+    proxy = await make_proxy(temp_dir=str(tmp_path))
+    await proxy.get("/api/echo")
+    fake.expire_token()
+    data = os.urandom(size)
+    response = await proxy.post("/api/5/file/upload", data=io.BytesIO(data))
+    assert (await response.json())["ret_code"] == "000000"
+    first, replay = list(fake.received)[1:]
+    assert (first.token_state, replay.token_state) == ("expired", "valid")
+    digest = hashlib.sha256(data).hexdigest()
+    assert first.body_sha256 == replay.body_sha256 == digest
+    assert first.body_size == replay.body_size == size
+    assert open_files_under(tmp_path) == []
+
+
+async def test_a_chunked_upload_is_replayed_intact(make_proxy, fake: FakeSobot, tmp_path):
+    proxy = await make_proxy(temp_dir=str(tmp_path))
+    await proxy.get("/api/echo")
+    fake.expire_token()
+    data = os.urandom(3 * 1024 * 1024)
+    response = await proxy.post("/api/5/file/upload", data=chunks(data))
+    assert (await response.json())["ret_code"] == "000000"
+    first, replay = list(fake.received)[1:]
+    assert first.body_sha256 == replay.body_sha256 == hashlib.sha256(data).hexdigest()
+    assert replay.headers["Transfer-Encoding"] == "chunked"
+
+
+async def test_a_large_body_is_spooled_to_an_anonymous_file_that_goes_away(
+    make_proxy, fake: FakeSobot, tmp_path
+):
+    proxy = await make_proxy(temp_dir=str(tmp_path))
+    await proxy.get("/api/echo")
+    fake.hold_answers()
+    upload = asyncio.create_task(
+        proxy.post("/api/5/file/upload", data=io.BytesIO(os.urandom(3 << 20)))
+    )
+    async with asyncio.timeout(10):
+        while len(fake.received) < 2:  # noqa: ASYNC110 -- the fake has no event for this
+            await asyncio.sleep(0.01)
+    [spool] = open_files_under(tmp_path)
+    assert spool.endswith("(deleted)")  # unlinked from the start: nothing to leak on disk
+    assert list(tmp_path.iterdir()) == []
+    fake.release_answers()
+    async with asyncio.timeout(10):
+        response = await upload
+    assert response.status == 200
+    assert open_files_under(tmp_path) == []
+
+
+async def test_a_small_body_never_touches_the_disk(make_proxy, fake: FakeSobot, tmp_path):
+    proxy = await make_proxy(temp_dir=str(tmp_path))
+    await proxy.get("/api/echo")
+    fake.hold_answers()
+    upload = asyncio.create_task(proxy.post("/api/5/user/save", data=os.urandom(1 << 20)))
+    async with asyncio.timeout(10):
+        while len(fake.received) < 2:  # noqa: ASYNC110 -- the fake has no event for this
+            await asyncio.sleep(0.01)
+    assert open_files_under(tmp_path) == []
+    fake.release_answers()
+    async with asyncio.timeout(10):
+        assert (await upload).status == 200
+
+
+async def test_a_chunked_body_over_the_cap_gets_413(make_proxy, fake: FakeSobot, tmp_path):
+    proxy = await make_proxy(max_body=2 * 1024 * 1024, temp_dir=str(tmp_path))
+    await proxy.get("/api/echo")
+    async with asyncio.timeout(10):
+        response = await proxy.post("/api/5/file/upload", data=chunks(os.urandom(3 << 20)))
+    assert response.status == 413
+    answer = await response.json()
+    assert answer["ret_code"] == "980413"
+    assert str(2 * 1024 * 1024) in answer["ret_msg"]
+    assert response.headers["Connection"] == "close"
+    assert open_files_under(tmp_path) == []
+    assert [r.token_state for r in fake.received] == ["valid"]  # the cut upload never completed
+
+
+async def test_a_declared_body_over_the_cap_is_refused_before_it_is_read(
+    make_proxy, fake: FakeSobot
+):
+    proxy = await make_proxy(max_body=1000)
+    answer = await send_raw(
+        proxy,
+        b"POST /api/5/file HTTP/1.1\r\nHost: p\r\nContent-Length: 1001\r\n"
+        b"Connection: close\r\n\r\n",
+    )
+    assert answer.startswith(b"HTTP/1.1 413")
+    assert fake.stats.api_calls == 0
+
+
+async def test_a_client_that_stops_sending_its_body_gets_408(make_proxy, fake: FakeSobot):
+    proxy = await make_proxy(upstream_timeout=0.3)
+    await proxy.get("/api/echo")
+    answer = await send_raw(
+        proxy,
+        b"POST /api/5/user/save HTTP/1.1\r\nHost: p\r\nContent-Length: 100\r\n\r\nonly part",
+    )
+    assert answer.startswith(b"HTTP/1.1 408")
+    assert b'"ret_code":"980408"' in answer
+
+
+async def test_a_slow_upload_that_keeps_moving_is_not_cut(make_proxy, fake: FakeSobot):
+    """The read timeout bounds each wait for bytes, not the whole upload."""
+    proxy = await make_proxy(upstream_timeout=0.5)
+    await proxy.get("/api/echo")
+
+    async def trickle():
+        for _ in range(8):
+            yield b"x" * 1000
+            await asyncio.sleep(0.15)  # a slow client: 1.2 s in all, never 0.5 s without bytes
+
+    async with asyncio.timeout(20):
+        response = await proxy.post("/api/5/user/save", data=trickle())
+    assert (await response.json())["ret_code"] == "000000"
+    assert fake.received[-1].body_size == 8000
+
+
+async def test_past_the_pool_and_queue_requests_get_503_at_once(make_proxy, fake: FakeSobot):
+    proxy = await make_proxy(upstream_connections=1, max_queue=1)
+    await proxy.get("/api/echo")
+    fake.hold_answers()
+    waiting = [asyncio.create_task(proxy.get("/api/echo")) for _ in range(2)]
+    async with asyncio.timeout(10):
+        while fake.stats.api_calls < 2:  # noqa: ASYNC110 -- the fake has no event for this
+            await asyncio.sleep(0.01)
+        refused = await proxy.get("/api/echo")
+        assert refused.status == 503
+        assert (await refused.json())["ret_code"] == "980503"
+        assert (await proxy.get("/healthz")).status == 200
+        fake.release_answers()
+        assert [(await task).status for task in waiting] == [200, 200]
+    assert fake.stats.api_calls == 3
