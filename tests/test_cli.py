@@ -1,5 +1,8 @@
 """The real `sobot-proxy` command in a subprocess: configuration errors, serving, logs, signals."""
 
+import re
+import time
+
 import pytest
 
 from proxy.protocol import make_sign
