@@ -4,7 +4,19 @@
   from this clock) and sign (900003), then issues a NEW token that invalidates the previous one.
 - Every other `/api/...` path checks the `token` header (900001 when empty, 900002 when not the
   current token or expired) and answers like the echo: what arrived, so a demo shows it. The
-  token value itself is never echoed, only whether it was valid and which one it was.
+  token value itself is never echoed, only whether it was valid and which one it was. The body
+  is streamed through a sha256, never held whole: `Received.body` is kept up to 1 MiB only.
+- Faults, chosen per request by the client with an `X-Fake-Fault` header (end-to-end, so it
+  crosses the proxy). They apply once the request is recorded and its token accepted; a token
+  rejection or a scripted answer comes first. Any other value is answered 400, so a typo is loud.
+    html502            502 with a small HTML page, like a load balancer's
+    truncate           Content-Length: 2048, 1024 bytes sent, then the connection closed (FIN)
+    reset              the same, then the connection aborted (RST)
+    stall              no answer at all, until the fake stops
+    stall-body         Content-Length: 2048, 1024 bytes sent, then nothing until the fake stops
+    download=N         a 200 of N bytes of `download_bytes(N)`, streamed (`download_sha256(N)`)
+    slow-download=N    the same without Content-Length (chunked)
+    delay=S            wait S seconds (a float), then answer normally
 - Controls under `/_fake/` (never under /api/, so never reachable through the proxy):
     GET  /_fake/stats                       counters
     POST /_fake/expire                      expire the current token now
@@ -16,18 +28,27 @@
     POST /_fake/reset                       forget everything but the credentials
 The same controls are methods on FakeSobot for in-process tests.
 
+`stats.open_requests` counts /api/ handlers still running and `stats.cancelled_requests` those
+that ended cancelled because their client went away; `await fake.wait_until_idle()` returns once
+none is running (for leak tests). Disconnects cancel handlers only on a runner made with
+`handler_cancellation=True`, as `start()` and `make_runner()` make it.
+
 Run it alone: `sobot-proxy fake-sobot --port P --appid A --app-key K`.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import hmac
+import math
+import socket
+import struct
 import time
 import uuid
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Final
 
@@ -40,6 +61,45 @@ from proxy import protocol
 MAX_CLOCK_SKEW: Final = 300
 ECHOED_BODY_LIMIT: Final = 4096  # larger bodies are echoed as size and sha256 only
 KEPT_BODY_LIMIT: Final = 1024 * 1024
+
+FAULT_HEADER: Final = "X-Fake-Fault"
+PARTIAL_LENGTH: Final = 2048  # what truncate, reset and stall-body announce...
+PARTIAL_SENT: Final = 1024  # ...and what they send
+_SIMPLE_FAULTS: Final = frozenset({"html502", "truncate", "reset", "stall", "stall-body"})
+_FAULT_HELP: Final = (
+    f"unknown {FAULT_HEADER} value; expected one of html502, truncate, reset, stall, "
+    "stall-body, download=N, slow-download=N (N bytes), delay=S (S seconds)"
+)
+BAD_GATEWAY_PAGE: Final = (
+    "<html>\r\n<head><title>502 Bad Gateway</title></head>\r\n<body>\r\n"
+    "<center><h1>502 Bad Gateway</h1></center>\r\n<hr><center>nginx</center>\r\n"
+    "</body>\r\n</html>\r\n"
+)
+
+
+def _make_download_block() -> bytes:
+    # 64 KiB that never repeat within the block, so a misplaced or dropped chunk changes the hash.
+    return b"".join(hashlib.sha256(i.to_bytes(8, "big")).digest() for i in range(2048))
+
+
+_DOWNLOAD_BLOCK: Final = _make_download_block()
+
+
+def download_bytes(size: int) -> Iterator[bytes]:
+    """The content of a `download=size` answer, in chunks of at most 64 KiB."""
+    whole, rest = divmod(size, len(_DOWNLOAD_BLOCK))
+    for _ in range(whole):
+        yield _DOWNLOAD_BLOCK
+    if rest:
+        yield _DOWNLOAD_BLOCK[:rest]
+
+
+def download_sha256(size: int) -> str:
+    """The sha256 of `download_bytes(size)`, so a test checks a download without keeping it."""
+    digest = hashlib.sha256()
+    for chunk in download_bytes(size):
+        digest.update(chunk)
+    return digest.hexdigest()
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,6 +124,8 @@ class Stats:
     api_calls: int = 0
     token_rejections: int = 0  # 900001 and 900002 answers
     renewals_before_expiry: int = 0  # get_token calls made while the previous token was valid
+    open_requests: int = 0  # /api/ handlers running now (a gauge: reset() keeps it)
+    cancelled_requests: int = 0  # /api/ handlers that ended cancelled: their client went away
 
     def as_dict(self) -> dict[str, int]:
         return {name: getattr(self, name) for name in self.__slots__}
@@ -75,6 +137,13 @@ class _Script:
     times: int
     status: int
     headers: dict[str, str]
+
+
+@dataclass(frozen=True, slots=True)
+class _Fault:
+    kind: str
+    size: int = 0
+    seconds: float = 0.0
 
 
 @dataclass(slots=True)
@@ -110,6 +179,9 @@ class FakeSobot:
         self._get_token_called = asyncio.Event()
         self._answers_released = asyncio.Event()
         self._answers_released.set()
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._stopping = asyncio.Event()  # ends stalls, so stop() is never held up by them
         self._state = _State(lifetime=token_lifetime)
         self._runner: web.AppRunner | None = None
         self.url = ""
@@ -161,8 +233,12 @@ class FakeSobot:
             self._get_token_called.clear()
             await self._get_token_called.wait()
 
+    async def wait_until_idle(self) -> None:
+        """Return once no /api/ handler is running (bound it with a timeout)."""
+        await self._idle.wait()
+
     def reset(self) -> None:
-        self.stats = Stats()
+        self.stats = Stats(open_requests=self.stats.open_requests)
         self.received.clear()
         self._state = _State(lifetime=self._initial_lifetime)
 
@@ -175,15 +251,25 @@ class FakeSobot:
     # -- serving ---------------------------------------------------------------------------
 
     def make_app(self) -> web.Application:
-        app = web.Application(client_max_size=64 * 1024 * 1024)
+        """The fake as an app: serve it with `make_runner()`, or `handler_cancellation=True`.
+
+        Without that option a client that goes away does not end its handler: a stalled request
+        stays in `stats.open_requests` until the fake stops, and `cancelled_requests` stays 0.
+        """
+        app = web.Application()
         app.router.add_get(protocol.GET_TOKEN_PATH, self._get_token)
         app.router.add_get("/_fake/stats", self._stats)
         app.router.add_post("/_fake/{control}", self._control)
         app.router.add_route("*", "/api/{tail:.*}", self._api)
         return app
 
+    def make_runner(self) -> web.AppRunner:
+        """A runner for `make_app()` that cancels a handler when its client disconnects."""
+        return web.AppRunner(self.make_app(), access_log=None, handler_cancellation=True)
+
     async def start(self, host: str = "127.0.0.1", port: int = 0) -> str:
-        self._runner = web.AppRunner(self.make_app(), access_log=None)
+        self._stopping.clear()
+        self._runner = self.make_runner()
         await self._runner.setup()
         site = web.TCPSite(self._runner, host, port)
         await site.start()
@@ -192,6 +278,7 @@ class FakeSobot:
         return self.url
 
     async def stop(self) -> None:
+        self._stopping.set()
         self.release_answers()
         if self._runner is not None:
             await self._runner.cleanup()
@@ -250,8 +337,32 @@ class FakeSobot:
         return _answer(mode, protocol.RET_CODE_MEANINGS.get(mode, "error"))
 
     async def _api(self, request: web.Request) -> web.StreamResponse:
+        self.stats.open_requests += 1
+        self._idle.clear()
+        try:
+            return await self._answer_api(request)
+        except asyncio.CancelledError:
+            self.stats.cancelled_requests += 1
+            raise
+        finally:
+            # self.stats, not a saved reference: reset() may have replaced it meanwhile.
+            self.stats.open_requests -= 1
+            if self.stats.open_requests == 0:
+                self._idle.set()
+
+    async def _answer_api(self, request: web.Request) -> web.StreamResponse:
         self.stats.api_calls += 1
-        body = await request.read()
+        # Streamed, so a GiB upload costs a GiB of hashing, not of memory.
+        digest = hashlib.sha256()
+        size = 0
+        kept: bytearray | None = bytearray()
+        async for chunk in request.content.iter_any():
+            digest.update(chunk)
+            size += len(chunk)
+            if kept is not None and size <= KEPT_BODY_LIMIT:
+                kept += chunk
+            else:
+                kept = None
         state = self._state
         sent = request.headers.get(protocol.TOKEN_HEADER, "")
         if not sent:
@@ -265,9 +376,9 @@ class FakeSobot:
             path=request.path,
             query=request.query_string and request.raw_path.partition("?")[2],
             headers=CIMultiDict(request.headers),
-            body=body if len(body) <= KEPT_BODY_LIMIT else None,
-            body_size=len(body),
-            body_sha256=hashlib.sha256(body).hexdigest(),
+            body=bytes(kept) if kept is not None else None,
+            body_size=size,
+            body_sha256=digest.hexdigest(),
             token_state=token_state,
             token_serial=serial,
         )
@@ -286,7 +397,52 @@ class FakeSobot:
         if token_state == "expired":
             self.stats.token_rejections += 1
             return _answer(protocol.TOKEN_EXPIRED, "token has expired, obtain a new one")
+        fault_value = request.headers.get(FAULT_HEADER)
+        if fault_value is not None:
+            try:
+                fault = _parse_fault(fault_value)
+            except ValueError:
+                return web.Response(status=400, text=f"{_FAULT_HELP}, got {fault_value!r}\n")
+            answer = await self._apply_fault(request, fault)
+            if answer is not None:
+                return answer
         return _answer(protocol.OK, "success", _echo(received))
+
+    async def _apply_fault(self, request: web.Request, fault: _Fault) -> web.StreamResponse | None:
+        """Answer as `fault` says; None: answer normally after all (delay)."""
+        if fault.kind == "html502":
+            return web.Response(status=502, text=BAD_GATEWAY_PAGE, content_type="text/html")
+        if fault.kind == "stall":
+            await self._stopping.wait()
+            _drop(request, reset=False)
+            return web.Response(status=503)  # never sent: the connection is gone
+        if fault.kind == "delay":
+            # Cut short by stop(), which would otherwise wait for it.
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(fault.seconds):
+                    await self._stopping.wait()
+            return None
+        if fault.kind in ("download", "slow-download"):
+            response = web.StreamResponse(headers={"Content-Type": "application/octet-stream"})
+            if fault.kind == "download":
+                response.content_length = fault.size
+            else:
+                response.enable_chunked_encoding()
+            await response.prepare(request)
+            # write() waits for the socket to drain, so memory stays bounded at any size.
+            for chunk in download_bytes(fault.size):
+                await response.write(chunk)
+            await response.write_eof()
+            return response
+        # truncate, reset and stall-body: a body cut short after half of what was announced.
+        response = web.StreamResponse(headers={"Content-Type": "application/octet-stream"})
+        response.content_length = PARTIAL_LENGTH
+        await response.prepare(request)
+        await response.write(_DOWNLOAD_BLOCK[:PARTIAL_SENT])
+        if fault.kind == "stall-body":
+            await self._stopping.wait()
+        _drop(request, reset=fault.kind == "reset")
+        return response
 
     # -- control endpoints -----------------------------------------------------------------
 
@@ -320,6 +476,38 @@ class FakeSobot:
         except (KeyError, ValueError) as exc:
             raise web.HTTPBadRequest(text=f"bad control request: {exc}") from None
         return web.json_response({"ok": True})
+
+
+def _parse_fault(value: str) -> _Fault:
+    kind, has_argument, argument = value.strip().partition("=")
+    if not has_argument and kind in _SIMPLE_FAULTS:
+        return _Fault(kind)
+    if has_argument and kind in ("download", "slow-download"):
+        size = int(argument)
+        if size < 0:
+            raise ValueError(value)
+        return _Fault(kind, size=size)
+    if has_argument and kind == "delay":
+        seconds = float(argument)
+        if not 0 <= seconds < math.inf:
+            raise ValueError(value)
+        return _Fault(kind, seconds=seconds)
+    raise ValueError(value)
+
+
+def _drop(request: web.Request, *, reset: bool) -> None:
+    """Close the connection under a request: a clean FIN, or with `reset` an RST."""
+    transport = request.transport
+    if transport is None:
+        return
+    if not reset:
+        transport.close()
+        return
+    # A plain close sends FIN; SO_LINGER 0 makes the kernel send RST instead.
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    transport.abort()
 
 
 def _answer(ret_code: str, ret_msg: str, item: dict[str, Any] | None = None) -> web.Response:
