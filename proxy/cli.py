@@ -169,7 +169,7 @@ def _demo_upstream(
 
     async def context(_app: web.Application) -> AsyncIterator[None]:
         fake = FakeSobot(DEMO_APPID, DEMO_APP_KEY)
-        runner = web.AppRunner(fake.make_app(), access_log=None)
+        runner = fake.make_runner()
         await runner.setup()
         await web.SockSite(runner, sock).start()
         try:
