@@ -12,9 +12,11 @@ import sys
 import threading
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -165,3 +167,87 @@ def wait_until_ready(base: str) -> dict[str, Any]:
         if time.monotonic() > deadline:
             pytest.fail(f"/readyz still {status} after {START_TIMEOUT} s: {body}")
         time.sleep(0.05)
+
+
+# --- a fake Sobot and a proxy, each in its own process ------------------------------------
+
+STACK_APPID = "stack-appid"
+STACK_APP_KEY = "stack-app-key-0123456789"
+
+
+@dataclass
+class Stack:
+    fake: Running
+    proxy: Running
+    fake_url: str
+    proxy_url: str
+
+    def control(self, name: str, **query: str) -> None:
+        """POST one of the fake's /_fake/ controls."""
+        url = f"{self.fake_url}/_fake/{name}?{urllib.parse.urlencode(query)}"
+        request = urllib.request.Request(url, method="POST")
+        with OPENER.open(request, timeout=HTTP_TIMEOUT) as response:
+            assert response.status == 200
+
+    def fake_stats(self) -> dict[str, int]:
+        status, stats = http_get(f"{self.fake_url}/_fake/stats")
+        assert status == 200
+        return dict(stats)
+
+    def proxy_events(self, name: str) -> list[dict[str, Any]]:
+        events = (json_object(line) for line in list(self.proxy.stdout))
+        return [event for event in events if event is not None and event.get("event") == name]
+
+
+@contextmanager
+def stack(cwd: Path, **proxy_env: str) -> Iterator[Stack]:
+    """A fake Sobot process and a proxy process in front of it, ready (a token is held)."""
+    with running(
+        "fake-sobot", "--port", "0", "--appid", STACK_APPID, "--app-key", STACK_APP_KEY, cwd=cwd
+    ) as fake:
+        fake_url = f"http://127.0.0.1:{fake.wait_for_event('listening')['port']}"
+        env = command_env(
+            SOBOT_APPID=STACK_APPID,
+            SOBOT_APP_KEY=STACK_APP_KEY,
+            SOBOT_BASE_URL=fake_url,
+            SOBOT_PROXY_PORT="0",
+            **proxy_env,
+        )
+        with running("serve", cwd=cwd, env=env) as proxy:
+            proxy_url = f"http://127.0.0.1:{proxy.wait_for_event('listening')['port']}"
+            wait_until_ready(proxy_url)
+            yield Stack(fake, proxy, fake_url, proxy_url)
+
+
+def rss_bytes(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise AssertionError(f"no VmRSS for process {pid}")
+
+
+def open_fds(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+class PeakRss:
+    """Samples a process's resident memory every 10 ms in a thread, keeping the peak."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.peak = rss_bytes(pid)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample)
+
+    def _sample(self) -> None:
+        while not self._stop.wait(0.01):
+            self.peak = max(self.peak, rss_bytes(self.pid))
+
+    def __enter__(self) -> PeakRss:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
