@@ -263,6 +263,8 @@ class Forwarder:
 
 def _upstream_error(exc: BaseException) -> ProxyError:
     """The client-facing error for a failed exchange with Sobot (no URL, no credential)."""
+    if isinstance(exc, aiohttp.ConnectionTimeoutError):
+        return UpstreamTimeout("could not connect to Sobot in time")
     if isinstance(exc, TimeoutError):
         return UpstreamTimeout("Sobot did not answer in time")
     if isinstance(exc, aiohttp.ClientConnectorError):
