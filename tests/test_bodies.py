@@ -167,3 +167,49 @@ async def test_past_the_pool_and_queue_requests_get_503_at_once(make_proxy, fake
         fake.release_answers()
         assert [(await task).status for task in waiting] == [200, 200]
     assert fake.stats.api_calls == 3
+
+
+async def test_bytes_move_upstream_before_the_client_has_sent_them_all(make_proxy, fake: FakeSobot):
+    proxy = await make_proxy()
+    await proxy.get("/api/echo")
+    reader, writer = await asyncio.open_connection(proxy.host, proxy.port)
+    try:
+        writer.write(
+            b"POST /api/5/user/save HTTP/1.1\r\nHost: p\r\nContent-Length: 10\r\n"
+            b"Connection: close\r\n\r\nfirst"
+        )
+        await writer.drain()
+        async with asyncio.timeout(10):
+            # Sobot is already receiving the request while half the body is still to come.
+            while fake.stats.open_requests == 0:  # noqa: ASYNC110 -- the fake has no event
+                await asyncio.sleep(0.01)
+            assert fake.stats.api_calls == 2
+            writer.write(b"-last")
+            await writer.drain()
+            answer = await reader.read()
+    finally:
+        writer.close()
+    assert answer.startswith(b"HTTP/1.1 200")
+    assert fake.received[-1].body == b"first-last"
+
+
+async def test_a_client_that_leaves_mid_upload_leaves_no_file_task_or_request_behind(
+    make_proxy, fake: FakeSobot, tmp_path
+):
+    proxy = await make_proxy(temp_dir=str(tmp_path))
+    await proxy.get("/api/echo")
+    tasks_before = len(asyncio.all_tasks())
+    _, writer = await asyncio.open_connection(proxy.host, proxy.port)
+    writer.write(
+        b"POST /api/5/file/upload HTTP/1.1\r\nHost: p\r\nContent-Length: 10000000\r\n\r\n"
+        + os.urandom(3 << 20)
+    )
+    await writer.drain()
+    async with asyncio.timeout(10):
+        while not open_files_under(tmp_path):  # noqa: ASYNC110 -- the proxy has no event
+            await asyncio.sleep(0.01)
+        writer.close()
+        await fake.wait_until_idle()
+        while open_files_under(tmp_path) or len(asyncio.all_tasks()) > tasks_before:  # noqa: ASYNC110
+            await asyncio.sleep(0.01)
+    assert fake.stats.cancelled_requests == 1
