@@ -27,6 +27,7 @@ from proxy.settings import (
     LOG_LEVELS,
     OPTIONS,
     ConfigError,
+    is_loopback,
     load_settings,
 )
 
@@ -72,7 +73,16 @@ def build_parser() -> argparse.ArgumentParser:
         "--config", metavar="FILE", help=f"TOML configuration file (or {CONFIG_ENV})"
     )
     for option in OPTIONS:
-        if option.flag:
+        if option.flag and option.switch:
+            serve_cmd.add_argument(
+                option.flag,
+                dest=option.name,
+                action="store_const",
+                const=True,
+                default=None,
+                help=f"{option.help} [{option.env}=1]",
+            )
+        elif option.flag:
             serve_cmd.add_argument(
                 option.flag,
                 dest=option.name,
@@ -140,6 +150,16 @@ def _run_serve(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
 
     configure_logging(settings.log_level, settings.log_format)
     log = get_logger()
+    if (
+        settings.allow_unauthenticated
+        and not settings.client_keys
+        and not is_loopback(settings.host)
+    ):
+        log.warning(
+            "unauthenticated",
+            host=settings.host,
+            detail="no client keys: anyone who reaches this address acts as your Sobot company",
+        )
     app = make_app(settings)
     on_listening = None
     if demo_socket is not None:

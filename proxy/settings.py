@@ -38,6 +38,12 @@ class Settings:
     max_queue: int = 1000
     shutdown_grace: float = 25.0
     temp_dir: str | None = None  # None: the system's ($TMPDIR, else /tmp)
+    client_keys: tuple[str, ...] = field(default=(), repr=False)  # empty: no inbound auth
+    allow_unauthenticated: bool = False
+    allow_paths: tuple[str, ...] = ()  # empty: every path under /api/
+    allow_methods: tuple[str, ...] = ()  # empty: every method
+    ca_bundle: str | None = None  # None: the system's trusted CAs
+    allow_insecure_upstream: bool = False
     log_level: str = "info"
     log_format: str = "json"
 
@@ -139,6 +145,49 @@ def _directory(value: Any) -> str:
     return path
 
 
+def _boolean(value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError(f"{value!r} is not a yes/no value (1, true, yes, on / 0, false, no, off)")
+
+
+def _list(value: Any) -> list[str]:
+    """Items of a comma-separated string or a TOML list."""
+    items = value if isinstance(value, list) else str(value).split(",")
+    return [str(item).strip() for item in items if str(item).strip()]
+
+
+def _path_prefixes(value: Any) -> tuple[str, ...]:
+    prefixes = _list(value)
+    for prefix in prefixes:
+        if not prefix.startswith("/api/"):
+            raise ValueError(f"{prefix!r} is not a path under /api/")
+    return tuple(prefixes)
+
+
+_TOKEN_CHARS: Final = frozenset("!#$%&'*+-.^_`|~0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZ")
+
+
+def _methods(value: Any) -> tuple[str, ...]:
+    methods = tuple(method.upper() for method in _list(value))
+    for method in methods:
+        if not set(method) <= _TOKEN_CHARS:
+            raise ValueError(f"{method!r} is not an HTTP method")
+    return methods
+
+
+def _readable_file(value: Any) -> str:
+    path = _text(value)
+    if not os.path.isfile(path) or not os.access(path, os.R_OK):
+        raise ValueError(f"{value!r} is not a file the proxy can read")
+    return path
+
+
 def _host(value: Any) -> str:
     host = _text(value)
     try:
@@ -180,6 +229,7 @@ class Option:
     parse: Callable[[Any], Any]
     default: Any
     help: str
+    switch: bool = False  # a flag that takes no value and means "yes"
 
 
 REQUIRED: Final = object()
@@ -269,6 +319,48 @@ OPTIONS: Final = (
         "directory for request bodies over 1 MiB, kept for the replay (default: $TMPDIR)",
     ),
     Option(
+        "allow_unauthenticated",
+        "SOBOT_PROXY_ALLOW_UNAUTHENTICATED",
+        "--allow-unauthenticated",
+        _boolean,
+        False,
+        "listen on a non-loopback address without client keys (logged as a warning)",
+        switch=True,
+    ),
+    Option(
+        "allow_paths",
+        "SOBOT_ALLOW_PATHS",
+        "--allow-paths",
+        _path_prefixes,
+        (),
+        "comma-separated path prefixes that may be called, e.g. /api/ws/5/ticket/; others 403",
+    ),
+    Option(
+        "allow_methods",
+        "SOBOT_ALLOW_METHODS",
+        "--allow-methods",
+        _methods,
+        (),
+        "comma-separated HTTP methods that may be used, e.g. GET,POST; others 403",
+    ),
+    Option(
+        "ca_bundle",
+        "SOBOT_CA_BUNDLE",
+        "--ca-bundle",
+        _readable_file,
+        None,
+        "PEM file of CAs to trust for the upstream's TLS certificate, instead of the system's",
+    ),
+    Option(
+        "allow_insecure_upstream",
+        "SOBOT_ALLOW_INSECURE_UPSTREAM",
+        "--allow-insecure-upstream",
+        _boolean,
+        False,
+        "allow a plain-http base URL that is not on this host",
+        switch=True,
+    ),
+    Option(
         "log_level",
         "SOBOT_LOG_LEVEL",
         "--log-level",
@@ -286,10 +378,37 @@ OPTIONS: Final = (
     ),
 )
 
-# The app_key has no flag (it would show in `ps`) and two spellings: a value or a file.
+
+@dataclass(frozen=True, slots=True)
+class SecretSetting:
+    """A secret: no flag (it would show in `ps`), and two spellings: a value or a file."""
+
+    name: str  # the Settings field and the TOML key; `<name>_file` names a file
+    env: str
+    file_env: str
+    required: bool
+    many: bool  # a list of secrets: comma-separated in a value, one a line in a file
+    help: str
+
+
+SECRETS: Final = (
+    SecretSetting(
+        "app_key", "SOBOT_APP_KEY", "SOBOT_APP_KEY_FILE", True, False, "the Sobot app_key"
+    ),
+    SecretSetting(
+        "client_keys",
+        "SOBOT_PROXY_CLIENT_KEYS",
+        "SOBOT_PROXY_CLIENT_KEYS_FILE",
+        False,
+        True,
+        "keys clients present as `Authorization: Bearer <key>`",
+    ),
+)
 APP_KEY_ENV: Final = "SOBOT_APP_KEY"
 APP_KEY_FILE_ENV: Final = "SOBOT_APP_KEY_FILE"
-TOML_KEYS: Final = frozenset(o.name for o in OPTIONS) | {"app_key", "app_key_file"}
+TOML_KEYS: Final = frozenset(o.name for o in OPTIONS) | {
+    key for secret in SECRETS for key in (secret.name, f"{secret.name}_file")
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -339,7 +458,10 @@ def load_settings(
                 problems.append(f"{option.name} is required: set {option.env} or {option.flag}")
             values[option.name] = None if option.default is REQUIRED else option.default
 
-    app_key = _read_app_key(env, toml_values, toml_label, read_text, problems)
+    secrets = {
+        secret.name: _read_secret(secret, env, toml_values, toml_label, read_text, problems)
+        for secret in SECRETS
+    }
 
     if (
         values["base_url"] is None
@@ -351,10 +473,44 @@ def load_settings(
         )
     if problems:
         raise ConfigError(problems)
-
     region = values.pop("region")
     values["base_url"] = values["base_url"] or REGIONS[region]
-    return Settings(app_key=app_key, **values)
+    settings = Settings(app_key=secrets["app_key"][0], client_keys=secrets["client_keys"], **values)
+    problems = _unsafe_combinations(settings)
+    if problems:
+        raise ConfigError(problems)
+    return settings
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a host name may resolve to anything
+
+
+def _unsafe_combinations(settings: Settings) -> list[str]:
+    """Settings that are each valid but together would expose the credentials."""
+    problems = []
+    exposed = not is_loopback(settings.host) and not settings.client_keys
+    if exposed and not settings.allow_unauthenticated:
+        problems.append(
+            f"listening on {settings.host} lets anyone who reaches it act as your Sobot "
+            "company: set client keys (SOBOT_PROXY_CLIENT_KEYS or "
+            "SOBOT_PROXY_CLIENT_KEYS_FILE), or opt out with --allow-unauthenticated / "
+            "SOBOT_PROXY_ALLOW_UNAUTHENTICATED=1"
+        )
+    upstream = urlsplit(settings.base_url)
+    in_clear = upstream.scheme == "http" and not is_loopback(upstream.hostname or "")
+    if in_clear and not settings.allow_insecure_upstream:
+        problems.append(
+            f"the upstream {settings.base_url} is plain http and not on this host: the "
+            "token would cross the network in clear; use https, or set "
+            "SOBOT_ALLOW_INSECURE_UPSTREAM=1 (--allow-insecure-upstream)"
+        )
+    return problems
 
 
 def _mentioned(sources: tuple[_Source, ...], names: tuple[str, ...]) -> bool:
@@ -386,43 +542,63 @@ def _read_toml(
     return {k: v for k, v in values.items() if k in TOML_KEYS}, label
 
 
-def _read_app_key(
+def _read_secret(
+    secret: SecretSetting,
     env: Mapping[str, str],
     toml_values: Mapping[str, Any],
     toml_label: str,
     read_text: Callable[[Path], str],
     problems: list[str],
-) -> str:
-    """The app_key from the highest layer that sets it, as a value or as a file to read."""
+) -> tuple[str, ...]:
+    """A secret from the highest layer that sets it, as a value or as a file to read.
+
+    A single secret comes back as one item. A list (`many`) is comma-separated in a value, one
+    an item in a TOML list, and one a line in a file. Never part of a message: only names are.
+    """
     layers = (
-        (env.get(APP_KEY_ENV), env.get(APP_KEY_FILE_ENV), APP_KEY_ENV, APP_KEY_FILE_ENV, Path()),
+        (env.get(secret.env), env.get(secret.file_env), secret.env, secret.file_env, Path()),
         (
-            toml_values.get("app_key"),
-            toml_values.get("app_key_file"),
-            f"{toml_label}: app_key",
-            f"{toml_label}: app_key_file",
-            # A relative app_key_file in a TOML file is found beside that file.
+            toml_values.get(secret.name),
+            toml_values.get(f"{secret.name}_file"),
+            f"{toml_label}: {secret.name}",
+            f"{toml_label}: {secret.name}_file",
+            # A relative file named in a TOML file is found beside that file.
             Path(toml_label).parent,
         ),
     )
     for value, file_name, value_label, file_label, base_dir in layers:
         if value and file_name:
             problems.append(f"set only one of {value_label} and {file_label}")
-            return ""
+            return ()
         if value:
-            if not isinstance(value, str) or not value.strip():
+            items = _secret_items(value, separator="," if secret.many else None)
+            if items is None:
                 problems.append(f"{value_label}: must be a non-empty string")
-                return ""
-            return value.strip()
+                return ()
+            return items
         if file_name:
             try:
-                key = read_text(base_dir / str(file_name)).strip()
+                text = read_text(base_dir / str(file_name))
             except (OSError, UnicodeDecodeError) as exc:
                 reason = exc.strerror if isinstance(exc, OSError) else "not text"
                 problems.append(f"{file_label}: cannot read {file_name} ({reason or exc})")
-                return ""
-            if not key:
+                return ()
+            items = _secret_items(text, separator="\n" if secret.many else None)
+            if items is None:
                 problems.append(f"{file_label}: {file_name} is empty")
-            return key
-    problems.append(f"app_key is required: set {APP_KEY_ENV} or {APP_KEY_FILE_ENV}")
-    return ""
+                return ()
+            return items
+    if secret.required:
+        problems.append(f"{secret.name} is required: set {secret.env} or {secret.file_env}")
+    return ()
+
+
+def _secret_items(value: Any, *, separator: str | None) -> tuple[str, ...] | None:
+    if isinstance(value, list) and separator is not None:
+        parts = [str(item) for item in value]
+    elif isinstance(value, str):
+        parts = value.split(separator) if separator is not None else [value]
+    else:
+        return None
+    items = tuple(part.strip() for part in parts if part.strip())
+    return items or None

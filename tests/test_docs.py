@@ -8,18 +8,20 @@ from pathlib import Path
 
 import pytest
 
-from proxy.settings import APP_KEY_ENV, APP_KEY_FILE_ENV, CONFIG_ENV, OPTIONS, TOML_KEYS
+from proxy.settings import CONFIG_ENV, OPTIONS, SECRETS, TOML_KEYS
 
 ROOT = Path(__file__).resolve().parent.parent
 README = (ROOT / "README.md").read_text()
 EXAMPLE_ENV = (ROOT / "config" / "example.env").read_text()
 EXAMPLE_TOML = (ROOT / "config" / "sobot-proxy.example.toml").read_text()
-ENV_NAMES = sorted({o.env for o in OPTIONS} | {APP_KEY_ENV, APP_KEY_FILE_ENV, CONFIG_ENV})
+ENV_NAMES = sorted(
+    {o.env for o in OPTIONS} | {n for s in SECRETS for n in (s.env, s.file_env)} | {CONFIG_ENV}
+)
 
 
 @pytest.mark.parametrize("name", ENV_NAMES)
 def test_every_environment_variable_is_documented(name):
-    assert f"`{name}`" in README
+    assert re.search(rf"`{name}[`=]", README), name
     assert re.search(rf"^#? ?{name}=", EXAMPLE_ENV, re.MULTILINE), name
 
 

@@ -111,6 +111,15 @@ def test_toml_file_alone_can_configure_everything(tmp_path):
         refresh_margin=60,
         log_level="warning",
         log_format="console",
+        connect_timeout=2,
+        max_body="1MiB",
+        upstream_connections=7,
+        max_queue=0,
+        shutdown_grace=0,
+        temp_dir=str(tmp_path),
+        client_keys=["k1", "k2"],
+        allow_paths=["/api/ws/5/ticket/", "/api/5/user/"],
+        allow_methods=["get", "POST"],
     )
     assert load_settings({"config": str(config)}, {}) == Settings(
         appid="toml-appid",
@@ -122,6 +131,15 @@ def test_toml_file_alone_can_configure_everything(tmp_path):
         refresh_margin=60.0,
         log_level="warning",
         log_format="console",
+        connect_timeout=2.0,
+        max_body=1024 * 1024,
+        upstream_connections=7,
+        max_queue=0,
+        shutdown_grace=0.0,
+        temp_dir=str(tmp_path),
+        client_keys=("k1", "k2"),
+        allow_paths=("/api/ws/5/ticket/", "/api/5/user/"),
+        allow_methods=("GET", "POST"),
     )
 
 
