@@ -13,6 +13,7 @@ and closed at shutdown through cleanup_ctx; request handlers reach them through 
 from __future__ import annotations
 
 import asyncio
+import ssl
 import time
 from collections.abc import AsyncIterator
 from typing import Final
@@ -22,11 +23,12 @@ import structlog
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
+from proxy.access import AccessPolicy
 from proxy.errors import InternalError, ProxyError, error_response
 from proxy.forward import Forwarder
 from proxy.health import healthz, readyz
 from proxy.local_token import LocalTokenEndpoint
-from proxy.logs import get_logger
+from proxy.logs import Secrets, get_logger
 from proxy.paths import is_get_token, split_target
 from proxy.request_log import RequestRecord
 from proxy.settings import Settings
@@ -40,10 +42,12 @@ class ApiHandler:
     def __init__(
         self,
         *,
+        access: AccessPolicy,
         forwarder: Forwarder,
         local_token: LocalTokenEndpoint,
         log: structlog.typing.FilteringBoundLogger,
     ) -> None:
+        self._access = access
         self._forwarder = forwarder
         self._local_token = local_token
         self._log = log
@@ -55,8 +59,11 @@ class ApiHandler:
         response: web.StreamResponse
         self.in_flight += 1
         try:
+            # Authentication comes first, so a caller without a key learns nothing else.
+            self._access.authenticate(request.headers)
             path, query = split_target(request.raw_path)
             record.path = path
+            self._access.authorize(request.method, path)
             if is_get_token(path):
                 response, record.ret_code = await self._local_token.answer(request)
                 record.status = response.status
@@ -99,13 +106,22 @@ async def _api(request: web.Request) -> web.StreamResponse:
     return await request.app[API].handle(request)
 
 
-def make_app(settings: Settings, *, backoff: Backoff | None = None) -> web.Application:
+def make_app(
+    settings: Settings, *, secrets: Secrets | None = None, backoff: Backoff | None = None
+) -> web.Application:
+    """The proxy for `settings`; `secrets` is the logs' registry of values never to show."""
+    secrets = secrets if secrets is not None else Secrets()
     app = web.Application(middlewares=[_json_http_errors])
     log = get_logger()
 
     async def lifetime(app: web.Application) -> AsyncIterator[None]:
         session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=settings.upstream_connections, ttl_dns_cache=300),
+            connector=aiohttp.TCPConnector(
+                limit=settings.upstream_connections,
+                ttl_dns_cache=300,
+                # Always verified: against the configured CA bundle, or the system's CAs.
+                ssl=ssl.create_default_context(cafile=settings.ca_bundle),
+            ),
             # Bodies pass through as the upstream encoded them, Content-Encoding and all.
             auto_decompress=False,
             # A proxy for many clients must not keep one client's cookies for the next.
@@ -119,12 +135,18 @@ def make_app(settings: Settings, *, backoff: Backoff | None = None) -> web.Appli
             app_key=settings.app_key,
             timeout=settings.connect_timeout + settings.upstream_timeout,
             log=log,
+            secrets=secrets,
         )
         tokens = TokenManager(
-            source, refresh_margin=settings.refresh_margin, log=log, backoff=backoff or Backoff()
+            source,
+            refresh_margin=settings.refresh_margin,
+            log=log,
+            backoff=backoff or Backoff(),
+            secrets=secrets,
         )
         app[TOKENS] = tokens
         app[API] = ApiHandler(
+            access=AccessPolicy(settings),
             forwarder=Forwarder(settings, session=session, tokens=tokens, log=log),
             local_token=LocalTokenEndpoint(
                 appid=settings.appid, app_key=settings.app_key, tokens=tokens

@@ -17,7 +17,7 @@ from aiohttp import web
 from proxy import __version__
 from proxy.app import make_app
 from proxy.fake_sobot import FakeSobot
-from proxy.logs import configure_logging, get_logger
+from proxy.logs import Secrets, configure_logging, get_logger
 from proxy.server import run, serve
 from proxy.settings import (
     APP_KEY_ENV,
@@ -38,6 +38,7 @@ _DEMO_IGNORED_ENV: Final = frozenset(
     {"SOBOT_APPID", APP_KEY_ENV, APP_KEY_FILE_ENV, "SOBOT_REGION", "SOBOT_BASE_URL"}
 )
 EXIT_CONFIG: Final = 2
+EXIT_CRASH: Final = 1
 
 
 class _Parser(argparse.ArgumentParser):
@@ -148,7 +149,11 @@ def _run_serve(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
             demo_socket.close()
         return EXIT_CONFIG
 
-    configure_logging(settings.log_level, settings.log_format)
+    secrets = configure_logging(
+        settings.log_level,
+        settings.log_format,
+        secrets=Secrets([settings.app_key, *settings.client_keys]),
+    )
     log = get_logger()
     if (
         settings.allow_unauthenticated
@@ -160,7 +165,7 @@ def _run_serve(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
             host=settings.host,
             detail="no client keys: anyone who reaches this address acts as your Sobot company",
         )
-    app = make_app(settings)
+    app = make_app(settings, secrets=secrets)
     on_listening = None
     if demo_socket is not None:
         app.cleanup_ctx.insert(0, _demo_upstream(demo_socket))
@@ -168,18 +173,23 @@ def _run_serve(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
         async def on_listening(host: str, port: int) -> None:
             log.info("demo", hint=f"try: curl http://{host}:{port}/api/echo?hello=world")
 
-    return run(
-        serve(
-            app,
-            host=settings.host,
-            port=settings.port,
-            shutdown_grace=settings.shutdown_grace,
-            log=log,
-            on_listening=on_listening,
-            upstream=settings.base_url,
-            demo=args.demo,
+    try:
+        return run(
+            serve(
+                app,
+                host=settings.host,
+                port=settings.port,
+                shutdown_grace=settings.shutdown_grace,
+                log=log,
+                on_listening=on_listening,
+                upstream=settings.base_url,
+                demo=args.demo,
+            )
         )
-    )
+    except Exception:
+        # Through the logs, so the traceback is scrubbed of secrets like every other line.
+        log.exception("crashed")
+        return EXIT_CRASH
 
 
 def _demo_upstream(

@@ -3,6 +3,8 @@
     ProxyError                      any failure answered by the proxy itself
     ├── BadRequest          400     980400  a request target the proxy will not forward
     ├── NotProxied          404     980404  a path outside /api/ (never forwarded)
+    ├── Unauthorized        401     980401  no valid client key (when client keys are set)
+    ├── Forbidden           403     980403  a path or method outside the allow-lists
     ├── ClientTimeout       408     980408  the client stopped sending its request body
     ├── BodyTooLarge        413     980413  a request body over the configured cap
     ├── UpstreamUnreachable 502     980502  cannot connect to Sobot, or it broke the exchange
@@ -52,6 +54,21 @@ class BadRequest(ProxyError):
 class NotProxied(ProxyError):
     status = 404
     code = "980404"
+
+
+class Unauthorized(ProxyError):
+    status = 401
+    code = "980401"
+
+    def to_response(self) -> web.Response:
+        response = super().to_response()
+        response.headers["WWW-Authenticate"] = 'Bearer realm="sobot-proxy"'
+        return response
+
+
+class Forbidden(ProxyError):
+    status = 403
+    code = "980403"
 
 
 class ClientTimeout(ProxyError):

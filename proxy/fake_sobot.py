@@ -44,6 +44,7 @@ import hashlib
 import hmac
 import math
 import socket
+import ssl
 import struct
 import time
 import uuid
@@ -126,6 +127,7 @@ class Stats:
     renewals_before_expiry: int = 0  # get_token calls made while the previous token was valid
     open_requests: int = 0  # /api/ handlers running now (a gauge: reset() keeps it)
     cancelled_requests: int = 0  # /api/ handlers that ended cancelled: their client went away
+    outside_api_calls: int = 0  # requests for any path outside /api/ and /_fake/: a proxy bug
 
     def as_dict(self) -> dict[str, int]:
         return {name: getattr(self, name) for name in self.__slots__}
@@ -261,20 +263,30 @@ class FakeSobot:
         app.router.add_get("/_fake/stats", self._stats)
         app.router.add_post("/_fake/{control}", self._control)
         app.router.add_route("*", "/api/{tail:.*}", self._api)
+        app.router.add_route("*", "/{tail:.*}", self._outside_api)
         return app
+
+    async def _outside_api(self, _request: web.Request) -> web.Response:
+        # Sobot serves nothing here: a proxy must never send anything this way.
+        self.stats.outside_api_calls += 1
+        return web.Response(status=404, text="not an API path")
 
     def make_runner(self) -> web.AppRunner:
         """A runner for `make_app()` that cancels a handler when its client disconnects."""
         return web.AppRunner(self.make_app(), access_log=None, handler_cancellation=True)
 
-    async def start(self, host: str = "127.0.0.1", port: int = 0) -> str:
+    async def start(
+        self, host: str = "127.0.0.1", port: int = 0, *, ssl_context: ssl.SSLContext | None = None
+    ) -> str:
+        """Serve on host:port (0: a free one), over TLS with `ssl_context`; returns the URL."""
         self._stopping.clear()
         self._runner = self.make_runner()
         await self._runner.setup()
-        site = web.TCPSite(self._runner, host, port)
+        site = web.TCPSite(self._runner, host, port, ssl_context=ssl_context)
         await site.start()
         bound_host, bound_port = self._runner.addresses[0][:2]
-        self.url = f"http://{bound_host}:{bound_port}"
+        scheme = "https" if ssl_context is not None else "http"
+        self.url = f"{scheme}://{bound_host}:{bound_port}"
         return self.url
 
     async def stop(self) -> None:

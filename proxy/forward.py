@@ -69,6 +69,7 @@ class Forwarder:
             sock_read=settings.upstream_timeout,
         )
         self._max_body = settings.max_body
+        self._consume_authorization = bool(settings.client_keys)
         self._temp_dir = settings.temp_dir
         # Requests past the connection pool wait for a connection, up to max_queue of them.
         self._capacity = settings.upstream_connections + settings.max_queue
@@ -109,7 +110,12 @@ class Forwarder:
         record: RequestRecord,
     ) -> web.StreamResponse:
         url = URL(self._base_url + target, encoded=True)
-        headers = upstream_headers(request.headers, client_ip=request.remote, scheme=request.scheme)
+        headers = upstream_headers(
+            request.headers,
+            client_ip=request.remote,
+            scheme=request.scheme,
+            consume_authorization=self._consume_authorization,
+        )
         if request.content_length is not None and body is not None:
             headers[hdrs.CONTENT_LENGTH] = str(request.content_length)
         token = await self._tokens.get()

@@ -64,11 +64,20 @@ def _copy(headers: CIMultiDictProxy[str], dropped: frozenset[istr]) -> CIMultiDi
     return out
 
 
+# With client keys on, Authorization carries the proxy's own credential: consumed, not forwarded.
+_NOT_COPIED_UPSTREAM_AUTHENTICATED: Final = _NOT_COPIED_UPSTREAM | {istr(hdrs.AUTHORIZATION)}
+
+
 def upstream_headers(
-    headers: CIMultiDictProxy[str], *, client_ip: str | None, scheme: str
+    headers: CIMultiDictProxy[str],
+    *,
+    client_ip: str | None,
+    scheme: str,
+    consume_authorization: bool,
 ) -> CIMultiDict[str]:
     """The client's end-to-end headers plus X-Forwarded-For / -Proto; the token is set later."""
-    out = _copy(headers, _NOT_COPIED_UPSTREAM)
+    dropped = _NOT_COPIED_UPSTREAM_AUTHENTICATED if consume_authorization else _NOT_COPIED_UPSTREAM
+    out = _copy(headers, dropped)
     forwarded_for = ", ".join([*headers.getall(hdrs.X_FORWARDED_FOR, ()), client_ip or "unknown"])
     out[hdrs.X_FORWARDED_FOR] = forwarded_for
     out[hdrs.X_FORWARDED_PROTO] = scheme

@@ -1,27 +1,54 @@
 """Structured logging: configured once at start-up, one line per event.
 
 In `json` format stdout carries nothing but JSON objects, one a line, for a log shipper. In
-`console` format lines are laid out for people at a terminal. Credentials never reach a line:
-the code never logs them, and a last processor masks any field with a credential's name in case
-a future change tries.
+`console` format lines are laid out for people at a terminal. Records from libraries (the
+standard `logging` module) go the same way.
+
+Credentials never reach a line. The code never logs them; a processor masks any field with a
+credential's name; and every line passes through a scrubber that replaces the known secret
+values (the app_key, client keys, recent tokens and signatures) wherever they appear, in an
+exception's text included. The scrubber is the last line of defence, not the first.
 """
 
 from __future__ import annotations
 
 import logging
 import sys
-from collections.abc import MutableMapping
+from collections import deque
+from collections.abc import Iterable, MutableMapping
 from typing import Any, BinaryIO, Final, TextIO, cast
 
 import orjson
 import structlog
+from aiohttp.http_exceptions import HttpProcessingError
 
 # Field names that could carry a credential; their values are masked whatever they are.
 SECRET_FIELDS: Final = frozenset({"token", "app_key", "sign", "authorization", "password"})
 REDACTED: Final = "[redacted]"
+# Shorter values are not scrubbed: they would mangle ordinary text and guard little.
+MIN_SECRET_LENGTH: Final = 8
 
 
-def redact_secrets(
+class Secrets:
+    """The secret values the process knows now; the logs never show any of them."""
+
+    def __init__(self, fixed: Iterable[str] = ()) -> None:
+        self._fixed = [s.encode() for s in fixed if len(s) >= MIN_SECRET_LENGTH]
+        # Tokens and signatures come and go; the recent ones are enough to watch for.
+        self._recent: deque[bytes] = deque(maxlen=16)
+
+    def add(self, value: str) -> None:
+        if len(value) >= MIN_SECRET_LENGTH:
+            self._recent.append(value.encode())
+
+    def scrub(self, data: bytes) -> bytes:
+        for secret in (*self._fixed, *self._recent):
+            if secret in data:
+                data = data.replace(secret, REDACTED.encode())
+        return data
+
+
+def redact_secret_fields(
     _logger: Any, _method: str, event_dict: MutableMapping[str, Any]
 ) -> MutableMapping[str, Any]:
     for key in SECRET_FIELDS.intersection(event_dict):
@@ -34,44 +61,97 @@ def _orjson_bytes(_logger: Any, _method: str, event_dict: MutableMapping[str, An
     return orjson.dumps(event_dict, default=str)
 
 
-def configure_logging(level: str, fmt: str, stream: BinaryIO | None = None) -> None:
-    """Configure structlog for the whole process; call once, before the server starts."""
-    out = stream if stream is not None else sys.stdout.buffer
+class _ScrubbedOutput:
+    """The output stream, with every secret value replaced before it is written."""
+
+    def __init__(self, out: BinaryIO, secrets: Secrets) -> None:
+        self._out = out
+        self._secrets = secrets
+
+    def write(self, data: bytes | str) -> None:
+        raw = data.encode() if isinstance(data, str) else data
+        self._out.write(self._secrets.scrub(raw))
+
+    def flush(self) -> None:
+        self._out.flush()
+
+
+def configure_logging(
+    level: str, fmt: str, stream: BinaryIO | None = None, secrets: Secrets | None = None
+) -> Secrets:
+    """Configure logging for the whole process; call once, before the server starts.
+
+    Returns the registry of secret values to scrub; hand it to the components that learn new
+    ones (tokens, signatures).
+    """
+    secrets = secrets if secrets is not None else Secrets()
+    out = _ScrubbedOutput(stream if stream is not None else sys.stdout.buffer, secrets)
     shared: list[Any] = [
         structlog.contextvars.merge_contextvars,
         structlog.processors.add_log_level,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
-        redact_secrets,
+        redact_secret_fields,
         # A plain-text traceback: no local variables, which could hold a credential.
         structlog.processors.format_exc_info,
     ]
+    renderer: Any
     if fmt == "json":
-        processors = [*shared, _orjson_bytes]
-        factory: Any = structlog.BytesLoggerFactory(out)
+        renderer = _orjson_bytes
+        factory: Any = structlog.BytesLoggerFactory(cast(BinaryIO, out))
     else:
-        processors = [*shared, structlog.dev.ConsoleRenderer(colors=False)]
-        factory = structlog.WriteLoggerFactory(cast(TextIO, _TextOver(out)))
+        renderer = structlog.dev.ConsoleRenderer(colors=False)
+        factory = structlog.WriteLoggerFactory(cast(TextIO, out))
+    numeric_level = logging.getLevelNamesMapping()[level.upper()]
     structlog.configure(
-        processors=processors,
-        wrapper_class=structlog.make_filtering_bound_logger(
-            logging.getLevelNamesMapping()[level.upper()]
-        ),
+        processors=[*shared, renderer],
+        wrapper_class=structlog.make_filtering_bound_logger(numeric_level),
         logger_factory=factory,
         cache_logger_on_first_use=True,
     )
+    _route_standard_logging(out, shared, fmt, numeric_level)
+    return secrets
 
 
-class _TextOver:
-    """A text stream over a binary one, flushed each line so a terminal sees it at once."""
+def _route_standard_logging(out: _ScrubbedOutput, shared: list[Any], fmt: str, level: int) -> None:
+    """Send libraries' records (aiohttp's, asyncio's) through the same processors and output."""
 
-    def __init__(self, out: BinaryIO) -> None:
-        self._out = out
+    def render(_logger: Any, _method: str, event_dict: MutableMapping[str, Any]) -> str:
+        if fmt == "json":
+            return orjson.dumps(event_dict, default=str).decode()
+        return str(structlog.dev.ConsoleRenderer(colors=False)(_logger, _method, event_dict))
 
-    def write(self, text: str) -> None:
-        self._out.write(text.encode())
+    handler = logging.StreamHandler(cast(TextIO, out))
+    handler.setFormatter(
+        structlog.stdlib.ProcessorFormatter(
+            processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, render],
+            foreign_pre_chain=[structlog.stdlib.ExtraAdder(allow=["reason"]), *shared],
+        )
+    )
+    handler.addFilter(_bad_requests_in_one_line)
+    root = logging.getLogger()
+    for old in list(root.handlers):
+        root.removeHandler(old)
+    root.addHandler(handler)
+    root.setLevel(max(level, logging.INFO))  # libraries' debug chatter stays out
 
-    def flush(self) -> None:
-        self._out.flush()
+
+def _bad_requests_in_one_line(record: logging.LogRecord) -> bool:
+    """A client that does not speak valid HTTP is refused by aiohttp's parser, which logs it as
+    an error with a traceback quoting the request's bytes. That is the client's mistake, not
+    ours: keep one warning line with the parser's reason, and none of the bytes."""
+    exc = record.exc_info[1] if record.exc_info else None
+    if isinstance(exc, HttpProcessingError) and record.name == "aiohttp.server":
+        # The reason alone: what follows its first colon quotes the request's bytes.
+        reason = str(exc.message).split(":", 1)[0].strip()
+        record.msg, record.args, record.exc_info, record.exc_text = (
+            "bad_http_request",
+            (),
+            None,
+            None,
+        )
+        record.levelno, record.levelname = logging.WARNING, "WARNING"
+        record.__dict__["reason"] = f"{exc.code}: {reason}"
+    return True
 
 
 def get_logger(**context: Any) -> structlog.typing.FilteringBoundLogger:

@@ -16,6 +16,7 @@ import structlog
 
 from proxy import protocol
 from proxy.errors import TokenUnavailable
+from proxy.logs import Secrets
 from proxy.protocol import IssuedToken
 
 
@@ -37,6 +38,7 @@ class SobotTokenSource:
         app_key: str,
         timeout: float,
         log: structlog.typing.FilteringBoundLogger,
+        secrets: Secrets,
         wall_clock: Callable[[], float] = time.time,
     ) -> None:
         self._session = session
@@ -46,14 +48,13 @@ class SobotTokenSource:
         self._timeout = aiohttp.ClientTimeout(total=timeout)
         self._log = log
         self._wall_clock = wall_clock
+        self._secrets = secrets
 
     async def fetch(self) -> IssuedToken:
         create_time = str(int(self._wall_clock()))
-        params = {
-            "appid": self._appid,
-            "create_time": create_time,
-            "sign": protocol.make_sign(self._appid, create_time, self._app_key),
-        }
+        sign = protocol.make_sign(self._appid, create_time, self._app_key)
+        self._secrets.add(sign)
+        params = {"appid": self._appid, "create_time": create_time, "sign": sign}
         started = time.perf_counter()
         try:
             async with self._session.get(

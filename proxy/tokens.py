@@ -33,6 +33,7 @@ import structlog
 
 from proxy import protocol
 from proxy.errors import TokenUnavailable
+from proxy.logs import Secrets
 from proxy.protocol import IssuedToken
 from proxy.token_source import TokenSource
 
@@ -81,6 +82,7 @@ class TokenManager:
         backoff: Backoff = Backoff(),
         min_rotation_interval: float = 1.0,
         clock: Callable[[], float] = time.monotonic,
+        secrets: Secrets | None = None,
     ) -> None:
         self._source = source
         self._refresh_margin = refresh_margin
@@ -88,6 +90,7 @@ class TokenManager:
         self._backoff = backoff
         self._min_rotation_interval = min_rotation_interval
         self._clock = clock
+        self._secrets = secrets if secrets is not None else Secrets()
         self._cache: cachetools.TLRUCache[str, Token] = cachetools.TLRUCache(
             maxsize=1, ttu=lambda _key, token, _now: token.expires_at, timer=clock
         )
@@ -163,6 +166,7 @@ class TokenManager:
             raise
         else:
             self._serial += 1
+            self._secrets.add(issued.value)
             token = Token(issued.value, self._serial, sent_at + issued.lifetime, issued.lifetime)
             self._cache[_KEY] = token
             self._failures = 0

@@ -16,7 +16,7 @@ from yarl import URL
 
 from proxy.app import TOKENS, make_app
 from proxy.fake_sobot import FakeSobot
-from proxy.logs import configure_logging
+from proxy.logs import Secrets, configure_logging
 from proxy.settings import Settings
 from proxy.tokens import Backoff, TokenManager
 
@@ -29,6 +29,7 @@ class CapturedLogs:
 
     def __init__(self) -> None:
         self.stream = io.BytesIO()
+        self.secrets = Secrets()
 
     @property
     def raw(self) -> bytes:
@@ -42,7 +43,7 @@ class CapturedLogs:
 @pytest.fixture(autouse=True)
 def logs() -> CapturedLogs:
     captured = CapturedLogs()
-    configure_logging("debug", "json", captured.stream)
+    captured.secrets = configure_logging("debug", "json", captured.stream, Secrets([APP_KEY]))
     return captured
 
 
@@ -63,11 +64,13 @@ ProxyFactory = Callable[..., Awaitable[TestClient[Any, Any]]]
 
 
 @pytest.fixture
-def make_proxy(aiohttp_client: Any, settings: Settings) -> ProxyFactory:
+def make_proxy(aiohttp_client: Any, settings: Settings, logs: CapturedLogs) -> ProxyFactory:
     """Start a proxy on a loopback socket: `await make_proxy(base_url=..., backoff=...)`."""
 
     async def start(*, backoff: Backoff | None = None, **changes: Any) -> TestClient[Any, Any]:
-        app = make_app(dataclasses.replace(settings, **changes), backoff=backoff)
+        app = make_app(
+            dataclasses.replace(settings, **changes), secrets=logs.secrets, backoff=backoff
+        )
         client: TestClient[Any, Any] = await aiohttp_client(app)
         return client
 

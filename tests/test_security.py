@@ -1,0 +1,263 @@
+"""Who may use the proxy, what it forwards, what it never reveals: hostile input over sockets."""
+
+from __future__ import annotations
+
+import ssl
+
+import pytest
+import trustme
+
+from proxy.fake_sobot import FakeSobot
+from proxy.forward import Forwarder
+from proxy.protocol import make_sign
+from tests.conftest import APP_KEY, APPID, CapturedLogs, exact_url, send_raw
+
+KEYS = ("client-key-one-0123456789", "client-key-two-0123456789")
+
+
+# -- client keys -------------------------------------------------------------------------------
+
+
+@pytest.fixture
+async def keyed(make_proxy):
+    return await make_proxy(client_keys=KEYS)
+
+
+@pytest.mark.parametrize(
+    "authorization",
+    [
+        None,
+        "",
+        "Bearer",
+        "Bearer ",
+        "Bearer wrong-key",
+        f"Bearer {KEYS[0]}x",
+        f"Bearer {KEYS[0][:-1]}",
+        f"Basic {KEYS[0]}",
+        KEYS[0],
+        f"Bearer {KEYS[0]},{KEYS[1]}",
+    ],
+)
+async def test_a_missing_or_wrong_client_key_gets_401_and_nothing_is_forwarded(
+    keyed, fake: FakeSobot, authorization
+):
+    headers = {} if authorization is None else {"Authorization": authorization}
+    for path in ("/api/echo", "/api/get_token", "/nowhere"):
+        response = await keyed.post(path, data=b"x", headers=headers)
+        assert response.status == 401
+        assert response.headers["WWW-Authenticate"] == 'Bearer realm="sobot-proxy"'
+        assert (await response.json())["ret_code"] == "980401"
+    assert fake.stats.api_calls == 0
+
+
+@pytest.mark.parametrize("key", KEYS)
+async def test_a_right_client_key_is_let_through_and_consumed(keyed, fake: FakeSobot, key):
+    for scheme in ("Bearer", "bearer"):
+        response = await keyed.get("/api/echo", headers={"Authorization": f"{scheme} {key}"})
+        assert (await response.json())["ret_code"] == "000000"
+        assert "Authorization" not in fake.received[-1].headers  # the proxy's, not Sobot's
+
+
+async def test_health_stays_open_without_a_key(keyed):
+    assert (await keyed.get("/healthz")).status == 200
+    assert (await keyed.get("/readyz")).status in (200, 503)
+
+
+async def test_without_client_keys_authorization_is_forwarded_untouched(proxy, fake: FakeSobot):
+    await proxy.get("/api/echo", headers={"Authorization": "Bearer for-sobot"})
+    assert fake.received[-1].headers["Authorization"] == "Bearer for-sobot"
+
+
+# -- allow-lists -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("method", "target", "allowed"),
+    [
+        ("GET", "/api/ws/5/ticket/list", True),
+        ("POST", "/api/5/user/save", True),
+        ("GET", "//api/ws/5/ticket/list", True),
+        ("GET", "/api/ws/5/%74icket/list", True),  # the same path, encoded: same answer
+        ("GET", "/api/ws/5/ticketx/list", False),
+        ("GET", "/api/ws/5/", False),
+        ("GET", "/api/5/usr/save", False),
+        ("GET", "/api/6/user/save", False),
+        ("DELETE", "/api/ws/5/ticket/list", False),
+        ("PUT", "/api/5/user/save", False),
+    ],
+)
+async def test_allow_lists_admit_only_what_they_name(
+    make_proxy, fake: FakeSobot, method, target, allowed
+):
+    proxy = await make_proxy(
+        allow_paths=("/api/ws/5/ticket/", "/api/5/user/"), allow_methods=("GET", "POST")
+    )
+    response = await proxy.session.request(method, exact_url(proxy, target))
+    if allowed:
+        assert (await response.json())["ret_code"] == "000000"
+        assert fake.stats.api_calls == 1
+    else:
+        assert response.status == 403
+        assert (await response.json())["ret_code"] == "980403"
+        assert fake.stats.api_calls == 0
+
+
+# -- what reaches the upstream -----------------------------------------------------------------
+
+TRAVERSALS = [
+    "/api/../admin",
+    "/api/..%2fadmin",
+    "/api/%2e%2e/admin",
+    "/api/%2E%2E/admin",
+    "/api/.%2e/admin",
+    "/api/5/%2e%2e/%2e%2e/admin",
+    "/api/5/..;/admin",
+    "/api/5/%2fadmin",
+    "/api/5/%2Fadmin",
+    "/api/5/%5cadmin",
+    "/api/5/%5C..%5Cadmin",
+    "/api/5\\..\\admin",
+    "/api/5//admin",
+    "/api/./admin",
+    "/api/%2e/admin",
+    "/%2e%2e/api/admin",
+    "/admin/../api/5/user",
+    "//evil.example/api/5/user",
+    "http://evil.example/api/5/user",
+    "evil.example:443",
+    "*",
+]
+
+
+@pytest.mark.parametrize("target", TRAVERSALS)
+async def test_no_target_reaches_the_upstream_outside_api(proxy, fake: FakeSobot, target):
+    answer = await send_raw(
+        proxy, f"GET {target} HTTP/1.1\r\nHost: p\r\nConnection: close\r\n\r\n".encode()
+    )
+    status = int(answer.split(b" ", 2)[1])
+    if status == 200:  # forwarded: then only ever under /api/
+        assert all(r.path.startswith("/api/") for r in fake.received)
+        assert all(".." not in r.path.split("/") for r in fake.received)
+    else:
+        assert status in (400, 404)
+        # JSON from the proxy; or, for a target that is not HTTP at all, the parser's refusal.
+        assert b'"ret_code":"980' in answer or answer.startswith(b"HTTP/1.0 400")
+    assert fake.stats.outside_api_calls == 0
+
+
+SMUGGLING = [
+    # Both lengths: which one the upstream would believe is the attack.
+    b"POST /api/echo HTTP/1.1\r\nHost: p\r\nContent-Length: 5\r\nTransfer-Encoding: chunked"
+    b"\r\n\r\n0\r\n\r\nGET /admin HTTP/1.1\r\nHost: p\r\n\r\n",
+    b"POST /api/echo HTTP/1.1\r\nHost: p\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\nhello!",
+    b"POST /api/echo HTTP/1.1\r\nHost: p\r\nTransfer-Encoding: xchunked\r\n\r\n0\r\n\r\n",
+    b"POST /api/echo HTTP/1.1\r\nHost: p\r\nTransfer-Encoding: chunked, identity\r\n\r\n0\r\n\r\n",
+    b"POST /api/echo HTTP/1.1\r\nHost: p\r\nContent-Length : 5\r\n\r\nhello",
+    # Header injection: a bare CR or LF would start a new header upstream.
+    b"GET /api/echo HTTP/1.1\r\nHost: p\r\nX-A: b\nX-Injected: c\r\n\r\n",
+    b"GET /api/echo HTTP/1.1\r\nHost: p\r\nX-A: b\rX-Injected: c\r\n\r\n",
+    b"GET /api/echo HTTP/1.1\r\nHost: p\r\nX-A: b\x00c\r\n\r\n",
+    b"GET /api/echo HTTP/1.1\r\nHost: p\r\nX-A: b\r\n c\r\n\r\n",
+    # Oversized and too many headers.
+    b"GET /api/echo HTTP/1.1\r\nHost: p\r\nX-A: " + b"a" * 20_000 + b"\r\n\r\n",
+    b"GET /api/echo HTTP/1.1\r\nHost: p\r\n" + b"X-A: a\r\n" * 500 + b"\r\n",
+    b"GET /api/" + b"a" * 20_000 + b" HTTP/1.1\r\nHost: p\r\n\r\n",
+    b"GET /api/echo HTTP/1.1\r\nHost: p\r\nX-" + b"A" * 20_000 + b": a\r\n\r\n",
+]
+
+
+@pytest.mark.parametrize("request_bytes", SMUGGLING, ids=range(len(SMUGGLING)))
+async def test_smuggling_and_malformed_headers_are_refused_and_the_connection_closed(
+    proxy, fake: FakeSobot, logs: CapturedLogs, request_bytes
+):
+    answer = await send_raw(proxy, request_bytes)  # reads to the end: the proxy closed it
+    assert answer.split(b" ", 2)[1] == b"400"
+    assert b"Connection: close" in answer or answer.startswith(b"HTTP/1.0")
+    assert fake.stats.api_calls == 0
+    [refusal] = logs.events("bad_http_request")  # one line, no traceback, no request bytes
+    assert refusal["level"] == "warning"
+    assert "exception" not in refusal
+    assert b"X-Injected" not in logs.raw
+    assert b"aaaaaaaaaa" not in logs.raw
+
+
+# -- TLS to the upstream -------------------------------------------------------------------------
+
+
+@pytest.fixture
+async def tls_fake(tmp_path):
+    ca = trustme.CA()
+    server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("127.0.0.1", "localhost").configure_cert(server_context)
+    ca_file = tmp_path / "ca.pem"
+    ca.cert_pem.write_to_path(str(ca_file))
+    sobot = FakeSobot(APPID, APP_KEY)
+    await sobot.start(ssl_context=server_context)
+    yield sobot, str(ca_file)
+    await sobot.stop()
+
+
+async def test_tls_to_the_upstream_is_verified_against_the_configured_ca(make_proxy, tls_fake):
+    fake, ca_file = tls_fake
+    proxy = await make_proxy(base_url=fake.url, ca_bundle=ca_file)
+    assert fake.url.startswith("https://")
+    assert (await (await proxy.get("/api/echo")).json())["ret_code"] == "000000"
+
+
+async def test_an_upstream_certificate_nobody_vouches_for_is_refused(make_proxy, tls_fake):
+    fake, _ = tls_fake
+    proxy = await make_proxy(base_url=fake.url)  # the system's CAs do not know the test CA
+    response = await proxy.get("/api/echo")
+    assert response.status == 502
+    assert (await response.json())["ret_code"] == "980502"
+    assert fake.stats.get_token_calls == 0  # the TLS handshake failed: no signature was sent
+
+
+# -- what it never reveals -----------------------------------------------------------------------
+
+
+async def test_a_crash_in_a_handler_is_a_plain_500_and_its_trace_shows_no_secret(
+    proxy, fake: FakeSobot, logs: CapturedLogs, monkeypatch
+):
+    await proxy.get("/api/echo")
+    token = fake.current_token
+    assert token is not None
+
+    async def crash(*_args, **_kwargs):
+        raise RuntimeError(f"bug with {APP_KEY} and {token} in its message")
+
+    monkeypatch.setattr(Forwarder, "forward", crash)
+    response = await proxy.get("/api/echo")
+    body = await response.read()
+    assert response.status == 500
+    assert b'"ret_code":"980500"' in body
+    for internal in (b"Traceback", b"/proxy/", b"RuntimeError"):
+        assert internal not in body
+    [event] = logs.events("internal_error")
+    assert "RuntimeError: bug with [redacted] and [redacted]" in event["exception"]
+    assert APP_KEY.encode() not in logs.raw
+    assert token.encode() not in logs.raw
+
+
+async def test_client_keys_never_reach_the_logs(keyed, logs: CapturedLogs):
+    await keyed.get("/api/echo", headers={"Authorization": f"Bearer {KEYS[0]}"})
+    await keyed.get("/api/echo", headers={"Authorization": f"Bearer {KEYS[1]}-not"})
+    for key in KEYS:
+        assert key.encode() not in logs.raw
+
+
+async def test_the_token_reaches_only_a_client_that_proves_it_knows_the_app_key(
+    proxy, fake: FakeSobot
+):
+    await proxy.get("/api/echo")
+    token = fake.current_token
+    assert token is not None
+    seen = b""
+    for path in ("/api/echo", "/readyz", "/healthz", "/api/get_token?appid=x", "/nowhere"):
+        seen += await (await proxy.get(path)).read()
+    assert token.encode() not in seen
+    create_time = str(int(__import__("time").time()))
+    signed = {"appid": APPID, "create_time": create_time}
+    signed["sign"] = make_sign(APPID, create_time, APP_KEY)
+    answer = await (await proxy.get("/api/get_token", params=signed)).json()
+    assert answer["item"]["token"] == token
