@@ -111,6 +111,27 @@ CONFIG_ERRORS = [
         ["--port: 'abc' is not a port number"],
         id="demo-bad-port",
     ),
+    pytest.param(
+        ["--host", "0.0.0.0"],
+        CONFIGURED,
+        [
+            "listening on 0.0.0.0 lets anyone who reaches it act as your Sobot company: set "
+            "client keys (SOBOT_PROXY_CLIENT_KEYS or SOBOT_PROXY_CLIENT_KEYS_FILE)"
+        ],
+        id="public-listen-without-client-keys",
+    ),
+    pytest.param(
+        [],
+        {**CONFIGURED, "SOBOT_BASE_URL": "http://sobot.example.com"},
+        ["the upstream http://sobot.example.com is plain http and not on this host"],
+        id="insecure-upstream",
+    ),
+    pytest.param(
+        [],
+        {**CONFIGURED, "SOBOT_ALLOW_PATHS": "/api/5/user/,/admin/"},
+        ["SOBOT_ALLOW_PATHS: '/admin/' is not a path under /api/"],
+        id="allow-path-outside-api",
+    ),
 ]
 
 
@@ -246,3 +267,33 @@ def test_fake_sobot_checks_the_sign_and_stops_on_sigterm(tmp_path):
         assert fake.terminate() == 0
     assert all(json_object(line) is not None for line in fake.stdout), fake.stdout
     assert token not in fake.output
+
+
+def test_listening_publicly_without_keys_needs_an_explicit_opt_out_and_warns(tmp_path):
+    env = command_env(**CONFIGURED, SOBOT_PROXY_ALLOW_UNAUTHENTICATED="1")
+    with running("--host", "0.0.0.0", "--port", "0", cwd=tmp_path, env=env) as proxy:
+        warning = proxy.wait_for_event("unauthenticated")
+        assert warning["level"] == "warning"
+        assert warning["host"] == "0.0.0.0"
+        proxy.wait_for_event("listening")
+        assert proxy.terminate() == 0
+
+
+def test_secrets_stay_out_of_the_process_title_and_its_output(tmp_path):
+    key_file = tmp_path / "app_key"
+    key_file.write_text("file-app-key-0123456789\n")
+    env = command_env(
+        SOBOT_APPID="A",
+        SOBOT_APP_KEY_FILE=str(key_file),
+        SOBOT_BASE_URL="http://127.0.0.1:9",  # nothing listens: every get_token fails
+        SOBOT_PROXY_CLIENT_KEYS="client-key-0123456789",
+    )
+    with running("--port", "0", cwd=tmp_path, env=env) as proxy:
+        proxy.wait_for_event("listening")
+        with open(f"/proc/{proxy.process.pid}/cmdline", "rb") as cmdline:
+            title = cmdline.read()
+        assert proxy.terminate() == 0
+    assert b"file-app-key" not in title
+    assert b"client-key" not in title
+    assert "file-app-key" not in proxy.output
+    assert "client-key-0123456789" not in proxy.output

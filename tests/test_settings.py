@@ -271,6 +271,32 @@ VALUE_ERRORS = [
     ({"refresh_margin": "0"}, {}, "--refresh-margin: '0' is not a positive number of seconds"),
     ({}, {"SOBOT_LOG_LEVEL": "verbose"}, "SOBOT_LOG_LEVEL: 'verbose' is not one of debug, info"),
     ({"log_format": "xml"}, {}, "--log-format: 'xml' is not one of json, console"),
+    ({}, {"SOBOT_MAX_BODY": "lots"}, "SOBOT_MAX_BODY: 'lots' is not a size in bytes"),
+    ({}, {"SOBOT_MAX_BODY": "12kb"}, "SOBOT_MAX_BODY: '12kb' is not a size in bytes"),
+    ({}, {"SOBOT_MAX_BODY": "0"}, "SOBOT_MAX_BODY: '0' is not a size in bytes"),
+    ({}, {"SOBOT_CONNECT_TIMEOUT": "0"}, "SOBOT_CONNECT_TIMEOUT: '0' is not a positive"),
+    ({}, {"SOBOT_UPSTREAM_CONNECTIONS": "0"}, "SOBOT_UPSTREAM_CONNECTIONS: '0' is not a whole"),
+    ({}, {"SOBOT_MAX_QUEUE": "-1"}, "SOBOT_MAX_QUEUE: '-1' is not a whole number of at least 0"),
+    ({}, {"SOBOT_SHUTDOWN_GRACE": "-1"}, "SOBOT_SHUTDOWN_GRACE: '-1' is not a number of seconds"),
+    ({}, {"SOBOT_TEMP_DIR": "/no/such/dir"}, "SOBOT_TEMP_DIR: '/no/such/dir' is not a directory"),
+    ({}, {"SOBOT_CA_BUNDLE": "/no/such.pem"}, "SOBOT_CA_BUNDLE: '/no/such.pem' is not a file"),
+    ({}, {"SOBOT_ALLOW_PATHS": "/api/ok/,/etc/"}, "SOBOT_ALLOW_PATHS: '/etc/' is not a path under"),
+    ({}, {"SOBOT_ALLOW_METHODS": "GET,P T"}, "SOBOT_ALLOW_METHODS: 'P T' is not an HTTP method"),
+    (
+        {},
+        {"SOBOT_PROXY_ALLOW_UNAUTHENTICATED": "maybe"},
+        "SOBOT_PROXY_ALLOW_UNAUTHENTICATED: 'maybe' is not a yes/no value",
+    ),
+    (
+        {"host": "0.0.0.0"},
+        {},
+        "listening on 0.0.0.0 lets anyone who reaches it act as your Sobot company",
+    ),
+    (
+        {"base_url": "http://sobot.example.com"},
+        {},
+        "the upstream http://sobot.example.com is plain http and not on this host",
+    ),
 ]
 
 
@@ -390,3 +416,37 @@ def test_a_url_with_credentials_is_refused_without_repeating_it():
         load_settings({}, {**ENV, "SOBOT_BASE_URL": "https://user:hunter2@h.example"})
     assert "hunter2" not in str(raised.value)
     assert "SOBOT_BASE_URL" in str(raised.value)
+
+
+@pytest.mark.parametrize(
+    ("given", "size"),
+    [("1048576", 1 << 20), ("512KiB", 512 << 10), ("64MiB", 64 << 20), ("1g", 1 << 30)],
+)
+def test_sizes_take_binary_units(given, size):
+    assert load_settings({}, {**ENV, "SOBOT_MAX_BODY": given}).max_body == size
+
+
+def test_client_keys_come_comma_separated_or_one_a_line_from_a_file(tmp_path):
+    listed = load_settings({}, {**ENV, "SOBOT_PROXY_CLIENT_KEYS": " k1, k2 ,,"})
+    assert listed.client_keys == ("k1", "k2")
+    keys = tmp_path / "keys"
+    keys.write_text("k3\n\n k4 \n")
+    filed = load_settings({}, {**ENV, "SOBOT_PROXY_CLIENT_KEYS_FILE": str(keys)})
+    assert filed.client_keys == ("k3", "k4")
+    assert "k3" not in repr(filed)
+
+
+def test_public_listening_is_fine_with_client_keys_or_an_explicit_opt_out():
+    public = {**ENV, "SOBOT_PROXY_HOST": "0.0.0.0"}
+    assert load_settings({}, {**public, "SOBOT_PROXY_CLIENT_KEYS": "k"}).host == "0.0.0.0"
+    opted_out = load_settings({"allow_unauthenticated": True}, public)
+    assert opted_out.allow_unauthenticated is True
+    assert load_settings({}, {**ENV, "SOBOT_PROXY_HOST": "::1"}).host == "::1"  # loopback
+
+
+def test_plain_http_is_fine_on_this_host_or_when_explicitly_allowed():
+    local = load_settings({}, {**ENV, "SOBOT_BASE_URL": "http://localhost:8081"})
+    assert local.base_url == "http://localhost:8081"
+    remote = {**ENV, "SOBOT_BASE_URL": "http://gateway.internal"}
+    allowed = load_settings({}, {**remote, "SOBOT_ALLOW_INSECURE_UPSTREAM": "true"})
+    assert allowed.allow_insecure_upstream is True
