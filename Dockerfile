@@ -13,8 +13,11 @@ RUN useradd --system --uid 10001 --no-create-home --shell /usr/sbin/nologin sobo
 COPY --from=build /wheels /wheels
 RUN pip install --no-cache-dir --no-index --find-links=/wheels sobot-proxy && rm -rf /wheels
 USER 10001
+# Nothing is written outside /tmp, so the root file system can be read-only (--read-only
+# --tmpfs /tmp): no bytecode caches, and request bodies over 1 MiB are spooled to /tmp.
 ENV PYTHONDONTWRITEBYTECODE=1 \
-    PYTHONUNBUFFERED=1
+    PYTHONUNBUFFERED=1 \
+    SOBOT_TEMP_DIR=/tmp
 # The proxy listens on 127.0.0.1:8080 by default: a sidecar shares its pod's loopback.
 EXPOSE 8080
 HEALTHCHECK --interval=10s --timeout=3s --start-period=5s --retries=3 \
