@@ -111,6 +111,8 @@ def make_app(
 ) -> web.Application:
     """The proxy for `settings`; `secrets` is the logs' registry of values never to show."""
     secrets = secrets if secrets is not None else Secrets()
+    for key in (settings.app_key, *settings.client_keys):
+        secrets.add(key, lasting=True)
     app = web.Application(middlewares=[_json_http_errors])
     log = get_logger()
 

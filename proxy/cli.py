@@ -17,7 +17,7 @@ from aiohttp import web
 from proxy import __version__
 from proxy.app import make_app
 from proxy.fake_sobot import FakeSobot
-from proxy.logs import Secrets, configure_logging, get_logger
+from proxy.logs import configure_logging, get_logger
 from proxy.server import run, serve
 from proxy.settings import (
     APP_KEY_ENV,
@@ -149,11 +149,7 @@ def _run_serve(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
             demo_socket.close()
         return EXIT_CONFIG
 
-    secrets = configure_logging(
-        settings.log_level,
-        settings.log_format,
-        secrets=Secrets([settings.app_key, *settings.client_keys]),
-    )
+    secrets = configure_logging(settings.log_level, settings.log_format)
     log = get_logger()
     if (
         settings.allow_unauthenticated

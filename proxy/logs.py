@@ -37,8 +37,13 @@ class Secrets:
         # Tokens and signatures come and go; the recent ones are enough to watch for.
         self._recent: deque[bytes] = deque(maxlen=16)
 
-    def add(self, value: str) -> None:
-        if len(value) >= MIN_SECRET_LENGTH:
+    def add(self, value: str, *, lasting: bool = False) -> None:
+        """Watch for `value`: for good when `lasting` (keys), else among the recent ones."""
+        if len(value) < MIN_SECRET_LENGTH:
+            return
+        if lasting:
+            self._fixed.append(value.encode())
+        else:
             self._recent.append(value.encode())
 
     def scrub(self, data: bytes) -> bytes:

@@ -57,3 +57,45 @@ async def test_the_request_log_never_carries_credentials_even_when_asked(logs: C
     get_logger().info("oops", token="t-value", app_key="k-value", sign="s-value")
     [event] = logs.events("oops")
     assert (event["token"], event["app_key"], event["sign"]) == ("[redacted]",) * 3
+
+
+async def test_every_failure_path_keeps_the_app_key_and_token_out_of_all_output(
+    make_proxy, fake: FakeSobot, logs: CapturedLogs, monkeypatch
+):
+    client_key = "client-key-for-this-test-0123"
+    proxy = await make_proxy(client_keys=(client_key,), backoff=Backoff(first=0, cap=0))
+    good = {"Authorization": f"Bearer {client_key}"}
+    answers = []
+
+    async def call(path: str = "/api/echo", **headers: str) -> None:
+        response = await proxy.get(path, headers=headers or good)
+        answers.append(await response.read())
+
+    await call()
+    token = fake.current_token
+    assert token is not None
+    await call(Authorization="Bearer wrong")  # a bad client key
+    await call(Authorization=f"Basic {client_key}")
+    fake.fail_get_token("900003", times=1)  # get_token errors
+    fake.expire_token()
+    await call()
+    fake.fail_get_token("malformed", times=1)
+    fake.expire_token()
+    await call()
+    await call("/readyz")
+
+    async def crash(*_args, **_kwargs):  # a crash in a handler, naming the secrets
+        raise RuntimeError(f"{APP_KEY} {token} {client_key}")
+
+    with monkeypatch.context() as patched:
+        patched.setattr("proxy.forward.Forwarder.forward", crash)
+        await call()
+    await fake.stop()  # the upstream goes down
+    await call()
+    await call("/readyz")
+
+    assert logs.events("internal_error")
+    for secret in (APP_KEY, token, client_key, *fake.issued_tokens):
+        assert secret.encode() not in logs.raw
+        for answer in answers:
+            assert secret.encode() not in answer
