@@ -6,15 +6,15 @@ to a spool: in memory up to SPOOL_MEMORY_LIMIT, beyond that in an anonymous temp
 bounded whatever the size. A replay first reads whatever the first attempt left unread, then
 sends the spool.
 
-`progress` is called whenever bytes move, so the forwarder can extend its deadline: a slow but
-moving upload is never cut, a stalled one is, and `waiting_for_client` says whose fault it was.
+While a request is being sent, a Deadline is attached: moving bytes push it back, a failure to
+read the client's body ends it at once, and `waiting_for_client` says whose fault a timeout was.
 """
 
 from __future__ import annotations
 
 import asyncio
 import tempfile
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator
 from typing import IO, Final
 
 from aiohttp import StreamReader
@@ -25,32 +25,41 @@ SPOOL_MEMORY_LIMIT: Final = 1024 * 1024
 CHUNK_SIZE: Final = 64 * 1024
 
 
-def _no_progress() -> None:
-    pass
+class Deadline:
+    """An asyncio.timeout pushed back to `period` from now whenever bytes move.
+
+    Rescheduling replaces a timer, so it is only done once less than half the period is left:
+    at most a couple of times a period, however small and many the chunks.
+    """
+
+    def __init__(self, timeout: asyncio.Timeout, period: float) -> None:
+        self._timeout = timeout
+        self._period = period
+        self._loop = asyncio.get_running_loop()
+
+    def progress(self) -> None:
+        when = self._timeout.when()
+        now = self._loop.time()
+        if when is not None and when - now < self._period / 2:
+            self._timeout.reschedule(now + self._period)
+
+    def expire_now(self) -> None:
+        self._timeout.reschedule(self._loop.time())
 
 
 class ReplayableBody:
-    def __init__(
-        self,
-        content: StreamReader,
-        *,
-        declared_length: int | None,
-        max_size: int,
-        temp_dir: str | None,
-    ) -> None:
-        if declared_length is not None and declared_length > max_size:
-            raise BodyTooLarge(f"request body over the limit of {max_size} bytes")
+    def __init__(self, content: StreamReader, *, max_size: int, temp_dir: str | None) -> None:
         self._content = content
         self._max_size = max_size
         self._temp_dir = temp_dir
         self._memory = bytearray()
         self._file: IO[bytes] | None = None
-        self._reader_done = asyncio.Event()
-        self._reader_done.set()
+        self._first_pass: AsyncGenerator[bytes] | None = None
+        self._first_pass_over = asyncio.Event()
         self.size = 0
-        self.progress: Callable[[], None] = _no_progress
+        self.deadline: Deadline | None = None  # set while a request is being sent
         self.waiting_for_client = False
-        self.error: BaseException | None = None  # why reading the client's body stopped short
+        self.error: BaseException | None = None  # why reading the client's body failed
 
     def close(self) -> None:
         if self._file is not None:
@@ -58,16 +67,15 @@ class ReplayableBody:
             self._file = None
         self._memory = bytearray()
 
-    def first_pass(self) -> AsyncIterator[bytes]:
+    def first_pass(self) -> AsyncGenerator[bytes]:
         """The body as the client sends it, kept as it goes: the first attempt's data."""
-        return self._from_client()
+        self._first_pass = self._from_client(self._first_pass_over)
+        return self._first_pass
 
-    async def replay(self) -> AsyncIterator[bytes]:
+    async def replay(self) -> AsyncGenerator[bytes]:
         """The whole body again: the replay's data."""
-        # The first attempt's sender is cancelled when its answer is released; let it finish
-        # before this one reads on from the client.
-        await self._reader_done.wait()
-        async for _ in self._from_client():
+        await self._end_first_pass()
+        async for _ in self._from_client(None):
             pass
         if self._file is None:
             if self._memory:
@@ -76,28 +84,52 @@ class ReplayableBody:
         self._file.seek(0)
         while chunk := self._file.read(CHUNK_SIZE):
             yield chunk
-            self.progress()
+            self._progress()
 
-    async def _from_client(self) -> AsyncIterator[bytes]:
-        self._reader_done.clear()
-        self.error = None
+    async def _end_first_pass(self) -> None:
+        """The first attempt's reader must stop before the replay reads on from the client.
+
+        Its sender is cancelled when its answer is released. If the reader is inside an await
+        it ends with that cancellation; if it is paused at a yield, it is closed here.
+        """
+        first = self._first_pass
+        if first is None:
+            return
+        if getattr(first, "ag_running", False):  # an async generator object says so
+            await self._first_pass_over.wait()
+        else:
+            await first.aclose()
+
+    async def _from_client(self, over: asyncio.Event | None) -> AsyncGenerator[bytes]:
         try:
-            while True:
-                self.waiting_for_client = True
+            async for chunk in self._read_client():
+                yield chunk
+        finally:
+            if over is not None:
+                over.set()
+
+    async def _read_client(self) -> AsyncGenerator[bytes]:
+        while True:
+            self.waiting_for_client = True
+            try:
                 chunk = await self._content.readany()
                 self.waiting_for_client = False
                 if not chunk:
                     return
                 self._keep(chunk)
-                self.progress()
-                yield chunk
-                self.progress()  # the upstream took it
-        except BaseException as exc:
-            self.error = exc
-            raise
-        finally:
-            self.waiting_for_client = False
-            self._reader_done.set()
+            except Exception as exc:  # malformed, too large, or the client went away
+                self.waiting_for_client = False
+                self.error = exc
+                if self.deadline is not None:
+                    self.deadline.expire_now()  # end the exchange now; the forwarder says why
+                raise
+            self._progress()
+            yield chunk
+            self._progress()  # the upstream took it
+
+    def _progress(self) -> None:
+        if self.deadline is not None:
+            self.deadline.progress()
 
     def _keep(self, chunk: bytes) -> None:
         self.size += len(chunk)

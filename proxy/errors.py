@@ -6,6 +6,7 @@
     ├── Unauthorized        401     980401  no valid client key (when client keys are set)
     ├── Forbidden           403     980403  a path or method outside the allow-lists
     ├── ClientTimeout       408     980408  the client stopped sending its request body
+    ├── ClientGone          499     980499  the client went away (logged; nobody to answer)
     ├── BodyTooLarge        413     980413  a request body over the configured cap
     ├── UpstreamUnreachable 502     980502  cannot connect to Sobot, or it broke the exchange
     ├── Overloaded          503     980503  more requests waiting for Sobot than allowed
@@ -32,12 +33,20 @@ class ProxyError(Exception):
     status: ClassVar[int] = 500
     code: ClassVar[str] = "980500"
     # The request body may be left unread: the connection cannot carry another request.
-    closes_connection: ClassVar[bool] = False
+    closes_connection: bool = False
 
-    def __init__(self, message: str, *, ret_code: str | None = None) -> None:
+    def __init__(
+        self,
+        message: str,
+        *,
+        ret_code: str | None = None,
+        closes_connection: bool | None = None,
+    ) -> None:
         super().__init__(message)
         self.message = message
         self.ret_code = ret_code or self.code
+        if closes_connection is not None:
+            self.closes_connection = closes_connection
 
     def to_response(self) -> web.Response:
         response = error_response(self.status, self.ret_code, self.message)
@@ -74,6 +83,12 @@ class Forbidden(ProxyError):
 class ClientTimeout(ProxyError):
     status = 408
     code = "980408"
+    closes_connection = True
+
+
+class ClientGone(ProxyError):
+    status = 499  # nginx's convention for "client closed request": only ever in the log
+    code = "980499"
     closes_connection = True
 
 

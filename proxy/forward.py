@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import time
 import zlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 from typing import Final
 
@@ -21,12 +21,22 @@ import aiohttp
 import orjson
 import structlog
 from aiohttp import hdrs, web
+from aiohttp.http_exceptions import HttpProcessingError
 from multidict import CIMultiDict
 from yarl import URL
 
 from proxy import protocol
-from proxy.body import ReplayableBody
-from proxy.errors import ClientTimeout, Overloaded, ProxyError, UpstreamTimeout, UpstreamUnreachable
+from proxy.body import Deadline, ReplayableBody
+from proxy.errors import (
+    BadRequest,
+    BodyTooLarge,
+    ClientGone,
+    ClientTimeout,
+    Overloaded,
+    ProxyError,
+    UpstreamTimeout,
+    UpstreamUnreachable,
+)
 from proxy.headers import SKIP_AUTO_HEADERS, downstream_headers, upstream_headers
 from proxy.request_log import RequestRecord
 from proxy.settings import Settings
@@ -61,42 +71,47 @@ class Forwarder:
         self._tokens = tokens
         self._log = log
         self._read_timeout = settings.upstream_timeout
-        # No overall limit: a large download may take long, but it must keep moving.
+        self._connect_timeout = settings.connect_timeout
+        # No overall limit: a large download may take long, but it must keep moving. The wait
+        # for a free connection is the queue's business (`_slots`), not the connect timeout's.
         self._timeout = aiohttp.ClientTimeout(
             total=None,
-            connect=settings.connect_timeout,
             sock_connect=settings.connect_timeout,
             sock_read=settings.upstream_timeout,
         )
         self._max_body = settings.max_body
         self._consume_authorization = bool(settings.client_keys)
         self._temp_dir = settings.temp_dir
-        # Requests past the connection pool wait for a connection, up to max_queue of them.
+        # One slot per connection to Sobot, held for a whole exchange; up to max_queue more
+        # requests wait for one, and any beyond that are refused.
+        self._slots = asyncio.Semaphore(settings.upstream_connections)
         self._capacity = settings.upstream_connections + settings.max_queue
         self._active = 0
 
-    @property
-    def active(self) -> int:
-        """Requests being forwarded now, including those waiting for a connection."""
-        return self._active
+    def check_capacity(self) -> None:
+        """Raise Overloaded when the pool and its queue are full."""
+        if self._active >= self._capacity:
+            raise Overloaded("too many requests are waiting for Sobot; try again shortly")
+
+    def check_declared_length(self, request: web.BaseRequest) -> None:
+        if request.content_length is not None and request.content_length > self._max_body:
+            raise BodyTooLarge(f"request body over the limit of {self._max_body} bytes")
 
     async def forward(
         self, request: web.Request, path: str, query: str, record: RequestRecord
     ) -> web.StreamResponse:
         """Forward one request, noting in `record` what happened."""
-        if self._active >= self._capacity:
-            raise Overloaded("too many requests are waiting for Sobot; try again shortly")
+        self.check_capacity()
+        self.check_declared_length(request)
         self._active += 1
         body = None
         try:
             if request.body_exists:
                 body = ReplayableBody(
-                    request.content,
-                    declared_length=request.content_length,
-                    max_size=self._max_body,
-                    temp_dir=self._temp_dir,
+                    request.content, max_size=self._max_body, temp_dir=self._temp_dir
                 )
-            return await self._forward(request, path + query, body, record)
+            async with self._slots:
+                return await self._forward(request, path + query, body, record)
         finally:
             self._active -= 1
             if body is not None:
@@ -134,7 +149,7 @@ class Forwarder:
         method: str,
         url: URL,
         headers: CIMultiDict[str],
-        data: AsyncIterator[bytes] | None,
+        data: AsyncGenerator[bytes] | None,
         body: ReplayableBody | None,
         token: Token,
         record: RequestRecord,
@@ -158,19 +173,19 @@ class Forwarder:
         method: str,
         url: URL,
         headers: CIMultiDict[str],
-        data: AsyncIterator[bytes] | None,
+        data: AsyncGenerator[bytes] | None,
         body: ReplayableBody | None,
     ) -> aiohttp.ClientResponse:
         """Send the request and wait for the answer's headers.
 
         aiohttp's sock_read only starts once the body is sent, so this phase has a deadline of
-        its own: read_timeout, pushed back whenever body bytes move.
+        its own: connect plus read timeout at first, then read timeout from the last time body
+        bytes moved. A failing client body ends it at once.
         """
-        loop = asyncio.get_running_loop()
         try:
-            async with asyncio.timeout(self._read_timeout) as deadline:
+            async with asyncio.timeout(self._connect_timeout + self._read_timeout) as timeout:
                 if body is not None:
-                    body.progress = lambda: deadline.reschedule(loop.time() + self._read_timeout)
+                    body.deadline = Deadline(timeout, self._read_timeout)
                 return await self._session.request(
                     method,
                     url,
@@ -181,12 +196,16 @@ class Forwarder:
                     skip_auto_headers=SKIP_AUTO_HEADERS,
                 )
         except (TimeoutError, aiohttp.ClientError) as exc:
-            # The client's side of the body explains a failure first: too large, or stalled.
-            if body is not None and isinstance(body.error, ProxyError):
-                raise body.error from None
+            # The client's side of the body explains a failure first: too large, malformed,
+            # or stalled.
+            if body is not None and body.error is not None:
+                raise _client_body_error(body.error) from None
             if body is not None and body.waiting_for_client and isinstance(exc, TimeoutError):
                 raise ClientTimeout("the client stopped sending its request body") from None
             raise _upstream_error(exc) from None
+        finally:
+            if body is not None:
+                body.deadline = None  # the answer has come: bytes still to send set no deadline
 
     async def _inspect(self, response: aiohttp.ClientResponse) -> _Answer:
         """Read a small answer that may be JSON whole and find its ret_code."""
@@ -198,7 +217,7 @@ class Forwarder:
         if not may_be_json or (length is not None and length > INSPECT_LIMIT):
             return _Answer(response, b"", complete=False, ret_code=None)
         try:
-            body = await response.content.read(INSPECT_LIMIT + 1)
+            body = bytearray(await response.content.read(INSPECT_LIMIT + 1))
             while len(body) <= INSPECT_LIMIT and not response.content.at_eof():
                 more = await response.content.read(INSPECT_LIMIT + 1 - len(body))
                 if not more:
@@ -207,9 +226,10 @@ class Forwarder:
         except (TimeoutError, aiohttp.ClientError) as exc:
             raise _upstream_error(exc) from None
         if len(body) > INSPECT_LIMIT:
-            return _Answer(response, body, complete=False, ret_code=None)
+            return _Answer(response, bytes(body), complete=False, ret_code=None)
         encoding = response.headers.get(hdrs.CONTENT_ENCODING, "identity")
-        return _Answer(response, body, complete=True, ret_code=_ret_code(body, encoding))
+        whole = bytes(body)
+        return _Answer(response, whole, complete=True, ret_code=_ret_code(whole, encoding))
 
     async def _relay(
         self, request: web.Request, answer: _Answer, record: RequestRecord
@@ -245,7 +265,14 @@ class Forwarder:
             while True:
                 try:
                     if chunk:
-                        await response.write(chunk)
+                        # A client that stops reading must not hold a connection to Sobot.
+                        async with asyncio.timeout(self._read_timeout):
+                            await response.write(chunk)
+                except TimeoutError:
+                    record.error = "the client stopped reading the answer"
+                    if request.transport is not None:
+                        request.transport.abort()
+                    return response
                 except (ConnectionError, aiohttp.ClientConnectionError):
                     record.error = "the client went away mid-answer"
                     return response
@@ -265,6 +292,15 @@ class Forwarder:
         finally:
             upstream.release()
         return response
+
+
+def _client_body_error(exc: BaseException) -> ProxyError:
+    """The client-facing error when reading the client's own body failed."""
+    if isinstance(exc, ProxyError):
+        return exc
+    if isinstance(exc, HttpProcessingError):
+        return BadRequest("the request body is malformed", closes_connection=True)
+    return ClientGone("the client went away while sending its body")
 
 
 def _upstream_error(exc: BaseException) -> ProxyError:
