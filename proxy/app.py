@@ -106,6 +106,24 @@ async def _api(request: web.Request) -> web.StreamResponse:
     return await request.app[API].handle(request)
 
 
+def upstream_session(tls: ssl.SSLContext, *, connections: int) -> aiohttp.ClientSession:
+    """A client session to Sobot, as a proxy needs it."""
+    session = aiohttp.ClientSession(
+        # TLS is always verified: against the configured CA bundle, or the system's CAs.
+        connector=aiohttp.TCPConnector(limit=connections, ttl_dns_cache=300, ssl=tls),
+        # Bodies pass through as the upstream encoded them, Content-Encoding and all.
+        auto_decompress=False,
+        # A proxy for many clients must not keep one client's cookies for the next.
+        cookie_jar=aiohttp.DummyCookieJar(),
+        trust_env=False,
+    )
+    # aiohttp resends an idempotent request once when a kept-alive connection fails, but the
+    # request may already have reached Sobot: only the 900002 replay may send it twice. There
+    # is no public switch for this (aiohttp 3.10-3.14), hence the private attribute.
+    session._retry_connection = False
+    return session
+
+
 def make_app(
     settings: Settings, *, secrets: Secrets | None = None, backoff: Backoff | None = None
 ) -> web.Application:
@@ -117,21 +135,13 @@ def make_app(
     log = get_logger()
 
     async def lifetime(app: web.Application) -> AsyncIterator[None]:
-        session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(
-                limit=settings.upstream_connections,
-                ttl_dns_cache=300,
-                # Always verified: against the configured CA bundle, or the system's CAs.
-                ssl=ssl.create_default_context(cafile=settings.ca_bundle),
-            ),
-            # Bodies pass through as the upstream encoded them, Content-Encoding and all.
-            auto_decompress=False,
-            # A proxy for many clients must not keep one client's cookies for the next.
-            cookie_jar=aiohttp.DummyCookieJar(),
-            trust_env=False,
-        )
+        tls = ssl.create_default_context(cafile=settings.ca_bundle)
+        session = upstream_session(tls, connections=settings.upstream_connections)
+        # get_token has connections of its own: a pool full of slow requests must never keep
+        # the token from being renewed.
+        token_session = upstream_session(tls, connections=2)
         source = SobotTokenSource(
-            session,
+            token_session,
             base_url=settings.base_url,
             appid=settings.appid,
             app_key=settings.app_key,
@@ -161,6 +171,7 @@ def make_app(
         finally:
             await tokens.stop()
             await session.close()
+            await token_session.close()
 
     async def draining(app: web.Application) -> None:
         log.info("draining", in_flight=app[API].in_flight)

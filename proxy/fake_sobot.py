@@ -13,6 +13,7 @@
     truncate           Content-Length: 2048, 1024 bytes sent, then the connection closed (FIN)
     reset              the same, then the connection aborted (RST)
     stall              no answer at all, until the fake stops
+    drop               the request read whole, then the connection closed with no answer
     stall-body         Content-Length: 2048, 1024 bytes sent, then nothing until the fake stops
     download=N         a 200 of N bytes of `download_bytes(N)`, streamed (`download_sha256(N)`)
     slow-download=N    the same without Content-Length (chunked)
@@ -66,9 +67,9 @@ KEPT_BODY_LIMIT: Final = 1024 * 1024
 FAULT_HEADER: Final = "X-Fake-Fault"
 PARTIAL_LENGTH: Final = 2048  # what truncate, reset and stall-body announce...
 PARTIAL_SENT: Final = 1024  # ...and what they send
-_SIMPLE_FAULTS: Final = frozenset({"html502", "truncate", "reset", "stall", "stall-body"})
+_SIMPLE_FAULTS: Final = frozenset({"html502", "truncate", "reset", "stall", "stall-body", "drop"})
 _FAULT_HELP: Final = (
-    f"unknown {FAULT_HEADER} value; expected one of html502, truncate, reset, stall, "
+    f"unknown {FAULT_HEADER} value; expected one of html502, truncate, reset, stall, drop, "
     "stall-body, download=N, slow-download=N (N bytes), delay=S (S seconds)"
 )
 BAD_GATEWAY_PAGE: Final = (
@@ -424,6 +425,9 @@ class FakeSobot:
         """Answer as `fault` says; None: answer normally after all (delay)."""
         if fault.kind == "html502":
             return web.Response(status=502, text=BAD_GATEWAY_PAGE, content_type="text/html")
+        if fault.kind == "drop":
+            _drop(request, reset=False)
+            return web.Response(status=503)  # never sent: the connection is gone
         if fault.kind == "stall":
             await self._stopping.wait()
             _drop(request, reset=False)

@@ -11,7 +11,7 @@ import aiohttp
 import pytest
 
 from proxy.fake_sobot import FAULT_HEADER, FakeSobot, download_sha256
-from tests.conftest import CapturedLogs
+from tests.conftest import CapturedLogs, tokens_of
 
 
 def fault(value: str) -> dict[str, str]:
@@ -148,3 +148,30 @@ async def test_a_connection_that_never_completes_gives_504_after_the_connect_tim
     assert response.status == 504
     answer = await response.json()
     assert answer == {"ret_code": "980504", "ret_msg": "could not connect to Sobot in time"}
+
+
+@pytest.mark.parametrize("method", ["GET", "HEAD", "PUT", "DELETE", "OPTIONS", "POST"])
+async def test_a_connection_dropped_without_an_answer_is_never_resent(
+    proxy, fake: FakeSobot, method
+):
+    """aiohttp would resend an idempotent request on a failed kept-alive connection; the
+    request may already have reached Sobot, so the proxy never does."""
+    await proxy.get("/api/echo")  # a kept-alive connection to reuse
+    response = await proxy.request(method, "/api/drop", headers=fault("drop"))
+    assert response.status == 502
+    assert [r.path for r in fake.received].count("/api/drop") == 1
+
+
+async def test_a_full_pool_never_keeps_the_token_from_being_renewed(make_proxy, fake: FakeSobot):
+    proxy = await make_proxy(upstream_connections=1)
+    await proxy.get("/api/echo")
+    stalled = asyncio.create_task(proxy.get("/api/slow", headers=fault("stall")))
+    async with asyncio.timeout(10):
+        while fake.stats.open_requests == 0:  # noqa: ASYNC110 -- the fake has no event
+            await asyncio.sleep(0.01)
+        fake.expire_token()
+        calls = fake.stats.get_token_calls
+        # The only pooled connection is taken, and still a new token comes at once.
+        await tokens_of(proxy).replace(tokens_of(proxy).current())
+        assert fake.stats.get_token_calls == calls + 1
+    stalled.cancel()
