@@ -12,80 +12,24 @@ and closed at shutdown through cleanup_ctx; request handlers reach them through 
 
 from __future__ import annotations
 
-import asyncio
 import ssl
-import time
 from collections.abc import AsyncIterator
 from typing import Final
 
 import aiohttp
-import structlog
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
 from proxy.access import AccessPolicy
-from proxy.errors import InternalError, ProxyError, error_response
+from proxy.errors import error_response
 from proxy.forward import Forwarder
+from proxy.handler import ApiHandler
 from proxy.health import healthz, readyz
 from proxy.local_token import LocalTokenEndpoint
 from proxy.logs import Secrets, get_logger
-from proxy.paths import is_get_token, split_target
-from proxy.request_log import RequestRecord
 from proxy.settings import Settings
 from proxy.token_source import SobotTokenSource
 from proxy.tokens import Backoff, TokenManager
-
-
-class ApiHandler:
-    """Every request under the catch-all route: dispatch, error answers, the request log line."""
-
-    def __init__(
-        self,
-        *,
-        access: AccessPolicy,
-        forwarder: Forwarder,
-        local_token: LocalTokenEndpoint,
-        log: structlog.typing.FilteringBoundLogger,
-    ) -> None:
-        self._access = access
-        self._forwarder = forwarder
-        self._local_token = local_token
-        self._log = log
-        self.in_flight = 0
-
-    async def handle(self, request: web.Request) -> web.StreamResponse:
-        started = time.perf_counter()
-        record = RequestRecord(request.method, request.path)
-        response: web.StreamResponse
-        self.in_flight += 1
-        try:
-            # Authentication comes first, so a caller without a key learns nothing else.
-            self._access.authenticate(request.headers)
-            path, query = split_target(request.raw_path)
-            record.path = path
-            self._access.authorize(request.method, path)
-            if is_get_token(path):
-                response, record.ret_code = await self._local_token.answer(request)
-                record.status = response.status
-            else:
-                response = await self._forwarder.forward(request, path, query, record)
-        except ProxyError as exc:
-            record.status, record.ret_code, record.error = exc.status, exc.ret_code, exc.message
-            response = exc.to_response()
-        except asyncio.CancelledError:
-            record.error = "cancelled: the client went away, or the proxy stopped"
-            self._log.info("request", **record.fields(time.perf_counter() - started))
-            raise
-        except Exception:
-            self._log.exception("internal_error", method=record.method, path=record.path)
-            error = InternalError("the proxy failed to handle the request; see its log")
-            record.status, record.ret_code = error.status, error.ret_code
-            response = error.to_response()
-        finally:
-            self.in_flight -= 1
-        self._log.info("request", **record.fields(time.perf_counter() - started))
-        return response
-
 
 TOKENS: Final = web.AppKey("tokens", TokenManager)
 API: Final = web.AppKey("api", ApiHandler)
@@ -104,6 +48,10 @@ async def _json_http_errors(request: web.Request, handler: Handler) -> web.Strea
 
 async def _api(request: web.Request) -> web.StreamResponse:
     return await request.app[API].handle(request)
+
+
+async def _expect(request: web.Request) -> web.StreamResponse | None:
+    return await request.app[API].expect(request)
 
 
 def upstream_session(tls: ssl.SSLContext, *, connections: int) -> aiohttp.ClientSession:
@@ -173,14 +121,10 @@ def make_app(
             await session.close()
             await token_session.close()
 
-    async def draining(app: web.Application) -> None:
-        log.info("draining", in_flight=app[API].in_flight)
-
     app.cleanup_ctx.append(lifetime)
-    app.on_shutdown.append(draining)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", _readyz)
-    app.router.add_route("*", "/{tail:.*}", _api)
+    app.router.add_route("*", "/{tail:.*}", _api, expect_handler=_expect)
     return app
 
 

@@ -15,7 +15,7 @@ from typing import Final, NoReturn
 from aiohttp import web
 
 from proxy import __version__
-from proxy.app import make_app
+from proxy.app import API, make_app
 from proxy.fake_sobot import FakeSobot
 from proxy.logs import configure_logging, get_logger
 from proxy.server import run, serve
@@ -178,6 +178,7 @@ def _run_serve(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
                 shutdown_grace=settings.shutdown_grace,
                 log=log,
                 on_listening=on_listening,
+                drain=lambda grace: app[API].drain(grace),
                 upstream=settings.base_url,
                 demo=args.demo,
             )

@@ -6,6 +6,7 @@
     ├── Unauthorized        401     980401  no valid client key (when client keys are set)
     ├── Forbidden           403     980403  a path or method outside the allow-lists
     ├── ClientTimeout       408     980408  the client stopped sending its request body
+    ├── ExpectationFailed   417     980417  an Expect header other than 100-continue
     ├── ClientGone          499     980499  the client went away (logged; nobody to answer)
     ├── BodyTooLarge        413     980413  a request body over the configured cap
     ├── UpstreamUnreachable 502     980502  cannot connect to Sobot, or it broke the exchange
@@ -84,6 +85,11 @@ class ClientTimeout(ProxyError):
     status = 408
     code = "980408"
     closes_connection = True
+
+
+class ExpectationFailed(ProxyError):
+    status = 417
+    code = "980417"
 
 
 class ClientGone(ProxyError):

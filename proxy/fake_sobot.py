@@ -14,6 +14,7 @@
     reset              the same, then the connection aborted (RST)
     stall              no answer at all, until the fake stops
     drop               the request read whole, then the connection closed with no answer
+    early              the echo at once, before the request's body is read (body_size 0)
     stall-body         Content-Length: 2048, 1024 bytes sent, then nothing until the fake stops
     download=N         a 200 of N bytes of `download_bytes(N)`, streamed (`download_sha256(N)`)
     slow-download=N    the same without Content-Length (chunked)
@@ -50,7 +51,7 @@ import struct
 import time
 import uuid
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Final
 
@@ -67,9 +68,11 @@ KEPT_BODY_LIMIT: Final = 1024 * 1024
 FAULT_HEADER: Final = "X-Fake-Fault"
 PARTIAL_LENGTH: Final = 2048  # what truncate, reset and stall-body announce...
 PARTIAL_SENT: Final = 1024  # ...and what they send
-_SIMPLE_FAULTS: Final = frozenset({"html502", "truncate", "reset", "stall", "stall-body", "drop"})
+_SIMPLE_FAULTS: Final = frozenset(
+    {"html502", "truncate", "reset", "stall", "stall-body", "drop", "early"}
+)
 _FAULT_HELP: Final = (
-    f"unknown {FAULT_HEADER} value; expected one of html502, truncate, reset, stall, drop, "
+    f"unknown {FAULT_HEADER} value; expected one of html502, truncate, reset, stall, drop, early, "
     "stall-body, download=N, slow-download=N (N bytes), delay=S (S seconds)"
 )
 BAD_GATEWAY_PAGE: Final = (
@@ -369,7 +372,9 @@ class FakeSobot:
         digest = hashlib.sha256()
         size = 0
         kept: bytearray | None = bytearray()
-        async for chunk in request.content.iter_any():
+        # `early` answers before reading the body, as a server may (an error, a redirect).
+        early = request.headers.get(FAULT_HEADER) == "early"
+        async for chunk in request.content.iter_any() if not early else _nothing():
             digest.update(chunk)
             size += len(chunk)
             if kept is not None and size <= KEPT_BODY_LIMIT:
@@ -425,6 +430,8 @@ class FakeSobot:
         """Answer as `fault` says; None: answer normally after all (delay)."""
         if fault.kind == "html502":
             return web.Response(status=502, text=BAD_GATEWAY_PAGE, content_type="text/html")
+        if fault.kind == "early":
+            return None  # the echo, without the body
         if fault.kind == "drop":
             _drop(request, reset=False)
             return web.Response(status=503)  # never sent: the connection is gone
@@ -509,6 +516,11 @@ def _parse_fault(value: str) -> _Fault:
             raise ValueError(value)
         return _Fault(kind, seconds=seconds)
     raise ValueError(value)
+
+
+async def _nothing() -> AsyncIterator[bytes]:
+    return
+    yield b""  # an async generator that yields nothing
 
 
 def _drop(request: web.Request, *, reset: bool) -> None:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from proxy.fake_sobot import FakeSobot
+from proxy.fake_sobot import FAULT_HEADER, FakeSobot
 from tests.conftest import send_raw
 
 
@@ -213,3 +213,52 @@ async def test_a_client_that_leaves_mid_upload_leaves_no_file_task_or_request_be
         while open_files_under(tmp_path) or len(asyncio.all_tasks()) > tasks_before:  # noqa: ASYNC110
             await asyncio.sleep(0.01)
     assert fake.stats.cancelled_requests == 1
+
+
+@pytest.mark.parametrize(
+    ("changes", "headers", "status"),
+    [
+        ({"max_body": 1000}, b"Content-Length: 5000\r\n", b"413"),
+        ({"client_keys": ("k" * 20,)}, b"Content-Length: 5\r\n", b"401"),
+        ({"allow_methods": ("GET",)}, b"Content-Length: 5\r\n", b"403"),
+    ],
+)
+async def test_expect_100_continue_is_refused_before_the_body_is_sent(
+    make_proxy, fake: FakeSobot, changes, headers, status
+):
+    proxy = await make_proxy(**changes)
+    # The final answer comes at once: the body is never sent.
+    answer = await send_raw(
+        proxy,
+        b"POST /api/5/file HTTP/1.1\r\nHost: p\r\nExpect: 100-continue\r\n" + headers + b"\r\n",
+    )
+    assert answer.startswith(b"HTTP/1.1 " + status)
+    assert b"Connection: close" in answer
+    assert b"100 Continue" not in answer
+    assert b'"ret_code":"980' in answer
+    assert fake.stats.api_calls == 0
+
+
+async def test_an_expectation_other_than_100_continue_gets_417(proxy, fake: FakeSobot):
+    answer = await send_raw(
+        proxy,
+        b"POST /api/5/file HTTP/1.1\r\nHost: p\r\nExpect: teapot\r\nContent-Length: 5\r\n\r\nhello",
+    )
+    assert answer.startswith(b"HTTP/1.1 417")
+    assert b'"ret_code":"980417"' in answer
+    assert fake.stats.api_calls == 0
+
+
+async def test_an_answer_that_comes_before_the_body_is_sent_is_relayed(make_proxy, fake: FakeSobot):
+    """Sobot may answer before reading a body; the rest of the upload must not break it."""
+    proxy = await make_proxy(upstream_timeout=2)
+    await proxy.get("/api/echo")
+    async with asyncio.timeout(20):
+        response = await proxy.post(
+            "/api/5/file/upload",
+            data=chunks(os.urandom(8 << 20)),
+            headers={FAULT_HEADER: "early"},
+        )
+        answer = await response.json()
+    assert answer["ret_code"] == "000000"
+    assert answer["item"]["body_size"] == 0

@@ -74,17 +74,66 @@ def test_a_request_in_flight_finishes_and_the_proxy_exits_0(tmp_path, signum):
         assert line["status"] == 200
 
 
-def test_a_request_still_running_after_the_grace_is_cut_and_logged(tmp_path):
-    with stack(tmp_path, SOBOT_SHUTDOWN_GRACE="0.5") as running:
+@pytest.mark.parametrize("grace", ["0", "1.5"])
+def test_a_request_still_running_after_the_grace_is_cut_and_logged(tmp_path, grace):
+    with stack(tmp_path, SOBOT_SHUTDOWN_GRACE=grace) as running:
         call = Call(f"{running.proxy_url}/api/stuck", "stall")
         call.start()
         wait_until(lambda: in_flight_at_fake(running), "at the fake")
+        signalled = time.monotonic()
         running.proxy.process.send_signal(signal.SIGTERM)
         assert running.proxy.process.wait(timeout=EXIT_TIMEOUT) == 0
+        # Cut when the grace runs out, not at twice it (aiohttp's own shutdown), nor never.
+        assert time.monotonic() - signalled < float(grace) + 2.5
         call.join(timeout=30)
         assert call.status is None
         assert call.error is not None  # the connection was closed without an answer
         [line] = [e for e in running.proxy_events("request") if e["path"] == "/api/stuck"]
-        assert line["error"].startswith("cancelled")
+        assert line["error"] == "cut: still running when the shutdown grace ran out"
         # The cut request's upstream exchange went with it.
         wait_until(lambda: running.fake_stats()["open_requests"] == 0, "idle at the fake")
+
+
+class Upload(threading.Thread):
+    """A slow upload through the proxy: `size` bytes, in pieces, with pauses between them."""
+
+    def __init__(self, url: str, size: int, pieces: int) -> None:
+        super().__init__()
+        self.url, self.size, self.pieces = url, size, pieces
+        self.sent = threading.Event()  # the first piece is on its way
+        self.status: int | None = None
+        self.answer: bytes = b""
+        self.error: BaseException | None = None
+
+    def body(self):
+        piece = b"u" * (self.size // self.pieces)
+        for index in range(self.pieces):
+            yield piece
+            if index == 0:
+                self.sent.set()
+            time.sleep(0.1)
+
+    def run(self) -> None:
+        request = urllib.request.Request(
+            self.url,
+            data=self.body(),
+            method="POST",
+            headers={"Content-Length": str(self.size // self.pieces * self.pieces)},
+        )
+        try:
+            with OPENER.open(request, timeout=30) as response:
+                self.status, self.answer = response.status, response.read()
+        except (urllib.error.URLError, OSError) as exc:
+            self.error = exc
+
+
+def test_an_upload_still_arriving_at_sigterm_is_received_whole_and_answered(tmp_path):
+    with stack(tmp_path, SOBOT_SHUTDOWN_GRACE="10", SOBOT_UPSTREAM_TIMEOUT="2") as running:
+        upload = Upload(f"{running.proxy_url}/api/5/file/upload", 2_000_000, pieces=20)
+        upload.start()
+        assert upload.sent.wait(10)
+        running.proxy.process.send_signal(signal.SIGTERM)  # about 2 s of body still to come
+        upload.join(timeout=30)
+        assert upload.status == 200, upload.error
+        assert b'"body_size":2000000' in upload.answer
+        assert running.proxy.process.wait(timeout=EXIT_TIMEOUT) == 0

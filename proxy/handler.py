@@ -1,0 +1,132 @@
+"""Every request under the catch-all route: admission, dispatch, error answers, the log line,
+and the drain at shutdown.
+
+    admission   client key (401), request target (400/404), allow-lists (403)
+    dispatch    /api/get_token in any spelling -> answered locally; any other /api/ -> forwarded
+    answers     a ProxyError becomes its JSON answer; anything else a plain 500
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import structlog
+from aiohttp import HttpVersion11, hdrs, web
+
+from proxy.access import AccessPolicy
+from proxy.errors import ExpectationFailed, InternalError, ProxyError
+from proxy.forward import Forwarder
+from proxy.local_token import LocalTokenEndpoint
+from proxy.paths import is_get_token, split_target
+from proxy.request_log import RequestRecord
+
+
+class ApiHandler:
+    def __init__(
+        self,
+        *,
+        access: AccessPolicy,
+        forwarder: Forwarder,
+        local_token: LocalTokenEndpoint,
+        log: structlog.typing.FilteringBoundLogger,
+    ) -> None:
+        self._access = access
+        self._forwarder = forwarder
+        self._local_token = local_token
+        self._log = log
+        self._running: set[asyncio.Task[object]] = set()
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._draining = False
+        self._cutting = False
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._running)
+
+    def _admit(self, request: web.BaseRequest) -> tuple[str, str]:
+        """The (path, query) to serve, once the request may be served at all."""
+        # Authentication comes first, so a caller without a key learns nothing else.
+        self._access.authenticate(request.headers)
+        path, query = split_target(request.raw_path)
+        self._access.authorize(request.method, path)
+        return path, query
+
+    async def expect(self, request: web.Request) -> web.StreamResponse | None:
+        """`Expect: 100-continue`: refuse before the client sends its body, or invite it."""
+        started = time.perf_counter()
+        try:
+            path, _ = self._admit(request)
+            if not is_get_token(path):
+                self._forwarder.check_declared_length(request)
+                self._forwarder.check_capacity()
+            if request.headers.get(hdrs.EXPECT, "").lower() != "100-continue":
+                raise ExpectationFailed("only `Expect: 100-continue` is understood")
+        except ProxyError as exc:
+            record = RequestRecord(request.method, request.path)
+            record.status, record.ret_code, record.error = exc.status, exc.ret_code, exc.message
+            self._log.info("request", **record.fields(time.perf_counter() - started))
+            response = exc.to_response()
+            response.force_close()  # the body was never invited: it cannot follow on this one
+            return response
+        if request.version == HttpVersion11:
+            await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+            request.writer.output_size = 0  # the interim answer is not the answer
+        return None
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        started = time.perf_counter()
+        record = RequestRecord(request.method, request.path)
+        response: web.StreamResponse
+        task = asyncio.current_task()
+        if task is not None:
+            self._running.add(task)
+            self._idle.clear()
+        try:
+            path, query = self._admit(request)
+            record.path = path
+            if is_get_token(path):
+                response, record.ret_code = await self._local_token.answer(request)
+                record.status = response.status
+            else:
+                response = await self._forwarder.forward(request, path, query, record)
+        except ProxyError as exc:
+            record.status, record.ret_code, record.error = exc.status, exc.ret_code, exc.message
+            response = exc.to_response()
+        except asyncio.CancelledError:
+            record.error = (
+                "cut: still running when the shutdown grace ran out"
+                if self._cutting
+                else "cancelled: the client went away"
+            )
+            self._log.info("request", **record.fields(time.perf_counter() - started))
+            raise
+        except Exception:
+            self._log.exception("internal_error", method=record.method, path=record.path)
+            error = InternalError("the proxy failed to handle the request; see its log")
+            record.status, record.ret_code = error.status, error.ret_code
+            response = error.to_response()
+        finally:
+            if task is not None:
+                self._running.discard(task)
+            if not self._running:
+                self._idle.set()
+        if self._draining and not response.prepared:
+            response.force_close()  # stopping: a kept-alive client should not send another
+        self._log.info("request", **record.fields(time.perf_counter() - started))
+        return response
+
+    async def drain(self, grace: float) -> None:
+        """Let requests in flight finish within `grace` seconds; cut (and log) the rest."""
+        self._draining = True
+        self._log.info("draining", in_flight=self.in_flight, grace_s=grace)
+        try:
+            async with asyncio.timeout(grace):
+                await self._idle.wait()
+        except TimeoutError:
+            self._cutting = True
+            running = list(self._running)
+            for task in running:
+                task.cancel()
+            await asyncio.gather(*running, return_exceptions=True)
