@@ -17,6 +17,10 @@
   refreshing at once would rotate the token for everyone on every such request.
 - After a failed fetch, callers get the failure at once until a backoff (doubling, capped) has
   passed, rather than each calling get_token again.
+- Tokens are obtained through a store (store.py): in one process it only remembers; shared in
+  Redis, it lets replicas adopt the token one of them fetched, and tells them when it changes.
+  If the store cannot be reached, a replica renews alone, serves on, and reconciles with the
+  store when it is back.
 """
 
 from __future__ import annotations
@@ -34,7 +38,7 @@ import structlog
 from proxy import protocol
 from proxy.errors import TokenUnavailable
 from proxy.logs import Secrets
-from proxy.protocol import IssuedToken
+from proxy.store import MemoryTokenStore, StoredToken, StoreUnavailable, TokenStore
 from proxy.token_source import TokenSource
 
 # Renew at no earlier than this fraction of a token's life, whatever the margin.
@@ -82,7 +86,9 @@ class TokenManager:
         backoff: Backoff = Backoff(),
         min_rotation_interval: float = 1.0,
         clock: Callable[[], float] = time.monotonic,
+        wall_clock: Callable[[], float] = time.time,
         secrets: Secrets | None = None,
+        store: TokenStore | None = None,
     ) -> None:
         self._source = source
         self._refresh_margin = refresh_margin
@@ -90,6 +96,11 @@ class TokenManager:
         self._backoff = backoff
         self._min_rotation_interval = min_rotation_interval
         self._clock = clock
+        self._wall_clock = wall_clock
+        self._store: TokenStore = store if store is not None else MemoryTokenStore()
+        self._held: StoredToken | None = None  # the current token as the store knows it
+        self._unsaved = False  # renewed alone while the store was down: reconcile when back
+        self._watcher: asyncio.Task[None] | None = None
         self._secrets = secrets if secrets is not None else Secrets()
         self._cache: cachetools.TLRUCache[str, Token] = cachetools.TLRUCache(
             maxsize=1, ttu=lambda _key, token, _now: token.expires_at, timer=clock
@@ -116,7 +127,8 @@ class TokenManager:
         token = self._cache.get(_KEY)
         if token is not None:
             return token
-        return await self._shared_fetch()
+        # Whatever was held has expired: any token but that one.
+        return await self._shared_fetch(stale=None if self._held is None else self._held.value)
 
     async def replace(self, rejected: Token) -> Token:
         """A token to replay with after Sobot rejected `rejected` (900002 / 900001)."""
@@ -135,23 +147,23 @@ class TokenManager:
             # Known rejected: never hand it out again.
             del self._cache[_KEY]
             self._changed.set()
-        return await self._shared_fetch()
+        return await self._shared_fetch(stale=rejected.value)
 
     # -- fetching --------------------------------------------------------------------------
 
-    async def _shared_fetch(self) -> Token:
+    async def _shared_fetch(self, *, stale: str | None) -> Token:
+        """The one fetch everyone waiting shares; `stale` is the token it must replace."""
         if self._inflight is None:
             if self._last_error is not None and self._clock() < self._retry_at:
                 raise TokenUnavailable(self._last_error.message, ret_code=self._last_error.ret_code)
-            self._inflight = asyncio.create_task(self._fetch(), name="sobot-get-token")
+            self._inflight = asyncio.create_task(self._fetch(stale), name="sobot-get-token")
             # Waiters may all be cancelled; retrieve a failure so asyncio does not report it.
             self._inflight.add_done_callback(lambda task: task.cancelled() or task.exception())
         return await asyncio.shield(self._inflight)
 
-    async def _fetch(self) -> Token:
-        sent_at = self._clock()
+    async def _fetch(self, stale: str | None) -> Token:
         try:
-            issued = await self._fetch_from_source()
+            stored = await self._obtain(stale)
         except TokenUnavailable as exc:
             self._failures += 1
             self._retry_at = self._clock() + self._backoff.delay(self._failures)
@@ -165,41 +177,121 @@ class TokenManager:
                 )
             raise
         else:
-            self._serial += 1
-            self._secrets.add(issued.value)
-            token = Token(issued.value, self._serial, sent_at + issued.lifetime, issued.lifetime)
-            self._cache[_KEY] = token
             self._failures = 0
             self._retry_at = 0.0
             self._last_error = None
-            return token
+            return self._install(stored)
         finally:
             self._inflight = None
             self._changed.set()
 
-    async def _fetch_from_source(self) -> IssuedToken:
+    async def _obtain(self, stale: str | None) -> StoredToken:
+        """A token that will do: another replica's from the store, else a new one."""
         try:
-            return await self._source.fetch()
+            found = await self._store.load()
+            if self._will_do(found, stale):
+                assert found is not None
+                return found
+            async with self._store.renewal_lock():
+                # The lock's previous holder may have renewed it meanwhile.
+                found = await self._store.load()
+                if self._will_do(found, stale):
+                    assert found is not None
+                    return found
+                fresh = await self._fetch_from_source()
+                try:
+                    await self._store.save(fresh)
+                except StoreUnavailable as exc:
+                    self._renewing_alone(exc)
+                return fresh
+        except StoreUnavailable as exc:
+            self._renewing_alone(exc)
+            return await self._fetch_from_source()
+
+    def _renewing_alone(self, exc: StoreUnavailable) -> None:
+        self._unsaved = True
+        self._log.warning(
+            "token_store_unavailable",
+            reason=str(exc),
+            detail="renewing the token alone; the replicas agree on one again when it is back",
+        )
+
+    def _will_do(self, found: StoredToken | None, stale: str | None) -> bool:
+        """A stored token will do if it is not the one to replace and not itself due."""
+        if found is None or found.value == stale:
+            return False
+        margin = min(self._refresh_margin, (1 - LATEST_RENEWAL_FRACTION) * found.lifetime)
+        return self._wall_clock() < found.expires_at - margin
+
+    async def _fetch_from_source(self) -> StoredToken:
+        issued_at = self._wall_clock()
+        try:
+            issued = await self._source.fetch()
         except TokenUnavailable:
             raise
         except Exception as exc:
             # A bug, not Sobot: log it; the backoff and the refresher carry on as for a failure.
             self._log.exception("get_token_internal_error")
             raise TokenUnavailable("the proxy failed to fetch a token; see its log") from exc
+        return StoredToken(issued.value, issued_at, issued.lifetime)
+
+    def _install(self, stored: StoredToken) -> Token:
+        """Make `stored` the token every request gets, on this process's monotonic clock."""
+        self._serial += 1
+        self._secrets.add(stored.value)
+        # Counted from when it was issued (the fetch was sent), so it ends before Sobot's does.
+        expires_at = self._clock() + (stored.expires_at - self._wall_clock())
+        token = Token(stored.value, self._serial, expires_at, stored.lifetime)
+        self._cache[_KEY] = token
+        self._held = stored
+        self._changed.set()
+        return token
+
+    # -- the shared store ------------------------------------------------------------------
+
+    async def _watch_store(self) -> None:
+        """Adopt a token another replica stored; after an outage, agree on one again."""
+        async for _ in self._store.changes():
+            try:
+                found = await self._store.load()
+                if self._unsaved:
+                    await self._reconcile(found)
+                elif found is not None and self._is_newer(found) and self._will_do(found, None):
+                    self._install(found)
+                    self._log.info("token_adopted", lifetime_s=found.lifetime)
+            except StoreUnavailable:
+                continue
+
+    def _is_newer(self, found: StoredToken) -> bool:
+        held = self._held
+        return held is None or (found.value != held.value and found.issued_at > held.issued_at)
+
+    async def _reconcile(self, found: StoredToken | None) -> None:
+        """Back from an outage: the newest token is the one Sobot honours; share that one."""
+        held = self._held
+        if held is not None and (found is None or held.issued_at > found.issued_at):
+            await self._store.save(held)
+        elif found is not None and self._will_do(found, None):
+            self._install(found)
+        self._unsaved = False
+        self._log.info("token_store_reconciled")
 
     # -- background renewal ----------------------------------------------------------------
 
     def start(self) -> None:
-        """Start the background refresher; it fetches the first token at once."""
+        """Start the background refresher (it obtains the first token at once) and, with a
+        shared store, the watcher that adopts tokens other replicas store."""
         self._refresher = asyncio.create_task(self._refresh_forever(), name="sobot-token-refresher")
+        if self._store.shared:
+            self._watcher = asyncio.create_task(self._watch_store(), name="sobot-token-watcher")
 
     async def stop(self) -> None:
-        for task in (self._refresher, self._inflight):
+        for task in (self._refresher, self._watcher, self._inflight):
             if task is not None:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
-        self._refresher = None
+        self._refresher = self._watcher = None
 
     def renewal_due_in(self) -> float:
         """Seconds until the refresher should fetch (0 or less: now)."""
@@ -223,8 +315,9 @@ class TokenManager:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._changed.wait(), delay)
                 continue
+            current = self._cache.get(_KEY)
             with contextlib.suppress(TokenUnavailable):  # logged by the source; backoff applies
-                await self._shared_fetch()
+                await self._shared_fetch(stale=None if current is None else current.value)
 
     # -- health ----------------------------------------------------------------------------
 

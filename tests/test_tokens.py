@@ -43,7 +43,9 @@ class GatedSource:
 
 
 def manager(source: GatedSource, clock: Clock, **kwargs) -> TokenManager:
-    return TokenManager(source, refresh_margin=300, log=get_logger(), clock=clock, **kwargs)
+    return TokenManager(
+        source, refresh_margin=300, log=get_logger(), clock=clock, wall_clock=clock, **kwargs
+    )
 
 
 async def eventually(check: Callable[[], Awaitable[bool]]) -> None:
@@ -129,7 +131,9 @@ async def test_failures_back_off_exponentially_with_a_cap():
 )
 async def test_renewal_is_due_late_in_the_tokens_life(lifetime, margin, renew_after):
     clock, source = Clock(), GatedSource(lifetime=lifetime)
-    tokens = TokenManager(source, refresh_margin=margin, log=get_logger(), clock=clock)
+    tokens = TokenManager(
+        source, refresh_margin=margin, log=get_logger(), clock=clock, wall_clock=clock
+    )
     await tokens.get()
     assert tokens.renewal_due_in() == pytest.approx(renew_after)
 

@@ -1,0 +1,184 @@
+"""Where the token lives: in this process, or in Redis, shared by every replica of an appid.
+
+Every get_token call rotates the token for everyone on the appid, so replicas that each fetched
+their own would knock each other over. With a shared store they renew it together:
+
+- A replica that needs a token first looks in the store. Only if the stored one will not do
+  (missing, rejected, or itself due for renewal) does it take the renewal lock, look again (the
+  lock's previous holder may just have renewed it), fetch, and save the new token.
+- The lock has a lease: a replica that dies holding it holds it no longer than the lease. It is
+  released only by its holder (redis-py's Lock checks the holder's token in a script).
+- Saving publishes a message on a channel; every replica listens, and also looks every
+  POLL_INTERVAL seconds in case a message was missed (a reconnect), so it learns of a new token
+  within a moment. Requests never wait on Redis: each replica serves the token it holds.
+
+The token is stored in clear: protect Redis as you protect the app_key (a password, TLS with
+rediss://, a private network).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Final, Protocol
+
+import orjson
+import redis.asyncio as aioredis
+import redis.exceptions
+import structlog
+
+from proxy.errors import TokenUnavailable
+
+POLL_INTERVAL: Final = 5.0
+RECONNECT_DELAY: Final = 1.0
+
+
+@dataclass(frozen=True, slots=True)
+class StoredToken:
+    value: str
+    issued_at: float  # wall clock (time.time()): replicas compare it across machines
+    lifetime: float
+
+    @property
+    def expires_at(self) -> float:
+        return self.issued_at + self.lifetime
+
+    def __repr__(self) -> str:  # the value is a credential
+        return f"StoredToken(issued_at={self.issued_at}, lifetime={self.lifetime})"
+
+
+class StoreUnavailable(Exception):
+    """The shared store cannot be reached; the caller falls back to working alone."""
+
+
+class TokenStore(Protocol):
+    shared: bool
+
+    async def load(self) -> StoredToken | None: ...
+
+    async def save(self, token: StoredToken) -> None: ...
+
+    def renewal_lock(self) -> contextlib.AbstractAsyncContextManager[None]: ...
+
+    def changes(self) -> AsyncIterator[None]:
+        """Yields whenever the stored token may have changed (and now and then regardless)."""
+        ...
+
+    async def close(self) -> None: ...
+
+
+class MemoryTokenStore:
+    """One process: the token manager's own single flight is all the coordination needed."""
+
+    shared = False
+
+    def __init__(self) -> None:
+        self._token: StoredToken | None = None
+
+    async def load(self) -> StoredToken | None:
+        return self._token
+
+    async def save(self, token: StoredToken) -> None:
+        self._token = token
+
+    @contextlib.asynccontextmanager
+    async def renewal_lock(self) -> AsyncIterator[None]:
+        yield
+
+    async def changes(self) -> AsyncIterator[None]:
+        await asyncio.Event().wait()  # nobody else changes it
+        yield  # pragma: no cover
+
+    async def close(self) -> None:
+        pass
+
+
+class RedisTokenStore:
+    shared = True
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        appid: str,
+        password: str | None,
+        lease: float,
+        log: structlog.typing.FilteringBoundLogger,
+    ) -> None:
+        # Short socket timeouts: the store is on the renewal path, never on a request's.
+        self._redis = aioredis.Redis.from_url(
+            url, password=password, socket_timeout=2.0, socket_connect_timeout=2.0
+        )
+        prefix = f"sobot-proxy:{appid}:"
+        self._token_key = prefix + "token"
+        self._lock_key = prefix + "renewal-lock"
+        self._channel = prefix + "new-token"
+        self._lease = lease
+        self._log = log
+
+    async def load(self) -> StoredToken | None:
+        try:
+            raw = await self._redis.get(self._token_key)
+        except redis.exceptions.RedisError as exc:
+            raise StoreUnavailable(type(exc).__name__) from exc
+        if raw is None:
+            return None
+        try:
+            fields = orjson.loads(raw)
+            return StoredToken(
+                str(fields["value"]), float(fields["issued_at"]), float(fields["lifetime"])
+            )
+        except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
+            return None  # not ours, or from an incompatible version: as if there were none
+
+    async def save(self, token: StoredToken) -> None:
+        record = {"value": token.value, "issued_at": token.issued_at, "lifetime": token.lifetime}
+        try:
+            # Stored with its own expiry, so Redis never hands out a dead token.
+            await self._redis.set(
+                self._token_key, orjson.dumps(record), px=max(1, int(token.lifetime * 1000))
+            )
+            await self._redis.publish(self._channel, b"renewed")
+        except redis.exceptions.RedisError as exc:
+            raise StoreUnavailable(type(exc).__name__) from exc
+
+    @contextlib.asynccontextmanager
+    async def renewal_lock(self) -> AsyncIterator[None]:
+        lock = self._redis.lock(
+            self._lock_key,
+            timeout=self._lease,
+            # Long enough to outlast a holder that died: its lease then runs out.
+            blocking_timeout=self._lease + 5,
+        )
+        try:
+            acquired = await lock.acquire()
+        except redis.exceptions.RedisError as exc:
+            raise StoreUnavailable(type(exc).__name__) from exc
+        if not acquired:
+            raise TokenUnavailable("another replica is renewing the token and has not finished")
+        try:
+            yield
+        finally:
+            # Not ours any more if the lease ran out meanwhile: nothing to release then.
+            with contextlib.suppress(redis.exceptions.RedisError):
+                await lock.release()
+
+    async def changes(self) -> AsyncIterator[None]:
+        while True:
+            try:
+                async with self._redis.pubsub() as pubsub:
+                    await pubsub.subscribe(self._channel)
+                    yield  # (re)connected: look now
+                    while True:
+                        await pubsub.get_message(
+                            ignore_subscribe_messages=True, timeout=POLL_INTERVAL
+                        )
+                        yield  # a message, or a poll's worth of time
+            except redis.exceptions.RedisError as exc:
+                self._log.warning("token_store_unavailable", reason=type(exc).__name__)
+                await asyncio.sleep(RECONNECT_DELAY)
+
+    async def close(self) -> None:
+        await self._redis.aclose()
