@@ -15,6 +15,7 @@ from __future__ import annotations
 import ssl
 from collections.abc import AsyncIterator
 from typing import Final
+from urllib.parse import urlsplit
 
 import aiohttp
 from aiohttp import web
@@ -28,6 +29,7 @@ from proxy.health import healthz, readyz
 from proxy.local_token import LocalTokenEndpoint
 from proxy.logs import Secrets, get_logger
 from proxy.settings import Settings
+from proxy.store import make_store
 from proxy.token_source import SobotTokenSource
 from proxy.tokens import Backoff, TokenManager
 
@@ -77,7 +79,8 @@ def make_app(
 ) -> web.Application:
     """The proxy for `settings`; `secrets` is the logs' registry of values never to show."""
     secrets = secrets if secrets is not None else Secrets()
-    for key in (settings.app_key, *settings.client_keys):
+    store_password = urlsplit(settings.token_store).password or settings.token_store_password
+    for key in (settings.app_key, *settings.client_keys, store_password or ""):
         secrets.add(key, lasting=True)
     app = web.Application(middlewares=[_json_http_errors])
     log = get_logger()
@@ -97,8 +100,17 @@ def make_app(
             log=log,
             secrets=secrets,
         )
+        store = make_store(
+            settings.token_store,
+            appid=settings.appid,
+            password=settings.token_store_password,
+            # A renewal holds the lock no longer than a get_token can take, and then some.
+            lease=settings.connect_timeout + settings.upstream_timeout + 5,
+            log=log,
+        )
         tokens = TokenManager(
             source,
+            store=store,
             refresh_margin=settings.refresh_margin,
             log=log,
             backoff=backoff or Backoff(),
@@ -118,6 +130,7 @@ def make_app(
             yield
         finally:
             await tokens.stop()
+            await store.close()
             await session.close()
             await token_session.close()
 

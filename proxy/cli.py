@@ -30,6 +30,7 @@ from proxy.settings import (
     is_loopback,
     load_settings,
 )
+from proxy.store import describe_store
 
 DEMO_APPID: Final = "demo-appid"
 DEMO_APP_KEY: Final = "demo-app-key"
@@ -180,6 +181,7 @@ def _run_serve(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
                 on_listening=on_listening,
                 drain=lambda grace: app[API].drain(grace),
                 upstream=settings.base_url,
+                token_store=describe_store(settings.token_store),
                 demo=args.demo,
             )
         )

@@ -44,6 +44,8 @@ class Settings:
     allow_methods: tuple[str, ...] = ()  # empty: every method
     ca_bundle: str | None = None  # None: the system's trusted CAs
     allow_insecure_upstream: bool = False
+    token_store: str = field(default="memory", repr=False)  # "memory" or a redis(s):// URL
+    token_store_password: str | None = field(default=None, repr=False)
     log_level: str = "info"
     log_format: str = "json"
 
@@ -186,6 +188,24 @@ def _readable_file(value: Any) -> str:
     if not os.path.isfile(path) or not os.access(path, os.R_OK):
         raise ValueError(f"{value!r} is not a file the proxy can read")
     return path
+
+
+def _token_store(value: Any) -> str:
+    text = _text(value)
+    if text == "memory":
+        return text
+    try:
+        parts = urlsplit(text)
+        parts.port  # noqa: B018 -- raises ValueError on a bad port
+    except ValueError:
+        raise ValueError("is not memory or a valid redis:// or rediss:// URL") from None
+    # The value is not repeated in messages: the URL may carry a password.
+    if parts.scheme not in ("redis", "rediss") or not parts.hostname:
+        raise ValueError("is not memory or a redis://host:port/db or rediss:// URL")
+    db = parts.path.strip("/")
+    if db and not db.isdigit():
+        raise ValueError("names a database that is not a number (redis://host:port/0)")
+    return text
 
 
 def _host(value: Any) -> str:
@@ -361,6 +381,14 @@ OPTIONS: Final = (
         switch=True,
     ),
     Option(
+        "token_store",
+        "SOBOT_TOKEN_STORE",
+        "--token-store",
+        _token_store,
+        "memory",
+        "memory (one process) or redis://host:port/db / rediss://... to share the token",
+    ),
+    Option(
         "log_level",
         "SOBOT_LOG_LEVEL",
         "--log-level",
@@ -402,6 +430,14 @@ SECRETS: Final = (
         False,
         True,
         "keys clients present as `Authorization: Bearer <key>`",
+    ),
+    SecretSetting(
+        "token_store_password",
+        "SOBOT_TOKEN_STORE_PASSWORD",
+        "SOBOT_TOKEN_STORE_PASSWORD_FILE",
+        False,
+        False,
+        "the Redis password, if not in the URL",
     ),
 )
 APP_KEY_ENV: Final = "SOBOT_APP_KEY"
@@ -475,7 +511,13 @@ def load_settings(
         raise ConfigError(problems)
     region = values.pop("region")
     values["base_url"] = values["base_url"] or REGIONS[region]
-    settings = Settings(app_key=secrets["app_key"][0], client_keys=secrets["client_keys"], **values)
+    password = secrets["token_store_password"]
+    settings = Settings(
+        app_key=secrets["app_key"][0],
+        client_keys=secrets["client_keys"],
+        token_store_password=password[0] if password else None,
+        **values,
+    )
     problems = _unsafe_combinations(settings)
     if problems:
         raise ConfigError(problems)

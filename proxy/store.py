@@ -23,6 +23,7 @@ import contextlib
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Final, Protocol
+from urllib.parse import urlsplit, urlunsplit
 
 import orjson
 import redis.asyncio as aioredis
@@ -31,7 +32,7 @@ import structlog
 
 from proxy.errors import TokenUnavailable
 
-POLL_INTERVAL: Final = 5.0
+POLL_INTERVAL: Final = 2.0
 RECONNECT_DELAY: Final = 1.0
 
 
@@ -47,6 +48,31 @@ class StoredToken:
 
     def __repr__(self) -> str:  # the value is a credential
         return f"StoredToken(issued_at={self.issued_at}, lifetime={self.lifetime})"
+
+
+def describe_store(url: str) -> str:
+    """The store's URL without its password, for logs."""
+    if url == "memory":
+        return url
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    netloc = f"[{host}]" if ":" in host else host
+    if parts.port is not None:
+        netloc += f":{parts.port}"
+    return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
+
+
+def make_store(
+    url: str,
+    *,
+    appid: str,
+    password: str | None,
+    lease: float,
+    log: structlog.typing.FilteringBoundLogger,
+) -> TokenStore:
+    if url == "memory":
+        return MemoryTokenStore()
+    return RedisTokenStore(url, appid=appid, password=password, lease=lease, log=log)
 
 
 class StoreUnavailable(Exception):
@@ -172,9 +198,13 @@ class RedisTokenStore:
                     await pubsub.subscribe(self._channel)
                     yield  # (re)connected: look now
                     while True:
-                        await pubsub.get_message(
-                            ignore_subscribe_messages=True, timeout=POLL_INTERVAL
-                        )
+                        # Bounded on our side too: a reconnect inside redis-py must not keep
+                        # the poll from happening.
+                        with contextlib.suppress(TimeoutError):
+                            async with asyncio.timeout(POLL_INTERVAL):
+                                await pubsub.get_message(
+                                    ignore_subscribe_messages=True, timeout=POLL_INTERVAL
+                                )
                         yield  # a message, or a poll's worth of time
             except redis.exceptions.RedisError as exc:
                 self._log.warning("token_store_unavailable", reason=type(exc).__name__)

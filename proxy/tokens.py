@@ -133,21 +133,28 @@ class TokenManager:
     async def replace(self, rejected: Token) -> Token:
         """A token to replay with after Sobot rejected `rejected` (900002 / 900001)."""
         current = self._cache.get(_KEY)
-        if current is not None and current.serial > rejected.serial:
-            return current
+        if current is not None and current.value != rejected.value:
+            return current  # a newer one is held already
         if current is not None and self._inflight is None:
             too_young_by = current.obtained_at + self._min_rotation_interval - self._clock()
             if too_young_by > 0:
                 self._log.warning("young_token_rejected", wait_s=round(too_young_by, 3))
                 await asyncio.sleep(too_young_by)
                 current = self._cache.get(_KEY)
-                if current is not None and current.serial > rejected.serial:
+                if current is not None and current.value != rejected.value:
                     return current
-        if current is not None and current.serial == rejected.serial:
-            # Known rejected: never hand it out again.
-            del self._cache[_KEY]
-            self._changed.set()
-        return await self._shared_fetch(stale=rejected.value)
+        for _ in range(2):
+            current = self._cache.get(_KEY)
+            if current is not None and current.value == rejected.value:
+                # Known rejected: never hand it out again.
+                del self._cache[_KEY]
+                self._changed.set()
+            token = await self._shared_fetch(stale=rejected.value)
+            if token.value != rejected.value:
+                return token
+            # The fetch under way when we joined was obtaining a token for another reason,
+            # and came back with the rejected one: one more, for this reason.
+        raise TokenUnavailable("Sobot keeps rejecting the token it issued; see the proxy's log")
 
     # -- fetching --------------------------------------------------------------------------
 
@@ -237,6 +244,9 @@ class TokenManager:
 
     def _install(self, stored: StoredToken) -> Token:
         """Make `stored` the token every request gets, on this process's monotonic clock."""
+        current = self._cache.get(_KEY)
+        if current is not None and current.value == stored.value:
+            return current  # already held (the watcher and a fetch may both bring it)
         self._serial += 1
         self._secrets.add(stored.value)
         # Counted from when it was issued (the fetch was sent), so it ends before Sobot's does.
@@ -253,26 +263,32 @@ class TokenManager:
         """Adopt a token another replica stored; after an outage, agree on one again."""
         async for _ in self._store.changes():
             try:
-                found = await self._store.load()
                 if self._unsaved:
-                    await self._reconcile(found)
-                elif found is not None and self._is_newer(found) and self._will_do(found, None):
+                    await self._reconcile()
+                    continue
+                found = await self._store.load()
+                if found is not None and self._is_newer(found) and self._will_do(found, None):
                     self._install(found)
                     self._log.info("token_adopted", lifetime_s=found.lifetime)
-            except StoreUnavailable:
-                continue
+            except (StoreUnavailable, TokenUnavailable):
+                continue  # the store is down, or busy: the next change or poll tries again
 
     def _is_newer(self, found: StoredToken) -> bool:
         held = self._held
         return held is None or (found.value != held.value and found.issued_at > held.issued_at)
 
-    async def _reconcile(self, found: StoredToken | None) -> None:
-        """Back from an outage: the newest token is the one Sobot honours; share that one."""
-        held = self._held
-        if held is not None and (found is None or held.issued_at > found.issued_at):
-            await self._store.save(held)
-        elif found is not None and self._will_do(found, None):
-            self._install(found)
+    async def _reconcile(self) -> None:
+        """Back from an outage: the newest token is the one Sobot honours; share that one.
+
+        Under the renewal lock, so that replicas reconciling at once compare in turn.
+        """
+        async with self._store.renewal_lock():
+            found = await self._store.load()
+            held = self._held
+            if held is not None and (found is None or held.issued_at > found.issued_at):
+                await self._store.save(held)
+            elif found is not None and self._will_do(found, None):
+                self._install(found)
         self._unsaved = False
         self._log.info("token_store_reconciled")
 

@@ -1,0 +1,107 @@
+"""One token for many proxies: replicas sharing a real Redis, against one fake Sobot."""
+
+from __future__ import annotations
+
+import asyncio
+
+import redis.asyncio as aioredis
+
+from proxy.fake_sobot import FakeSobot
+from tests.conftest import APPID, CapturedLogs, RedisServer, tokens_of
+
+
+async def same_token(*proxies) -> bool:
+    values = {tokens_of(p).current().value if tokens_of(p).current() else None for p in proxies}
+    return len(values) == 1 and None not in values
+
+
+async def eventually(check) -> None:
+    async with asyncio.timeout(15):
+        while not await check():  # noqa: ASYNC110 -- the state of other replicas is polled
+            await asyncio.sleep(0.02)
+
+
+async def test_a_second_replica_adopts_the_first_ones_token(
+    make_proxy, fake: FakeSobot, redis_server: RedisServer
+):
+    first = await make_proxy(token_store=redis_server.url)
+    await fake.wait_for_get_token_calls(1)
+    await eventually(lambda: same_token(first))
+    second = await make_proxy(token_store=redis_server.url)
+    await eventually(lambda: same_token(first, second))
+    for proxy in (first, second):
+        assert (await (await proxy.get("/api/echo")).json())["ret_code"] == "000000"
+    assert fake.stats.get_token_calls == 1
+
+
+async def test_an_expiry_seen_by_every_replica_costs_one_get_token(
+    make_proxy, fake: FakeSobot, redis_server: RedisServer
+):
+    replicas = [await make_proxy(token_store=redis_server.url) for _ in range(3)]
+    await eventually(lambda: same_token(*replicas))
+    fake.expire_token()
+
+    async def call(proxy) -> str:
+        return (await (await proxy.post("/api/echo", data=b"x")).json())["ret_code"]
+
+    async with asyncio.timeout(30):
+        codes = await asyncio.gather(*(call(p) for p in replicas for _ in range(20)))
+    assert set(codes) == {"000000"}
+    assert fake.stats.get_token_calls == 2  # the first token, and one renewal for all
+    await eventually(lambda: same_token(*replicas))
+
+
+async def test_replicas_renew_once_per_lifetime_not_once_each(
+    make_proxy, fake: FakeSobot, redis_server: RedisServer
+):
+    fake.set_lifetime(1.0)
+    replicas = [await make_proxy(token_store=redis_server.url) for _ in range(3)]
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 4
+    codes = []
+    async with asyncio.timeout(30):
+        while loop.time() < deadline:
+            for proxy in replicas:
+                codes.append((await (await proxy.get("/api/echo")).json())["ret_code"])
+    assert set(codes) == {"000000"}
+    # About one per second of lifetime (renewed at 90%), not three per second.
+    assert fake.stats.get_token_calls <= 7
+
+
+async def test_with_redis_down_replicas_serve_on_renew_alone_and_agree_again_after(
+    make_proxy, fake: FakeSobot, redis_server: RedisServer, logs: CapturedLogs
+):
+    first = await make_proxy(token_store=redis_server.url)
+    second = await make_proxy(token_store=redis_server.url)
+    await eventually(lambda: same_token(first, second))
+    redis_server.stop()
+    assert (await (await first.get("/api/echo")).json())["ret_code"] == "000000"
+    fake.expire_token()  # a renewal is due while the store is down
+    for proxy in (first, second):
+        assert (await (await proxy.get("/api/echo")).json())["ret_code"] == "000000"
+    assert logs.events("token_store_unavailable")
+    redis_server.start()
+    await eventually(lambda: same_token(first, second))
+    for proxy in (first, second):
+        assert (await (await proxy.get("/api/echo")).json())["ret_code"] == "000000"
+    assert logs.events("token_store_reconciled")
+
+
+async def test_a_replica_that_died_holding_the_lock_holds_it_no_longer_than_its_lease(
+    make_proxy, fake: FakeSobot, redis_server: RedisServer
+):
+    client = aioredis.Redis.from_url(redis_server.url)
+    try:
+        # A replica takes the renewal lock with a 2 s lease, and dies without releasing it.
+        lock = client.lock(f"sobot-proxy:{APPID}:renewal-lock", timeout=2)
+        assert await lock.acquire(blocking=False)
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        proxy = await make_proxy(token_store=redis_server.url)
+        async with asyncio.timeout(20):
+            response = await proxy.get("/api/echo")
+        assert (await response.json())["ret_code"] == "000000"
+        assert loop.time() - started >= 1.5  # it waited for the lease, then took over
+        assert fake.stats.get_token_calls == 1
+    finally:
+        await client.aclose()
