@@ -272,6 +272,8 @@ VALUE_ERRORS = [
     ({}, {"SOBOT_LOG_LEVEL": "verbose"}, "SOBOT_LOG_LEVEL: 'verbose' is not one of debug, info"),
     ({"log_format": "xml"}, {}, "--log-format: 'xml' is not one of json, console"),
     ({}, {"SOBOT_MAX_BODY": "lots"}, "SOBOT_MAX_BODY: 'lots' is not a size in bytes"),
+    ({}, {"SOBOT_TOKEN_STORE": "ftp://h"}, "SOBOT_TOKEN_STORE: is not memory or a redis://"),
+    ({}, {"SOBOT_TOKEN_STORE": "redis://:pw@h/x"}, "SOBOT_TOKEN_STORE: names a database that"),
     ({}, {"SOBOT_MAX_BODY": "12kb"}, "SOBOT_MAX_BODY: '12kb' is not a size in bytes"),
     ({}, {"SOBOT_MAX_BODY": "0"}, "SOBOT_MAX_BODY: '0' is not a size in bytes"),
     ({}, {"SOBOT_CONNECT_TIMEOUT": "0"}, "SOBOT_CONNECT_TIMEOUT: '0' is not a positive"),
@@ -450,3 +452,20 @@ def test_plain_http_is_fine_on_this_host_or_when_explicitly_allowed():
     remote = {**ENV, "SOBOT_BASE_URL": "http://gateway.internal"}
     allowed = load_settings({}, {**remote, "SOBOT_ALLOW_INSECURE_UPSTREAM": "true"})
     assert allowed.allow_insecure_upstream is True
+
+
+def test_a_redis_store_url_and_password_never_show():
+    settings = load_settings(
+        {},
+        {
+            **ENV,
+            "SOBOT_TOKEN_STORE": "rediss://:url-secret@redis.internal:6380/2",
+            "SOBOT_TOKEN_STORE_PASSWORD": "password-secret",
+        },
+    )
+    assert settings.token_store == "rediss://:url-secret@redis.internal:6380/2"
+    assert settings.token_store_password == "password-secret"
+    assert "secret" not in repr(settings)
+    with pytest.raises(ConfigError) as raised:
+        load_settings({}, {**ENV, "SOBOT_TOKEN_STORE": "redis://:url-secret@h:99999/0"})
+    assert "url-secret" not in str(raised.value)
