@@ -75,9 +75,14 @@ def upstream_session(tls: ssl.SSLContext, *, connections: int) -> aiohttp.Client
 
 
 def make_app(
-    settings: Settings, *, secrets: Secrets | None = None, backoff: Backoff | None = None
+    settings: Settings,
+    *,
+    secrets: Secrets | None = None,
+    backoff: Backoff | None = None,
+    workers_directory: str | None = None,
 ) -> web.Application:
-    """The proxy for `settings`; `secrets` is the logs' registry of values never to show."""
+    """The proxy for `settings`; `secrets` is the logs' registry of values never to show;
+    `workers_directory`, in a worker of several, where the workers share their token."""
     secrets = secrets if secrets is not None else Secrets()
     store_password = urlsplit(settings.token_store).password or settings.token_store_password
     for key in (settings.app_key, *settings.client_keys, store_password or ""):
@@ -107,6 +112,7 @@ def make_app(
             # A renewal holds the lock no longer than a get_token can take, and then some.
             lease=settings.connect_timeout + settings.upstream_timeout + 5,
             log=log,
+            workers_directory=workers_directory,
         )
         tokens = TokenManager(
             source,

@@ -31,6 +31,7 @@ from proxy.settings import (
     load_settings,
 )
 from proxy.store import describe_store
+from proxy.workers import WORKERS_DIRECTORY_ENV, die_with_the_supervisor, supervise
 
 DEMO_APPID: Final = "demo-appid"
 DEMO_APP_KEY: Final = "demo-app-key"
@@ -124,10 +125,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(arguments)
     if args.command == "fake-sobot":
         return _run_fake(args)
-    return _run_serve(args, os.environ)
+    return _run_serve(args, os.environ, arguments)
 
 
-def _run_serve(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
+def _run_serve(
+    args: argparse.Namespace, environ: Mapping[str, str], arguments: Sequence[str]
+) -> int:
     flags: dict[str, object] = {option.name: getattr(args, option.name) for option in OPTIONS}
     flags["config"] = args.config
     env = dict(environ)
@@ -143,6 +146,8 @@ def _run_serve(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
         )
     try:
         settings = load_settings(flags, env)
+        if args.demo and settings.workers > 1:
+            raise ConfigError(["--demo runs one process: --workers must be 1 with it"])
     except ConfigError as exc:
         for problem in exc.problems:
             print(f"sobot-proxy: configuration error: {problem}", file=sys.stderr)
@@ -162,7 +167,12 @@ def _run_serve(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
             host=settings.host,
             detail="no client keys: anyone who reaches this address acts as your Sobot company",
         )
-    app = make_app(settings, secrets=secrets)
+    if settings.workers > 1:
+        return supervise(arguments, settings, log)
+    workers_directory = environ.get(WORKERS_DIRECTORY_ENV)
+    if workers_directory is not None:
+        die_with_the_supervisor()
+    app = make_app(settings, secrets=secrets, workers_directory=workers_directory)
     on_listening = None
     if demo_socket is not None:
         app.cleanup_ctx.insert(0, _demo_upstream(demo_socket))
@@ -177,6 +187,7 @@ def _run_serve(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
                 host=settings.host,
                 port=settings.port,
                 shutdown_grace=settings.shutdown_grace,
+                reuse_port=workers_directory is not None,
                 log=log,
                 on_listening=on_listening,
                 drain=lambda grace: app[API].drain(grace),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
 import sys
 from collections.abc import Awaitable, Callable, Coroutine
@@ -34,6 +35,7 @@ async def serve(
     port: int,
     shutdown_grace: float,
     log: structlog.typing.FilteringBoundLogger,
+    reuse_port: bool = False,
     on_listening: Callable[[str, int], Awaitable[None]] | None = None,
     drain: Callable[[float], Awaitable[None]] | None = None,
     **listening_fields: object,
@@ -48,14 +50,14 @@ async def serve(
     runner = make_runner(app, shutdown_grace=DRAINED_CLOSE if drain else shutdown_grace)
     await runner.setup()
     try:
-        site = web.TCPSite(runner, host, port, backlog=1024)
+        site = web.TCPSite(runner, host, port, backlog=1024, reuse_port=reuse_port or None)
         await site.start()
     except OSError as exc:
         log.error("cannot_listen", host=host, port=port, reason=exc.strerror or str(exc))
         await runner.cleanup()
         return 1
     bound_host, bound_port = runner.addresses[0][:2]
-    log.info("listening", host=bound_host, port=bound_port, **listening_fields)
+    log.info("listening", host=bound_host, port=bound_port, pid=os.getpid(), **listening_fields)
     if on_listening is not None:
         await on_listening(bound_host, bound_port)
 

@@ -46,6 +46,7 @@ class Settings:
     allow_insecure_upstream: bool = False
     token_store: str = field(default="memory", repr=False)  # "memory" or a redis(s):// URL
     token_store_password: str | None = field(default=None, repr=False)
+    workers: int = 1
     log_level: str = "info"
     log_format: str = "json"
 
@@ -379,6 +380,14 @@ OPTIONS: Final = (
         False,
         "allow a plain-http base URL that is not on this host",
         switch=True,
+    ),
+    Option(
+        "workers",
+        "SOBOT_PROXY_WORKERS",
+        "--workers",
+        _count(1),
+        1,
+        "processes serving the one port (SO_REUSEPORT), sharing one token; a dead one restarts",
     ),
     Option(
         "token_store",

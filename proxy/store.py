@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
+import os
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Final, Protocol
@@ -69,8 +71,12 @@ def make_store(
     password: str | None,
     lease: float,
     log: structlog.typing.FilteringBoundLogger,
+    workers_directory: str | None = None,
 ) -> TokenStore:
+    """The store for `url`; for `memory` in a worker of several, the workers' shared file."""
     if url == "memory":
+        if workers_directory is not None:
+            return FileTokenStore(workers_directory, lease=lease)
         return MemoryTokenStore()
     return RedisTokenStore(url, appid=appid, password=password, lease=lease, log=log)
 
@@ -212,3 +218,77 @@ class RedisTokenStore:
 
     async def close(self) -> None:
         await self._redis.aclose()
+
+
+class FileTokenStore:
+    """Worker processes of one proxy on one host: a file for the token, an flock for renewal.
+
+    The lock needs no lease: the kernel releases an flock when its holder dies. Changes are
+    noticed by watching the file's modification time, a cheap local stat.
+    """
+
+    shared = True
+    WATCH_INTERVAL: Final = 0.25
+
+    def __init__(self, directory: str, *, lease: float) -> None:
+        self._token_path = os.path.join(directory, "token.json")
+        self._lock_path = os.path.join(directory, "renewal.lock")
+        self._lease = lease
+
+    async def load(self) -> StoredToken | None:
+        try:
+            # A few dozen bytes from a local file, on the renewal path only: not worth a thread.
+            with open(self._token_path, "rb") as file:  # noqa: ASYNC230
+                fields = orjson.loads(file.read())
+            return StoredToken(
+                str(fields["value"]), float(fields["issued_at"]), float(fields["lifetime"])
+            )
+        except FileNotFoundError:
+            return None
+        except (OSError, orjson.JSONDecodeError, KeyError, TypeError, ValueError):
+            return None
+
+    async def save(self, token: StoredToken) -> None:
+        record = {"value": token.value, "issued_at": token.issued_at, "lifetime": token.lifetime}
+        partial = f"{self._token_path}.{os.getpid()}"
+        # Written whole, then renamed into place: a reader sees the old token or the new one.
+        descriptor = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(descriptor, "wb") as file:
+            file.write(orjson.dumps(record))
+        os.replace(partial, self._token_path)
+
+    @contextlib.asynccontextmanager
+    async def renewal_lock(self) -> AsyncIterator[None]:
+        descriptor = os.open(self._lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            deadline = asyncio.get_running_loop().time() + self._lease + 5
+            while True:
+                try:
+                    fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if asyncio.get_running_loop().time() > deadline:
+                        raise TokenUnavailable(
+                            "another worker is renewing the token and has not finished"
+                        ) from None
+                    await asyncio.sleep(0.02)
+            yield
+        finally:
+            os.close(descriptor)  # releases the lock
+
+    async def changes(self) -> AsyncIterator[None]:
+        seen = None
+        quiet = 0.0
+        while True:
+            try:
+                stamp: int | None = os.stat(self._token_path).st_mtime_ns
+            except FileNotFoundError:
+                stamp = None
+            if stamp != seen or quiet >= POLL_INTERVAL:
+                seen, quiet = stamp, 0.0
+                yield
+            await asyncio.sleep(self.WATCH_INTERVAL)
+            quiet += self.WATCH_INTERVAL
+
+    async def close(self) -> None:
+        pass

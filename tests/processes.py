@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import queue
@@ -80,6 +81,8 @@ class Running:
             stderr=subprocess.PIPE,
             env=env,
             cwd=cwd,
+            # Its own process group: close() can end it with every process it started.
+            start_new_session=True,
         )
         self.stdout: list[str] = []
         self.stderr: list[str] = []
@@ -138,9 +141,9 @@ class Running:
 
     def close(self) -> None:
         try:
-            if self.process.poll() is None:
-                self.process.kill()
-                self.process.wait(timeout=EXIT_TIMEOUT)
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.process.pid, signal.SIGKILL)  # workers it started included
+            self.process.wait(timeout=EXIT_TIMEOUT)
             self._join()
         finally:
             for stream in (self.process.stdout, self.process.stderr):

@@ -1,0 +1,112 @@
+"""`--workers N`: N processes serving one port, sharing one token, restarted when they die.
+
+The parent only supervises: it starts N copies of the same command with `--workers 1` and the
+port fixed, each binding it with SO_REUSEPORT so the kernel spreads connections among them. It
+restarts a worker that exits unexpectedly, and on SIGTERM / SIGINT passes the signal on and waits
+for them to drain.
+
+The workers share one token: through Redis when a shared store is configured, otherwise through
+a private directory the parent creates (WORKERS_DIRECTORY_ENV): a token file and an flock for
+renewal (store.FileTokenStore). A file and a lock are enough on one host; the parent stays out
+of the token's way and does no I/O of its own.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from types import FrameType
+from typing import Final
+
+import structlog
+
+from proxy.settings import Settings
+
+# Set by the parent for its workers: the directory they share the token through.
+WORKERS_DIRECTORY_ENV: Final = "SOBOT_PROXY_WORKERS_DIRECTORY"
+CHECK_INTERVAL: Final = 0.2
+
+
+def supervise(
+    arguments: Sequence[str], settings: Settings, log: structlog.typing.FilteringBoundLogger
+) -> int:
+    """Run `settings.workers` workers until SIGTERM / SIGINT; the exit status."""
+    port = settings.port or _free_port(settings.host)
+    directory = tempfile.mkdtemp(prefix="sobot-proxy-workers-")  # mode 0700: the token's home
+    command = [
+        sys.executable,
+        "-m",
+        "proxy",
+        *arguments,
+        "--workers",
+        "1",
+        "--port",
+        str(port),
+    ]
+    env = {**os.environ, WORKERS_DIRECTORY_ENV: directory}
+    stopping = False
+
+    def stop(signum: int, _frame: FrameType | None) -> None:
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    # Our own command again, with our own arguments: nothing untrusted is executed.
+    workers = [subprocess.Popen(command, env=env) for _ in range(settings.workers)]  # noqa: S603
+    log.info("workers_started", workers=settings.workers, port=port, pids=[w.pid for w in workers])
+    try:
+        while not stopping:
+            for index, worker in enumerate(workers):
+                status = worker.poll()
+                if status is not None and not stopping:
+                    workers[index] = subprocess.Popen(command, env=env)  # noqa: S603
+                    log.warning(
+                        "worker_restarted",
+                        exited_pid=worker.pid,
+                        status=status,
+                        pid=workers[index].pid,
+                    )
+            time.sleep(CHECK_INTERVAL)
+        log.info("stopping_workers", grace_s=settings.shutdown_grace)
+        for worker in workers:
+            if worker.poll() is None:
+                worker.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + settings.shutdown_grace + 5
+        for worker in workers:
+            try:
+                worker.wait(timeout=max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                worker.kill()
+                worker.wait()
+        log.info("workers_stopped")
+        return 0
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+def die_with_the_supervisor() -> None:
+    """In a worker: end when the supervisor does, even if it is killed without a word."""
+    if not sys.platform.startswith("linux"):
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    pr_set_pdeathsig = 1
+    libc.prctl(pr_set_pdeathsig, signal.SIGTERM)
+    if os.getppid() == 1:  # the supervisor was gone before the line above took effect
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+def _free_port(host: str) -> int:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family) as probe:
+        probe.bind((host, 0))
+        port: int = probe.getsockname()[1]
+        return port
