@@ -135,10 +135,14 @@ def make_app(
         try:
             yield
         finally:
-            await tokens.stop()
-            await store.close()
-            await session.close()
-            await token_session.close()
+            try:
+                await tokens.stop()
+            finally:
+                try:
+                    await store.close()
+                finally:
+                    await session.close()
+                    await token_session.close()
 
     app.cleanup_ctx.append(lifetime)
     app.router.add_get("/healthz", healthz)

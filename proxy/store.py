@@ -35,7 +35,8 @@ import structlog
 from proxy.errors import TokenUnavailable
 
 POLL_INTERVAL: Final = 2.0
-RECONNECT_DELAY: Final = 1.0
+RECONNECT_DELAY: Final = 0.5
+MAX_RECONNECT_DELAY: Final = 8.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -198,10 +199,15 @@ class RedisTokenStore:
                 await lock.release()
 
     async def changes(self) -> AsyncIterator[None]:
+        down = False
+        delay = RECONNECT_DELAY
         while True:
             try:
                 async with self._redis.pubsub() as pubsub:
                     await pubsub.subscribe(self._channel)
+                    if down:
+                        self._log.info("token_store_available")
+                    down, delay = False, RECONNECT_DELAY
                     yield  # (re)connected: look now
                     while True:
                         # Bounded on our side too: a reconnect inside redis-py must not keep
@@ -213,8 +219,11 @@ class RedisTokenStore:
                                 )
                         yield  # a message, or a poll's worth of time
             except redis.exceptions.RedisError as exc:
-                self._log.warning("token_store_unavailable", reason=type(exc).__name__)
-                await asyncio.sleep(RECONNECT_DELAY)
+                if not down:  # once when it goes, once when it is back: not every retry
+                    self._log.warning("token_store_unavailable", reason=type(exc).__name__)
+                down = True
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, MAX_RECONNECT_DELAY)
 
     async def close(self) -> None:
         await self._redis.aclose()
@@ -245,21 +254,29 @@ class FileTokenStore:
             )
         except FileNotFoundError:
             return None
-        except (OSError, orjson.JSONDecodeError, KeyError, TypeError, ValueError):
+        except OSError as exc:
+            raise StoreUnavailable(type(exc).__name__) from exc
+        except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
             return None
 
     async def save(self, token: StoredToken) -> None:
         record = {"value": token.value, "issued_at": token.issued_at, "lifetime": token.lifetime}
         partial = f"{self._token_path}.{os.getpid()}"
-        # Written whole, then renamed into place: a reader sees the old token or the new one.
-        descriptor = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(descriptor, "wb") as file:
-            file.write(orjson.dumps(record))
-        os.replace(partial, self._token_path)
+        try:
+            # Written whole, then renamed into place: a reader sees the old token or the new.
+            descriptor = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(descriptor, "wb") as file:
+                file.write(orjson.dumps(record))
+            os.replace(partial, self._token_path)
+        except OSError as exc:
+            raise StoreUnavailable(type(exc).__name__) from exc
 
     @contextlib.asynccontextmanager
     async def renewal_lock(self) -> AsyncIterator[None]:
-        descriptor = os.open(self._lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            descriptor = os.open(self._lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError as exc:
+            raise StoreUnavailable(type(exc).__name__) from exc
         try:
             deadline = asyncio.get_running_loop().time() + self._lease + 5
             while True:

@@ -272,6 +272,8 @@ class TokenManager:
                     self._log.info("token_adopted", lifetime_s=found.lifetime)
             except (StoreUnavailable, TokenUnavailable):
                 continue  # the store is down, or busy: the next change or poll tries again
+            except Exception:
+                self._log.exception("token_watcher_error")  # a bug: keep watching regardless
 
     def _is_newer(self, found: StoredToken) -> bool:
         held = self._held
@@ -305,7 +307,8 @@ class TokenManager:
         for task in (self._refresher, self._watcher, self._inflight):
             if task is not None:
                 task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
+                # A fetch under way may end in its own failure rather than the cancellation.
+                with contextlib.suppress(asyncio.CancelledError, Exception):
                     await task
         self._refresher = self._watcher = None
 
@@ -332,8 +335,16 @@ class TokenManager:
                     await asyncio.wait_for(self._changed.wait(), delay)
                 continue
             current = self._cache.get(_KEY)
-            with contextlib.suppress(TokenUnavailable):  # logged by the source; backoff applies
-                await self._shared_fetch(stale=None if current is None else current.value)
+            # Without a valid token, the last one held (maybe just rejected) will not do either.
+            stale = current or self._held
+            try:
+                await self._shared_fetch(stale=None if stale is None else stale.value)
+            except TokenUnavailable:
+                pass  # logged where it happened; the backoff applies
+            except Exception:
+                # A bug must not end renewals for good: log it, and carry on after the backoff.
+                self._log.exception("token_refresher_error")
+                await asyncio.sleep(self._backoff.delay(max(1, self._failures)))
 
     # -- health ----------------------------------------------------------------------------
 

@@ -30,9 +30,15 @@ import structlog
 
 from proxy.settings import Settings
 
-# Set by the parent for its workers: the directory they share the token through.
+# Set by the parent for its workers: the directory they share the token through, and its pid.
 WORKERS_DIRECTORY_ENV: Final = "SOBOT_PROXY_WORKERS_DIRECTORY"
+SUPERVISOR_PID_ENV: Final = "SOBOT_PROXY_SUPERVISOR_PID"
 CHECK_INTERVAL: Final = 0.2
+# A worker that dies soon after starting is restarted after a growing pause, so a worker that
+# cannot start (a port taken, a bad environment) does not spin, nor fetch a token each time.
+FIRST_RESTART_DELAY: Final = 0.5
+MAX_RESTART_DELAY: Final = 30.0
+HEALTHY_AFTER: Final = 10.0
 
 
 def supervise(
@@ -51,7 +57,7 @@ def supervise(
         "--port",
         str(port),
     ]
-    env = {**os.environ, WORKERS_DIRECTORY_ENV: directory}
+    env = {**os.environ, WORKERS_DIRECTORY_ENV: directory, SUPERVISOR_PID_ENV: str(os.getpid())}
     stopping = False
 
     def stop(signum: int, _frame: FrameType | None) -> None:
@@ -62,13 +68,30 @@ def supervise(
     signal.signal(signal.SIGINT, stop)
     # Our own command again, with our own arguments: nothing untrusted is executed.
     workers = [subprocess.Popen(command, env=env) for _ in range(settings.workers)]  # noqa: S603
+    started_at = [time.monotonic()] * settings.workers
+    delays = [FIRST_RESTART_DELAY] * settings.workers
+    restart_at: list[float | None] = [None] * settings.workers
     log.info("workers_started", workers=settings.workers, port=port, pids=[w.pid for w in workers])
     try:
         while not stopping:
+            now = time.monotonic()
             for index, worker in enumerate(workers):
                 status = worker.poll()
-                if status is not None and not stopping:
+                if status is None:
+                    continue
+                if restart_at[index] is None:
+                    # Died young: wait longer each time; lived a while: restart at once.
+                    lived = now - started_at[index]
+                    delays[index] = (
+                        FIRST_RESTART_DELAY
+                        if lived > HEALTHY_AFTER
+                        else min(delays[index] * 2, MAX_RESTART_DELAY)
+                    )
+                    restart_at[index] = now + (0 if lived > HEALTHY_AFTER else delays[index])
+                    log.warning("worker_exited", pid=worker.pid, status=status)
+                if now >= (restart_at[index] or 0):
                     workers[index] = subprocess.Popen(command, env=env)  # noqa: S603
+                    started_at[index], restart_at[index] = now, None
                     log.warning(
                         "worker_restarted",
                         exited_pid=worker.pid,
@@ -100,7 +123,9 @@ def die_with_the_supervisor() -> None:
     libc = ctypes.CDLL(None, use_errno=True)
     pr_set_pdeathsig = 1
     libc.prctl(pr_set_pdeathsig, signal.SIGTERM)
-    if os.getppid() == 1:  # the supervisor was gone before the line above took effect
+    # The supervisor may have gone before that took effect. (Compared with its pid, not with
+    # 1: in a container the supervisor itself is often pid 1.)
+    if str(os.getppid()) != os.environ.get(SUPERVISOR_PID_ENV):
         os.kill(os.getpid(), signal.SIGTERM)
 
 
