@@ -22,6 +22,7 @@ import asyncio
 import contextlib
 import fcntl
 import os
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Final, Protocol
@@ -35,6 +36,20 @@ import structlog
 from proxy.errors import TokenUnavailable
 
 POLL_INTERVAL: Final = 2.0
+# KEYS: the token, the channel. ARGV: the record, its issued_at, milliseconds left.
+_SAVE_IF_NEWER: Final = """
+local stored = redis.call('GET', KEYS[1])
+if stored then
+  local ok, fields = pcall(cjson.decode, stored)
+  if ok and tonumber(fields['issued_at']) and tonumber(fields['issued_at']) >= tonumber(ARGV[2])
+  then
+    return 0
+  end
+end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[3])
+redis.call('PUBLISH', KEYS[2], 'renewed')
+return 1
+"""
 RECONNECT_DELAY: Final = 0.5
 MAX_RECONNECT_DELAY: Final = 8.0
 
@@ -150,6 +165,7 @@ class RedisTokenStore:
         self._channel = prefix + "new-token"
         self._lease = lease
         self._log = log
+        self._save_if_newer = self._redis.register_script(_SAVE_IF_NEWER)
 
     async def load(self) -> StoredToken | None:
         try:
@@ -167,13 +183,22 @@ class RedisTokenStore:
             return None  # not ours, or from an incompatible version: as if there were none
 
     async def save(self, token: StoredToken) -> None:
+        """Store `token` unless a newer one is stored already, and tell the others.
+
+        Newer wins: a holder whose lease ran out mid-fetch must not put back an older token
+        over the one its successor stored. One script, so the check, the write and the message
+        are a single step.
+        """
         record = {"value": token.value, "issued_at": token.issued_at, "lifetime": token.lifetime}
+        # With what is left of its life, so Redis never hands out a dead token.
+        left_ms = int((token.expires_at - time.time()) * 1000)
+        if left_ms <= 0:
+            return
         try:
-            # Stored with its own expiry, so Redis never hands out a dead token.
-            await self._redis.set(
-                self._token_key, orjson.dumps(record), px=max(1, int(token.lifetime * 1000))
+            await self._save_if_newer(
+                keys=[self._token_key, self._channel],
+                args=[orjson.dumps(record), repr(token.issued_at), left_ms],
             )
-            await self._redis.publish(self._channel, b"renewed")
         except redis.exceptions.RedisError as exc:
             raise StoreUnavailable(type(exc).__name__) from exc
 

@@ -270,6 +270,10 @@ class TokenManager:
                 if found is not None and self._is_newer(found) and self._will_do(found, None):
                     self._install(found)
                     self._log.info("token_adopted", lifetime_s=found.lifetime)
+                elif found is None and self._held is not None and self._will_do(self._held, None):
+                    # The store came back empty (a restart without persistence): put the token
+                    # everyone holds back, so the next replica to start adopts it.
+                    await self._store.save(self._held)
             except (StoreUnavailable, TokenUnavailable):
                 continue  # the store is down, or busy: the next change or poll tries again
             except Exception:

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import time
 
 import redis.asyncio as aioredis
 
 from proxy.fake_sobot import FakeSobot
+from proxy.logs import get_logger
+from proxy.store import RedisTokenStore, StoredToken
 from tests.conftest import APPID, CapturedLogs, RedisServer, tokens_of
 
 
@@ -105,3 +108,41 @@ async def test_a_replica_that_died_holding_the_lock_holds_it_no_longer_than_its_
         assert fake.stats.get_token_calls == 1
     finally:
         await client.aclose()
+
+
+async def test_a_redis_that_comes_back_empty_gets_the_held_token_back(
+    make_proxy, fake: FakeSobot, redis_server: RedisServer
+):
+    proxy = await make_proxy(token_store=redis_server.url)
+    await eventually(lambda: same_token(proxy))
+    redis_server.stop()
+    redis_server.start()  # no persistence: empty
+    client = aioredis.Redis.from_url(redis_server.url)
+    try:
+
+        async def stored_again() -> bool:
+            return await client.get(f"sobot-proxy:{APPID}:token") is not None
+
+        await eventually(stored_again)
+    finally:
+        await client.aclose()
+    # A replica starting now adopts it, rather than rotating the token for the others.
+    newcomer = await make_proxy(token_store=redis_server.url)
+    await eventually(lambda: same_token(proxy, newcomer))
+    assert fake.stats.get_token_calls == 1
+
+
+async def test_an_older_token_never_overwrites_a_newer_one(redis_server: RedisServer):
+    """A holder whose lease ran out mid-fetch must not put back an older token."""
+    store = RedisTokenStore(redis_server.url, appid=APPID, password=None, lease=5, log=get_logger())
+    try:
+        now = time.time()
+        newer = StoredToken("newer-token-value", now, 60)
+        older = StoredToken("older-token-value", now - 1, 60)
+        await store.save(newer)
+        await store.save(older)
+        stored = await store.load()
+        assert stored is not None
+        assert stored.value == "newer-token-value"
+    finally:
+        await store.close()
