@@ -43,6 +43,8 @@ from proxy.token_source import TokenSource
 
 # Renew at no earlier than this fraction of a token's life, whatever the margin.
 LATEST_RENEWAL_FRACTION: Final = 0.9
+# With the shared store down, an early renewal is retried this often (until the token expires).
+STORE_RETRY: Final = 2.0
 _KEY: Final = "token"
 
 
@@ -100,6 +102,7 @@ class TokenManager:
         self._store: TokenStore = store if store is not None else MemoryTokenStore()
         self._held: StoredToken | None = None  # the current token as the store knows it
         self._unsaved = False  # renewed alone while the store was down: reconcile when back
+        self._renewal_postponed_until = 0.0  # an early renewal waits for the store until then
         self._watcher: asyncio.Task[None] | None = None
         self._secrets = secrets if secrets is not None else Secrets()
         self._cache: cachetools.TLRUCache[str, Token] = cachetools.TLRUCache(
@@ -212,6 +215,20 @@ class TokenManager:
                     self._renewing_alone(exc)
                 return fresh
         except StoreUnavailable as exc:
+            current = self._cache.get(_KEY)
+            held = self._held
+            if current is not None and held is not None and held.value == current.value:
+                # The token held is still good (a rejected one is never held: replace() drops
+                # it first), so this was an early renewal, and renewing alone now would rotate
+                # it under every other replica. Keep it, and try the store again soon; only a
+                # token that expires or is rejected is renewed alone.
+                self._renewal_postponed_until = min(self._clock() + STORE_RETRY, current.expires_at)
+                self._log.warning(
+                    "token_renewal_postponed",
+                    reason=str(exc),
+                    detail="the token store is unavailable; the held token is still valid",
+                )
+                return held
             self._renewing_alone(exc)
             return await self._fetch_from_source()
 
@@ -327,6 +344,7 @@ class TokenManager:
             due = token.expires_at - margin
         if self._last_error is not None:
             due = max(due, self._retry_at)
+        due = max(due, self._renewal_postponed_until)
         return due - now
 
     async def _refresh_forever(self) -> None:

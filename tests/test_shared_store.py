@@ -146,3 +146,30 @@ async def test_an_older_token_never_overwrites_a_newer_one(redis_server: RedisSe
         assert stored.value == "newer-token-value"
     finally:
         await store.close()
+
+
+async def test_an_early_renewal_waits_for_redis_while_the_token_is_still_good(
+    make_proxy, fake: FakeSobot, redis_server: RedisServer, logs: CapturedLogs
+):
+    """Renewing alone would rotate the token under every other replica: with Redis down, a
+    renewal that is merely due is postponed for as long as the held token is valid."""
+    fake.set_lifetime(4.0)  # renewal due at 3.6 s
+    first = await make_proxy(token_store=redis_server.url)
+    second = await make_proxy(token_store=redis_server.url)
+    await eventually(lambda: same_token(first, second))
+    redis_server.stop()
+
+    async def postponed() -> bool:
+        return bool(logs.events("token_renewal_postponed"))
+
+    await eventually(postponed)
+    assert fake.stats.get_token_calls == 1  # nobody rotated it alone
+    for proxy in (first, second):
+        assert (await (await proxy.get("/api/echo")).json())["ret_code"] == "000000"
+    redis_server.start()
+
+    async def renewed_together() -> bool:
+        return fake.stats.get_token_calls == 2 and await same_token(first, second)
+
+    await eventually(renewed_together)
+    assert fake.stats.token_rejections == 0
