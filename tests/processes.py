@@ -203,19 +203,39 @@ class Stack:
 
 
 @contextmanager
-def stack(cwd: Path, **proxy_env: str) -> Iterator[Stack]:
-    """A fake Sobot process and a proxy process in front of it, ready (a token is held)."""
+def fake_sobot(cwd: Path, *, token_lifetime: float = 86400.0) -> Iterator[tuple[Running, str]]:
+    """A fake Sobot process for the stack's credentials, and its URL."""
     with running(
-        "fake-sobot", "--port", "0", "--appid", STACK_APPID, "--app-key", STACK_APP_KEY, cwd=cwd
+        "fake-sobot",
+        "--port",
+        "0",
+        "--appid",
+        STACK_APPID,
+        "--app-key",
+        STACK_APP_KEY,
+        "--token-lifetime",
+        str(token_lifetime),
+        cwd=cwd,
     ) as fake:
-        fake_url = f"http://127.0.0.1:{fake.wait_for_event('listening')['port']}"
-        env = command_env(
-            SOBOT_APPID=STACK_APPID,
-            SOBOT_APP_KEY=STACK_APP_KEY,
-            SOBOT_BASE_URL=fake_url,
-            SOBOT_PROXY_PORT="0",
-            **proxy_env,
-        )
+        yield fake, f"http://127.0.0.1:{fake.wait_for_event('listening')['port']}"
+
+
+def proxy_env(fake_url: str, **settings: str) -> dict[str, str]:
+    """The environment of a proxy process in front of the fake at `fake_url`."""
+    return command_env(
+        SOBOT_APPID=STACK_APPID,
+        SOBOT_APP_KEY=STACK_APP_KEY,
+        SOBOT_BASE_URL=fake_url,
+        SOBOT_PROXY_PORT="0",
+        **settings,
+    )
+
+
+@contextmanager
+def stack(cwd: Path, **proxy_settings: str) -> Iterator[Stack]:
+    """A fake Sobot process and a proxy process in front of it, ready (a token is held)."""
+    with fake_sobot(cwd) as (fake, fake_url):
+        env = proxy_env(fake_url, **proxy_settings)
         with running("serve", cwd=cwd, env=env) as proxy:
             proxy_url = f"http://127.0.0.1:{proxy.wait_for_event('listening')['port']}"
             wait_until_ready(proxy_url)

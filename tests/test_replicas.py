@@ -10,14 +10,7 @@ from contextlib import ExitStack
 import aiohttp
 
 from tests.conftest import RedisServer
-from tests.processes import (
-    STACK_APP_KEY,
-    STACK_APPID,
-    command_env,
-    http_get,
-    running,
-    wait_until_ready,
-)
+from tests.processes import fake_sobot, http_get, proxy_env, running, wait_until_ready
 
 LIFETIME = 3.0
 SECONDS = 20.0
@@ -26,28 +19,8 @@ REPLICAS = 4
 
 async def test_four_replicas_share_one_token_under_load(tmp_path, redis_server: RedisServer):
     with ExitStack() as stack:
-        fake = stack.enter_context(
-            running(
-                "fake-sobot",
-                "--port",
-                "0",
-                "--appid",
-                STACK_APPID,
-                "--app-key",
-                STACK_APP_KEY,
-                "--token-lifetime",
-                str(LIFETIME),
-                cwd=tmp_path,
-            )
-        )
-        fake_url = f"http://127.0.0.1:{fake.wait_for_event('listening')['port']}"
-        env = command_env(
-            SOBOT_APPID=STACK_APPID,
-            SOBOT_APP_KEY=STACK_APP_KEY,
-            SOBOT_BASE_URL=fake_url,
-            SOBOT_PROXY_PORT="0",
-            SOBOT_TOKEN_STORE=redis_server.url,
-        )
+        _, fake_url = stack.enter_context(fake_sobot(tmp_path, token_lifetime=LIFETIME))
+        env = proxy_env(fake_url, SOBOT_TOKEN_STORE=redis_server.url)
         urls = []
         for _ in range(REPLICAS):
             proxy = stack.enter_context(running("serve", cwd=tmp_path, env=env))

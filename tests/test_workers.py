@@ -11,14 +11,7 @@ from contextlib import ExitStack
 
 import aiohttp
 
-from tests.processes import (
-    STACK_APP_KEY,
-    STACK_APPID,
-    command_env,
-    http_get,
-    running,
-    wait_until_ready,
-)
+from tests.processes import fake_sobot, http_get, proxy_env, running, wait_until_ready
 
 LIFETIME = 2.0
 SECONDS = 8.0
@@ -26,24 +19,8 @@ SECONDS = 8.0
 
 async def test_workers_share_one_token_and_a_dead_one_is_restarted(tmp_path):
     with ExitStack() as stack:
-        fake = stack.enter_context(
-            running(
-                "fake-sobot",
-                "--port",
-                "0",
-                "--appid",
-                STACK_APPID,
-                "--app-key",
-                STACK_APP_KEY,
-                "--token-lifetime",
-                str(LIFETIME),
-                cwd=tmp_path,
-            )
-        )
-        fake_url = f"http://127.0.0.1:{fake.wait_for_event('listening')['port']}"
-        env = command_env(
-            SOBOT_APPID=STACK_APPID, SOBOT_APP_KEY=STACK_APP_KEY, SOBOT_BASE_URL=fake_url
-        )
+        _, fake_url = stack.enter_context(fake_sobot(tmp_path, token_lifetime=LIFETIME))
+        env = proxy_env(fake_url)
         proxy = stack.enter_context(
             running("serve", "--workers", "4", "--port", "0", cwd=tmp_path, env=env)
         )
