@@ -51,7 +51,7 @@ import struct
 import time
 import uuid
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Final
 
@@ -61,7 +61,6 @@ from multidict import CIMultiDict
 
 from proxy import protocol
 
-MAX_CLOCK_SKEW: Final = 300
 ECHOED_BODY_LIMIT: Final = 4096  # larger bodies are echoed as size and sha256 only
 KEPT_BODY_LIMIT: Final = 1024 * 1024
 
@@ -322,7 +321,7 @@ class FakeSobot:
             skew = abs(int(create_time) - self._wall_clock())
         except ValueError:
             return _answer(protocol.SIGNATURE_ERROR, "create_time is not a timestamp")
-        if skew > MAX_CLOCK_SKEW:
+        if skew > protocol.MAX_CLOCK_SKEW:
             return _answer(protocol.SIGNATURE_ERROR, "create_time is too far from now")
         expected = protocol.make_sign(appid, create_time, self._app_key)
         if not hmac.compare_digest(sign.encode(), expected.encode()):
@@ -373,14 +372,14 @@ class FakeSobot:
         size = 0
         kept: bytearray | None = bytearray()
         # `early` answers before reading the body, as a server may (an error, a redirect).
-        early = request.headers.get(FAULT_HEADER) == "early"
-        async for chunk in request.content.iter_any() if not early else _nothing():
-            digest.update(chunk)
-            size += len(chunk)
-            if kept is not None and size <= KEPT_BODY_LIMIT:
-                kept += chunk
-            else:
-                kept = None
+        if request.headers.get(FAULT_HEADER) != "early":
+            async for chunk in request.content.iter_any():
+                digest.update(chunk)
+                size += len(chunk)
+                if kept is not None and size <= KEPT_BODY_LIMIT:
+                    kept += chunk
+                else:
+                    kept = None
         state = self._state
         sent = request.headers.get(protocol.TOKEN_HEADER, "")
         if not sent:
@@ -516,11 +515,6 @@ def _parse_fault(value: str) -> _Fault:
             raise ValueError(value)
         return _Fault(kind, seconds=seconds)
     raise ValueError(value)
-
-
-async def _nothing() -> AsyncIterator[bytes]:
-    return
-    yield b""  # an async generator that yields nothing
 
 
 def _drop(request: web.Request, *, reset: bool) -> None:

@@ -13,17 +13,12 @@ import hmac
 import math
 import time
 from collections.abc import Callable
-from typing import Final
 
 import orjson
 from aiohttp import web
 
 from proxy import protocol
 from proxy.tokens import TokenManager
-
-# Sobot refuses a create_time further than this from its clock; so does the proxy, which also
-# keeps a captured signature from being usable for long.
-MAX_CLOCK_SKEW: Final = 300
 
 
 def _answer(ret_code: str, ret_msg: str, item: dict[str, str] | None = None) -> web.Response:
@@ -58,7 +53,8 @@ class LocalTokenEndpoint:
         expected = protocol.make_sign(self._appid, create_time, self._app_key)
         appid_matches = hmac.compare_digest(appid.encode(), self._appid.encode())
         sign_matches = hmac.compare_digest(sign.encode(), expected.encode())
-        return appid_matches and sign_matches and skew <= MAX_CLOCK_SKEW
+        # As Sobot does; it also keeps a captured signature from being usable for long.
+        return appid_matches and sign_matches and skew <= protocol.MAX_CLOCK_SKEW
 
     async def answer(self, request: web.Request) -> tuple[web.Response, str]:
         """The answer for the client and the ret_code it carries (for the request log)."""

@@ -12,6 +12,8 @@ from typing import Any, Final
 import orjson
 
 GET_TOKEN_PATH: Final = "/api/get_token"
+# Sobot refuses a get_token whose create_time is further than this from its clock (900003).
+MAX_CLOCK_SKEW: Final = 300
 TOKEN_HEADER: Final = "token"
 
 OK: Final = "000000"

@@ -244,8 +244,7 @@ class TokenManager:
         """A stored token will do if it is not the one to replace and not itself due."""
         if found is None or found.value == stale:
             return False
-        margin = min(self._refresh_margin, (1 - LATEST_RENEWAL_FRACTION) * found.lifetime)
-        return self._wall_clock() < found.expires_at - margin
+        return self._wall_clock() < found.expires_at - self._renewal_margin(found.lifetime)
 
     async def _fetch_from_source(self) -> StoredToken:
         issued_at = self._wall_clock()
@@ -333,15 +332,15 @@ class TokenManager:
                     await task
         self._refresher = self._watcher = None
 
+    def _renewal_margin(self, lifetime: float) -> float:
+        """How long before its end a token of `lifetime` seconds is due for renewal."""
+        return min(self._refresh_margin, (1 - LATEST_RENEWAL_FRACTION) * lifetime)
+
     def renewal_due_in(self) -> float:
         """Seconds until the refresher should fetch (0 or less: now)."""
         now = self._clock()
         token = self._cache.get(_KEY)
-        if token is None:
-            due = now
-        else:
-            margin = min(self._refresh_margin, (1 - LATEST_RENEWAL_FRACTION) * token.lifetime)
-            due = token.expires_at - margin
+        due = now if token is None else token.expires_at - self._renewal_margin(token.lifetime)
         if self._last_error is not None:
             due = max(due, self._retry_at)
         due = max(due, self._renewal_postponed_until)

@@ -10,18 +10,12 @@ import redis.asyncio as aioredis
 from proxy.fake_sobot import FakeSobot
 from proxy.logs import get_logger
 from proxy.store import RedisTokenStore, StoredToken
-from tests.conftest import APPID, CapturedLogs, RedisServer, tokens_of
+from tests.conftest import APPID, CapturedLogs, RedisServer, eventually, tokens_of
 
 
 async def same_token(*proxies) -> bool:
     values = {tokens_of(p).current().value if tokens_of(p).current() else None for p in proxies}
     return len(values) == 1 and None not in values
-
-
-async def eventually(check) -> None:
-    async with asyncio.timeout(15):
-        while not await check():  # noqa: ASYNC110 -- the state of other replicas is polled
-            await asyncio.sleep(0.02)
 
 
 async def test_a_second_replica_adopts_the_first_ones_token(

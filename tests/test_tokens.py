@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import socket
-from collections.abc import Awaitable, Callable
 
 import pytest
 
@@ -13,7 +12,7 @@ from proxy.fake_sobot import FakeSobot
 from proxy.logs import get_logger
 from proxy.protocol import IssuedToken
 from proxy.tokens import Backoff, TokenManager
-from tests.conftest import CapturedLogs
+from tests.conftest import CapturedLogs, eventually
 
 
 class Clock:
@@ -46,13 +45,6 @@ def manager(source: GatedSource, clock: Clock, **kwargs) -> TokenManager:
     return TokenManager(
         source, refresh_margin=300, log=get_logger(), clock=clock, wall_clock=clock, **kwargs
     )
-
-
-async def eventually(check: Callable[[], Awaitable[bool]]) -> None:
-    """Poll an outside view (as a readiness probe would) until it holds, within 10 s."""
-    async with asyncio.timeout(10):
-        while not await check():  # noqa: ASYNC110 -- /readyz is polled, as a probe polls it
-            await asyncio.sleep(0.02)
 
 
 # -- the manager on its own, with a controlled clock ------------------------------------------
