@@ -24,7 +24,8 @@
     POST /_fake/expire                      expire the current token now
     POST /_fake/lifetime?seconds=N          expires_in of the next tokens issued
     POST /_fake/fail-get-token?mode=M&times=N
-         M = a ret_code (e.g. 900003), `malformed`, `http500` or `disconnect`; N = -1 for always
+         M = a ret_code (e.g. 900003), `malformed`, `http500`, `disconnect` or `stall` (no
+         answer until the fake stops); N = -1 for always
     POST /_fake/script?times=N&status=S     the next N /api/ answers are the JSON body posted
     POST /_fake/hold, /_fake/release        stop answering /api/ requests, and start again
     POST /_fake/reset                       forget everything but the credentials
@@ -345,10 +346,12 @@ class FakeSobot:
             return web.Response(text="<html>not json</html>", content_type="text/html")
         if mode == "http500":
             return web.Response(status=500, text="Internal Server Error")
-        if mode == "disconnect":
+        if mode in ("disconnect", "stall"):
+            if mode == "stall":
+                await self._stopping.wait()
             if request.transport is not None:
                 request.transport.abort()
-            return web.Response()
+            return web.Response()  # never sent: the connection is gone
         return _answer(mode, protocol.RET_CODE_MEANINGS.get(mode, "error"))
 
     async def _api(self, request: web.Request) -> web.StreamResponse:

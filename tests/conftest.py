@@ -174,8 +174,8 @@ def redis_server(tmp_path) -> Iterator[RedisServer]:
     server.stop()
 
 
-async def eventually(check: Callable[[], Awaitable[bool]]) -> None:
-    """Poll an outside view (as a readiness probe would) until it holds, within 15 s."""
-    async with asyncio.timeout(15):
+async def eventually(check: Callable[[], Awaitable[bool]], *, within: float = 15.0) -> None:
+    """Poll an outside view (as a readiness probe would) until it holds, within `within` s."""
+    async with asyncio.timeout(within):
         while not await check():  # noqa: ASYNC110 -- other parties' state is polled, no event
             await asyncio.sleep(0.02)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
@@ -15,13 +16,17 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
+from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
+
+from proxy import protocol
 
 START_TIMEOUT = 10.0  # for the command to start listening
 EXIT_TIMEOUT = 10.0  # for the command to exit, by itself or after SIGTERM
@@ -274,3 +279,52 @@ class PeakRss:
     def __exit__(self, *_: object) -> None:
         self._stop.set()
         self._thread.join(timeout=5)
+
+
+# --- steady load and outside views of running proxies, for the multi-process tests ---------
+
+
+async def steady_load(
+    session: aiohttp.ClientSession,
+    urls: list[str],
+    *,
+    per_url: int,
+    stop: asyncio.Event,
+    outcomes: Counter[str],
+    path: str = "/api/ws/5/ticket/save",
+) -> None:
+    """`per_url` clients per proxy, each POSTing in a loop until `stop`; outcomes are counted
+    as "<status> <ret_code>", or "connection failed"."""
+
+    async def client(url: str) -> None:
+        while not stop.is_set():
+            try:
+                async with session.post(f"{url}{path}", data=b"{}") as answer:
+                    body = await answer.json(content_type=None)
+                    outcomes[f"{answer.status} {body.get('ret_code')}"] += 1
+            except aiohttp.ClientError:
+                outcomes["connection failed"] += 1
+
+    await asyncio.gather(*(client(url) for url in urls for _ in range(per_url)))
+
+
+async def fake_stats_of(session: aiohttp.ClientSession, fake_url: str) -> dict[str, int]:
+    async with session.get(f"{fake_url}/_fake/stats") as answer:
+        assert answer.status == 200
+        return dict(await answer.json())
+
+
+async def token_served_by(session: aiohttp.ClientSession, url: str) -> str | None:
+    """The token a proxy hands a client that signs its own get_token correctly."""
+    create_time = str(int(time.time()))
+    sign = protocol.make_sign(STACK_APPID, create_time, STACK_APP_KEY)
+    query = {"appid": STACK_APPID, "create_time": create_time, "sign": sign}
+    async with session.get(f"{url}/api/get_token", params=query) as answer:
+        body = await answer.json(content_type=None)
+    item = body.get("item") or {}
+    return item.get("token") if body.get("ret_code") == protocol.OK else None
+
+
+async def is_ready(session: aiohttp.ClientSession, url: str) -> bool:
+    async with session.get(f"{url}/readyz") as answer:
+        return answer.status == 200

@@ -1,51 +1,74 @@
-"""Four proxy processes, one Redis, one fake Sobot that rotates its token on every get_token:
-under steady load the replicas share one token and renew it once per lifetime, not four times."""
+"""Proxy processes sharing one Redis, against one fake Sobot that rotates its token on every
+get_token: under steady load the replicas share one token and renew it once per lifetime, not
+once each; Redis may stop and come back, and a replica may die holding the renewal lock."""
 
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 from collections import Counter
 from contextlib import ExitStack
 
 import aiohttp
+import redis.asyncio as aioredis
 
-from tests.conftest import RedisServer
-from tests.processes import fake_sobot, http_get, proxy_env, running, wait_until_ready
+from tests.conftest import RedisServer, eventually
+from tests.processes import (
+    STACK_APPID,
+    Running,
+    fake_sobot,
+    fake_stats_of,
+    is_ready,
+    proxy_env,
+    running,
+    steady_load,
+    token_served_by,
+    wait_until_ready,
+)
 
-LIFETIME = 3.0
-SECONDS = 20.0
 REPLICAS = 4
+CLIENTS_PER_REPLICA = 3
+
+
+def start_replicas(
+    stack: ExitStack, tmp_path, env: dict[str, str]
+) -> tuple[list[str], list[Running]]:
+    proxies = [
+        stack.enter_context(running("serve", cwd=tmp_path, env=env)) for _ in range(REPLICAS)
+    ]
+    urls = [f"http://127.0.0.1:{proxy.wait_for_event('listening')['port']}" for proxy in proxies]
+    for url in urls:
+        wait_until_ready(url)
+    return urls, proxies
+
+
+async def tokens_held(session: aiohttp.ClientSession, urls: list[str]) -> set[str | None]:
+    return {await token_served_by(session, url) for url in urls}
 
 
 async def test_four_replicas_share_one_token_under_load(tmp_path, redis_server: RedisServer):
+    lifetime, seconds = 3.0, 20.0
     with ExitStack() as stack:
-        _, fake_url = stack.enter_context(fake_sobot(tmp_path, token_lifetime=LIFETIME))
+        _, fake_url = stack.enter_context(fake_sobot(tmp_path, token_lifetime=lifetime))
         env = proxy_env(fake_url, SOBOT_TOKEN_STORE=redis_server.url)
-        urls = []
-        for _ in range(REPLICAS):
-            proxy = stack.enter_context(running("serve", cwd=tmp_path, env=env))
-            urls.append(f"http://127.0.0.1:{proxy.wait_for_event('listening')['port']}")
-        for url in urls:
-            wait_until_ready(url)
-
+        urls, _ = start_replicas(stack, tmp_path, env)
         outcomes: Counter[str] = Counter()
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + SECONDS
+        stop = asyncio.Event()
         async with aiohttp.ClientSession() as session:
-
-            async def client(url: str) -> None:
-                while loop.time() < deadline:
-                    async with session.post(f"{url}/api/ws/5/ticket/save", data=b"{}") as answer:
-                        body = await answer.json(content_type=None)
-                        outcomes[f"{answer.status} {body.get('ret_code')}"] += 1
-
-            async with asyncio.timeout(SECONDS + 30):
-                await asyncio.gather(*(client(url) for url in urls for _ in range(3)))
-
-        _, stats = http_get(f"{fake_url}/_fake/stats")
-    lifetimes = SECONDS / LIFETIME
+            load = asyncio.create_task(
+                steady_load(
+                    session, urls, per_url=CLIENTS_PER_REPLICA, stop=stop, outcomes=outcomes
+                )
+            )
+            await asyncio.sleep(seconds)  # the load's duration: nothing to wait for
+            stop.set()
+            async with asyncio.timeout(30):
+                await load
+            stats = await fake_stats_of(session, fake_url)
+    lifetimes = seconds / lifetime
     print(
-        f"\n{REPLICAS} replicas, {SECONDS:.0f} s, tokens living {LIFETIME:.0f} s "
+        f"\n{REPLICAS} replicas, {seconds:.0f} s, tokens living {lifetime:.0f} s "
         f"({lifetimes:.1f} lifetimes): {sum(outcomes.values())} requests {dict(outcomes)}; "
         f"get_token calls {stats['get_token_calls']}; requests that met 900002 at Sobot and "
         f"were replayed {stats['token_rejections']}"
@@ -53,3 +76,100 @@ async def test_four_replicas_share_one_token_under_load(tmp_path, redis_server: 
     assert set(outcomes) == {"200 000000"}  # every request succeeded; no client saw 900002
     # About one per lifetime (renewed at 90% of it), plus the first: not one per replica.
     assert stats["get_token_calls"] <= lifetimes / 0.9 + 3
+
+
+async def test_redis_stopped_and_restarted_under_load(tmp_path, redis_server: RedisServer):
+    """An outage within one token's life loses nothing, and after it the replicas renew
+    together again: one get_token per lifetime, one token held by all."""
+    lifetime, outage = 6.0, 2.0
+    with ExitStack() as stack:
+        _, fake_url = stack.enter_context(fake_sobot(tmp_path, token_lifetime=lifetime))
+        env = proxy_env(fake_url, SOBOT_TOKEN_STORE=redis_server.url)
+        urls, proxies = start_replicas(stack, tmp_path, env)
+        outcomes: Counter[str] = Counter()
+        stop = asyncio.Event()
+        async with aiohttp.ClientSession() as session:
+            load = asyncio.create_task(
+                steady_load(
+                    session, urls, per_url=CLIENTS_PER_REPLICA, stop=stop, outcomes=outcomes
+                )
+            )
+
+            async def renewed_and_shared(calls: int) -> bool:
+                stats = await fake_stats_of(session, fake_url)
+                return (
+                    stats["get_token_calls"] >= calls and len(await tokens_held(session, urls)) == 1
+                )
+
+            # The outage starts once every replica holds a freshly renewed token, so the token
+            # outlives it: this is the outage a replica can ride out with the token it holds.
+            await eventually(lambda: renewed_and_shared(2), within=30)
+            redis_server.stop()
+            await asyncio.sleep(outage)  # the outage's length: nothing to wait for
+            redis_server.start()  # the same port, empty: nothing was persisted
+            # Two more renewals, each shared by all through the restarted store.
+            await eventually(lambda: renewed_and_shared(4), within=30)
+            stop.set()
+            async with asyncio.timeout(30):
+                await load
+            stats = await fake_stats_of(session, fake_url)
+            held = await tokens_held(session, urls)
+            # Every replica noticed the outage (its watcher lost the connection) and came back.
+            for proxy in proxies:
+                proxy.wait_for_event("token_store_unavailable")
+                proxy.wait_for_event("token_store_available")
+    print(
+        f"\n{REPLICAS} replicas, Redis down {outage:.0f} s, tokens living {lifetime:.0f} s: "
+        f"{sum(outcomes.values())} requests {dict(outcomes)}; get_token calls "
+        f"{stats['get_token_calls']}; tokens held at the end: {len(held)}"
+    )
+    assert set(outcomes) == {"200 000000"}  # nothing lost, no client saw 900002
+    assert stats["get_token_calls"] == 4  # the first, and one per lifetime: never one each
+    assert len(held) == 1
+    assert None not in held
+
+
+async def test_a_replica_killed_holding_the_renewal_lock_is_replaced_after_its_lease(
+    tmp_path, redis_server: RedisServer
+):
+    lock_key = f"sobot-proxy:{STACK_APPID}:renewal-lock"
+    with ExitStack() as stack:
+        _, fake_url = stack.enter_context(fake_sobot(tmp_path))
+        # Lease: connect + read timeout + 5 s = 10 s; the stalled get_token outlives the kill.
+        env = proxy_env(
+            fake_url,
+            SOBOT_TOKEN_STORE=redis_server.url,
+            SOBOT_CONNECT_TIMEOUT="1",
+            SOBOT_UPSTREAM_TIMEOUT="4",
+        )
+        store = aioredis.Redis.from_url(redis_server.url)
+        async with aiohttp.ClientSession() as session:
+            async with session.post(
+                f"{fake_url}/_fake/fail-get-token", params={"mode": "stall", "times": "1"}
+            ) as answer:
+                assert answer.status == 200
+            holder = stack.enter_context(running("serve", cwd=tmp_path, env=env))
+
+            async def holding() -> bool:
+                stats = await fake_stats_of(session, fake_url)
+                return stats["get_token_calls"] == 1 and bool(await store.exists(lock_key))
+
+            await eventually(holding)
+            os.kill(holder.process.pid, signal.SIGKILL)  # mid-renewal, the lock held
+            holder.process.wait(timeout=10)
+            lease_left_ms = await store.pttl(lock_key)
+            assert lease_left_ms > 0  # nobody released it: the lease will end it
+
+            successor = stack.enter_context(running("serve", cwd=tmp_path, env=env))
+            url = f"http://127.0.0.1:{successor.wait_for_event('listening')['port']}"
+            assert not await is_ready(session, url)  # waiting for the lease, not fetching
+            await eventually(lambda: is_ready(session, url), within=30)
+            stats = await fake_stats_of(session, fake_url)
+            async with session.get(f"{url}/api/echo") as answer:
+                assert (await answer.json())["ret_code"] == "000000"
+        await store.aclose()
+    print(
+        f"\nlease left when the holder died: {lease_left_ms} ms; "
+        f"get_token calls {stats['get_token_calls']}"
+    )
+    assert stats["get_token_calls"] == 2  # the dead holder's, then the successor's
