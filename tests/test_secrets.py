@@ -99,3 +99,28 @@ async def test_every_failure_path_keeps_the_app_key_and_token_out_of_all_output(
         assert secret.encode() not in logs.raw
         for answer in answers:
             assert secret.encode() not in answer
+
+
+def test_the_scrubber_replaces_every_secret_whole_wherever_it_appears():
+    from proxy.logs import Secrets
+
+    secrets = Secrets(["app-key-0123456789"])
+    secrets.add("token-0123456789")
+    secrets.add("token-0123456789-and-more")  # contains the one before: replaced whole
+    secrets.add("short")  # too short to scrub safely: ordinary text would be mangled
+    line = b"a app-key-0123456789 b token-0123456789-and-more c token-0123456789 d short"
+    assert secrets.scrub(line) == b"a [redacted] b [redacted] c [redacted] d short"
+    assert Secrets().scrub(line) == line
+
+
+async def test_log_lines_are_stamped_in_iso_8601_utc_with_microseconds(logs: CapturedLogs):
+    import datetime
+
+    from proxy.logs import get_logger
+
+    before = datetime.datetime.now(datetime.UTC)
+    get_logger().info("stamped")
+    [event] = logs.events("stamped")
+    stamp = datetime.datetime.strptime(event["timestamp"], "%Y-%m-%dT%H:%M:%S.%fZ")
+    stamp = stamp.replace(tzinfo=datetime.UTC)
+    assert before - datetime.timedelta(seconds=1) <= stamp <= datetime.datetime.now(datetime.UTC)
