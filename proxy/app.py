@@ -2,6 +2,7 @@
 
     make_app(settings) -> web.Application
         /healthz, /readyz          answered locally (health.py)
+        /metrics                   Prometheus metrics (metrics.py), behind the client keys
         /api/get_token             answered locally (local_token.py)
         /api/...                   forwarded with the managed token (forward.py)
         anything else              404, never forwarded
@@ -22,12 +23,13 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 
 from proxy.access import AccessPolicy
-from proxy.errors import error_response
+from proxy.errors import ProxyError, error_response
 from proxy.forward import Forwarder
 from proxy.handler import ApiHandler
 from proxy.health import healthz, readyz
 from proxy.local_token import LocalTokenEndpoint
 from proxy.logs import Secrets, get_logger
+from proxy.metrics import CONTENT_TYPE, Metrics
 from proxy.settings import Settings
 from proxy.store import make_store
 from proxy.token_source import SobotTokenSource
@@ -35,6 +37,8 @@ from proxy.tokens import Backoff, TokenManager
 
 TOKENS: Final = web.AppKey("tokens", TokenManager)
 API: Final = web.AppKey("api", ApiHandler)
+ACCESS: Final = web.AppKey("access", AccessPolicy)
+METRICS: Final = web.AppKey("metrics", Metrics)
 
 
 @web.middleware
@@ -89,6 +93,10 @@ def make_app(
         secrets.add(key, lasting=True)
     app = web.Application(middlewares=[_json_http_errors])
     log = get_logger()
+    access = AccessPolicy(settings)
+    metrics = Metrics(routes=settings.metrics_routes)
+    app[ACCESS] = access
+    app[METRICS] = metrics
 
     async def lifetime(app: web.Application) -> AsyncIterator[None]:
         tls = ssl.create_default_context(cafile=settings.ca_bundle)
@@ -104,6 +112,7 @@ def make_app(
             timeout=settings.connect_timeout + settings.upstream_timeout,
             log=log,
             secrets=secrets,
+            on_result=lambda result: metrics.get_token.labels(result).inc(),
         )
         store = make_store(
             settings.token_store,
@@ -113,6 +122,7 @@ def make_app(
             lease=settings.connect_timeout + settings.upstream_timeout + 5,
             log=log,
             workers_directory=workers_directory,
+            on_error=metrics.store_errors.inc,
         )
         tokens = TokenManager(
             source,
@@ -123,12 +133,14 @@ def make_app(
             secrets=secrets,
         )
         app[TOKENS] = tokens
+        metrics.watch_token(tokens.expires_in)
         app[API] = ApiHandler(
-            access=AccessPolicy(settings),
+            access=access,
             forwarder=Forwarder(settings, session=session, tokens=tokens, log=log),
             local_token=LocalTokenEndpoint(
                 appid=settings.appid, app_key=settings.app_key, tokens=tokens
             ),
+            metrics=metrics,
             log=log,
         )
         tokens.start()
@@ -147,9 +159,19 @@ def make_app(
     app.cleanup_ctx.append(lifetime)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", _readyz)
+    app.router.add_get("/metrics", _metrics)
     app.router.add_route("*", "/{tail:.*}", _api, expect_handler=_expect)
     return app
 
 
 async def _readyz(request: web.Request) -> web.Response:
     return readyz(request.app[TOKENS])
+
+
+async def _metrics(request: web.Request) -> web.Response:
+    """The metrics, for whoever may use the API: the same client keys."""
+    try:
+        request.app[ACCESS].authenticate(request.headers)
+    except ProxyError as exc:
+        return exc.to_response()
+    return web.Response(body=request.app[METRICS].page(), headers={"Content-Type": CONTENT_TYPE})

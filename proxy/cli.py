@@ -1,6 +1,7 @@
-"""The `sobot-proxy` command: `serve` (the default) and `fake-sobot`.
+"""The `sobot-proxy` command: `serve` (the default), `check` and `fake-sobot`.
 
-Configuration mistakes stop start-up with one line per problem on stderr and exit status 2.
+Configuration mistakes stop start-up with one line per problem on stderr and exit status 2;
+`check` reports them the same way.
 """
 
 from __future__ import annotations
@@ -14,8 +15,8 @@ from typing import Final, NoReturn
 
 from aiohttp import web
 
-from proxy import __version__
-from proxy.app import API, make_app
+from proxy import __version__, check
+from proxy.app import API, TOKENS, make_app
 from proxy.fake_sobot import FakeSobot
 from proxy.logs import configure_logging, get_logger
 from proxy.server import run, serve
@@ -29,9 +30,16 @@ from proxy.settings import (
     ConfigError,
     is_loopback,
     load_settings,
+    load_with_provenance,
 )
+from proxy.startup import announce
 from proxy.store import describe_store
-from proxy.workers import WORKERS_DIRECTORY_ENV, die_with_the_supervisor, supervise
+from proxy.workers import (
+    WORKER_ENV,
+    WORKERS_DIRECTORY_ENV,
+    die_with_the_supervisor,
+    supervise,
+)
 
 DEMO_APPID: Final = "demo-appid"
 DEMO_APP_KEY: Final = "demo-app-key"
@@ -72,31 +80,42 @@ def build_parser() -> argparse.ArgumentParser:
         description="Run the proxy. The app_key is read from SOBOT_APP_KEY or "
         "SOBOT_APP_KEY_FILE only, never from a flag, so it stays out of `ps`.",
     )
-    serve_cmd.add_argument(
-        "--config", metavar="FILE", help=f"TOML configuration file (or {CONFIG_ENV})"
-    )
-    for option in OPTIONS:
-        if option.flag and option.switch:
-            serve_cmd.add_argument(
-                option.flag,
-                dest=option.name,
-                action="store_const",
-                const=True,
-                default=None,
-                help=f"{option.help} [{option.env}=1]",
-            )
-        elif option.flag:
-            serve_cmd.add_argument(
-                option.flag,
-                dest=option.name,
-                metavar=option.name.upper(),
-                default=None,
-                help=f"{option.help} [{option.env}]",
-            )
+    _add_setting_arguments(serve_cmd)
     serve_cmd.add_argument(
         "--demo",
         action="store_true",
         help="run against an in-process fake Sobot with demo credentials, to try the proxy",
+    )
+
+    check_cmd = commands.add_parser(
+        "check",
+        help="validate a configuration without starting the proxy, and say what it would use",
+        description="Validate the configuration serve would load (same flags, environment and "
+        "file) and print, one line per setting, the value that would be used and where it came "
+        f"from ({check.PRECEDENCE}). Secrets are never shown. Exit status: 0 valid (and, with "
+        "--online, proven), 1 credentials refused or Sobot or the token store unreachable, "
+        "2 configuration or usage problem.",
+    )
+    _add_setting_arguments(check_cmd)
+    check_cmd.add_argument(
+        "--online",
+        action="store_true",
+        help="prove the credentials work: with a Redis token store holding a token, by that "
+        "shared token (get_token is not called); otherwise by get_token, only with "
+        "--rotate-token",
+    )
+    check_cmd.add_argument(
+        "--rotate-token",
+        action="store_true",
+        help="allow --online to call get_token, which issues a new token and invalidates the "
+        "one every running proxy (and any other client) of the appid holds",
+    )
+    check_cmd.add_argument(
+        "--probe-path",
+        metavar="PATH",
+        type=check.probe_path,
+        help="with --online, a read-only GET API (under /api/, with its query) to send the "
+        "token to, proving Sobot accepts it; for example one your application already calls",
     )
 
     fake_cmd = commands.add_parser(
@@ -115,6 +134,44 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _add_setting_arguments(parser: argparse.ArgumentParser) -> None:
+    """--config and a flag for every option that has one, as serve and check both take them."""
+    parser.add_argument(
+        "--config", metavar="FILE", help=f"TOML configuration file (or {CONFIG_ENV})"
+    )
+    for option in OPTIONS:
+        if option.flag and option.switch:
+            parser.add_argument(
+                option.flag,
+                dest=option.name,
+                action="store_const",
+                const=True,
+                default=None,
+                help=f"{option.help} [{option.env}=1]",
+            )
+        elif option.flag:
+            parser.add_argument(
+                option.flag,
+                dest=option.name,
+                metavar=option.name.upper(),
+                default=None,
+                help=f"{option.help} [{option.env}]",
+            )
+
+
+def _flags(args: argparse.Namespace) -> dict[str, object]:
+    """The option flags given (None where not), and "config", as load_settings takes them."""
+    flags: dict[str, object] = {option.name: getattr(args, option.name) for option in OPTIONS}
+    flags["config"] = args.config
+    return flags
+
+
+def _report_problems(problems: Sequence[str]) -> int:
+    for problem in problems:
+        print(f"sobot-proxy: configuration error: {problem}", file=sys.stderr)
+    return EXIT_CONFIG
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     arguments = list(sys.argv[1:] if argv is None else argv)
     # `serve` is the default command: `sobot-proxy --port 9000` serves.
@@ -122,17 +179,41 @@ def main(argv: Sequence[str] | None = None) -> int:
         arguments[0].startswith("-") and arguments[0] not in ("-h", "--help", "--version")
     ):
         arguments.insert(0, "serve")
-    args = build_parser().parse_args(arguments)
+    parser = build_parser()
+    args = parser.parse_args(arguments)
     if args.command == "fake-sobot":
         return _run_fake(args)
+    if args.command == "check":
+        if not args.online and (args.rotate_token or args.probe_path):
+            parser.error("--rotate-token and --probe-path go with check --online")
+        return _run_check(args, os.environ)
     return _run_serve(args, os.environ, arguments)
+
+
+def _run_check(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
+    try:
+        settings, provenance = load_with_provenance(_flags(args), environ)
+    except ConfigError as exc:
+        return _report_problems(exc.problems)
+    print(f"sobot-proxy check: the configuration is valid; in force ({check.PRECEDENCE}):")
+    print("\n".join(check.describe(settings, provenance)), flush=True)
+    for warning in check.warnings(settings, provenance):
+        print(f"sobot-proxy: warning: {warning}", file=sys.stderr)
+    if not args.online:
+        return check.EXIT_OK
+    return check.prove(
+        settings,
+        rotate_token=args.rotate_token,
+        probe=args.probe_path,
+        out=sys.stdout,
+        err=sys.stderr,
+    )
 
 
 def _run_serve(
     args: argparse.Namespace, environ: Mapping[str, str], arguments: Sequence[str]
 ) -> int:
-    flags: dict[str, object] = {option.name: getattr(args, option.name) for option in OPTIONS}
-    flags["config"] = args.config
+    flags = _flags(args)
     env = dict(environ)
     demo_socket = None
     if args.demo:
@@ -149,11 +230,9 @@ def _run_serve(
         if args.demo and settings.workers > 1:
             raise ConfigError(["--demo runs one process: --workers must be 1 with it"])
     except ConfigError as exc:
-        for problem in exc.problems:
-            print(f"sobot-proxy: configuration error: {problem}", file=sys.stderr)
         if demo_socket is not None:
             demo_socket.close()
-        return EXIT_CONFIG
+        return _report_problems(exc.problems)
 
     secrets = configure_logging(settings.log_level, settings.log_format)
     log = get_logger()
@@ -173,12 +252,20 @@ def _run_serve(
     if workers_directory is not None:
         die_with_the_supervisor()
     app = make_app(settings, secrets=secrets, workers_directory=workers_directory)
-    on_listening = None
     if demo_socket is not None:
         app.cleanup_ctx.insert(0, _demo_upstream(demo_socket))
 
-        async def on_listening(host: str, port: int) -> None:
+    async def on_listening(host: str, port: int) -> None:
+        if demo_socket is not None:
             log.info("demo", hint=f"try: curl http://{host}:{port}/api/echo?hello=world")
+        await announce(
+            app[TOKENS],
+            settings,
+            log,
+            url=f"http://{host}:{port}",
+            worker=environ.get(WORKER_ENV),
+            shared_file=workers_directory is not None and settings.token_store == "memory",
+        )
 
     try:
         return run(

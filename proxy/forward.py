@@ -38,6 +38,7 @@ from proxy.errors import (
     UpstreamUnreachable,
 )
 from proxy.headers import SKIP_AUTO_HEADERS, downstream_headers, upstream_headers
+from proxy.request_id import HEADER as REQUEST_ID_HEADER
 from proxy.request_log import RequestRecord
 from proxy.settings import Settings
 from proxy.tokens import Token, TokenManager
@@ -130,6 +131,7 @@ class Forwarder:
             client_ip=request.remote,
             scheme=request.scheme,
             consume_authorization=self._consume_authorization,
+            request_id=record.request_id,
         )
         if request.content_length is not None and body is not None:
             headers[hdrs.CONTENT_LENGTH] = str(request.content_length)
@@ -236,6 +238,7 @@ class Forwarder:
     ) -> web.StreamResponse:
         upstream = answer.response
         headers = downstream_headers(upstream.headers)
+        headers[REQUEST_ID_HEADER] = record.request_id
         if not answer.complete:
             return await self._stream(request, answer, headers, record)
         upstream.release()

@@ -4,6 +4,7 @@ and the drain at shutdown.
     admission   client key (401), request target (400/404), allow-lists (403)
     dispatch    /api/get_token in any spelling -> answered locally; any other /api/ -> forwarded
     answers     a ProxyError becomes its JSON answer; anything else a plain 500
+    record      one log line and the metrics, with the request's id (request_id.py)
 """
 
 from __future__ import annotations
@@ -18,7 +19,10 @@ from proxy.access import AccessPolicy
 from proxy.errors import ExpectationFailed, InternalError, ProxyError
 from proxy.forward import Forwarder
 from proxy.local_token import LocalTokenEndpoint
+from proxy.metrics import Metrics
 from proxy.paths import is_get_token, split_target
+from proxy.request_id import HEADER as REQUEST_ID_HEADER
+from proxy.request_id import request_id_for
 from proxy.request_log import RequestRecord
 
 
@@ -29,11 +33,13 @@ class ApiHandler:
         access: AccessPolicy,
         forwarder: Forwarder,
         local_token: LocalTokenEndpoint,
+        metrics: Metrics,
         log: structlog.typing.FilteringBoundLogger,
     ) -> None:
         self._access = access
         self._forwarder = forwarder
         self._local_token = local_token
+        self._metrics = metrics
         self._log = log
         self._running: set[asyncio.Task[object]] = set()
         self._idle = asyncio.Event()
@@ -56,6 +62,7 @@ class ApiHandler:
     async def expect(self, request: web.Request) -> web.StreamResponse | None:
         """`Expect: 100-continue`: refuse before the client sends its body, or invite it."""
         started = time.perf_counter()
+        record = RequestRecord(request.method, request.path, request_id_for(request.headers))
         try:
             path, _ = self._admit(request)
             if not is_get_token(path):
@@ -64,11 +71,12 @@ class ApiHandler:
             if request.headers.get(hdrs.EXPECT, "").lower() != "100-continue":
                 raise ExpectationFailed("only `Expect: 100-continue` is understood")
         except ProxyError as exc:
-            record = RequestRecord(request.method, request.path)
             record.status, record.ret_code, record.error = exc.status, exc.ret_code, exc.message
-            self._log.info("request", **record.fields(time.perf_counter() - started))
             response = exc.to_response()
+            response.headers[REQUEST_ID_HEADER] = record.request_id
             response.force_close()  # the body was never invited: it cannot follow on this one
+            with structlog.contextvars.bound_contextvars(request_id=record.request_id):
+                self._finish(record, started)
             return response
         if request.version == HttpVersion11:
             await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
@@ -77,45 +85,74 @@ class ApiHandler:
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         started = time.perf_counter()
-        record = RequestRecord(request.method, request.path)
-        response: web.StreamResponse
+        record = RequestRecord(request.method, request.path, request_id_for(request.headers))
+        # Every line logged while this request is handled carries its id. Reset at the end:
+        # the requests of one kept-alive connection are handled in one task, one context.
+        context = structlog.contextvars.bind_contextvars(request_id=record.request_id)
+        try:
+            response = await self._tracked(request, record, started)
+            if not response.prepared:
+                response.headers[REQUEST_ID_HEADER] = record.request_id
+                if self._draining:
+                    response.force_close()  # stopping: a kept-alive client must not send more
+            self._finish(record, started)
+            return response
+        finally:
+            structlog.contextvars.reset_contextvars(**context)
+
+    async def _tracked(
+        self, request: web.Request, record: RequestRecord, started: float
+    ) -> web.StreamResponse:
+        """The answer, with the request counted as in flight (for the drain and the metrics)
+        while it is worked on; a request cut short is logged here."""
         task = asyncio.current_task()
         if task is not None:
             self._running.add(task)
             self._idle.clear()
+        self._metrics.in_flight.inc()
         try:
-            path, query = self._admit(request)
-            record.path = path
-            if is_get_token(path):
-                response, record.ret_code = await self._local_token.answer(request)
-                record.status = response.status
-            else:
-                response = await self._forwarder.forward(request, path, query, record)
-        except ProxyError as exc:
-            record.status, record.ret_code, record.error = exc.status, exc.ret_code, exc.message
-            response = exc.to_response()
+            return await self._respond(request, record)
         except asyncio.CancelledError:
             record.error = (
                 "cut: still running when the shutdown grace ran out"
                 if self._cutting
                 else "cancelled: the client went away"
             )
-            self._log.info("request", **record.fields(time.perf_counter() - started))
+            self._finish(record, started)
+            raise
+        finally:
+            self._metrics.in_flight.dec()
+            if task is not None:
+                self._running.discard(task)
+            if not self._running:
+                self._idle.set()
+
+    async def _respond(self, request: web.Request, record: RequestRecord) -> web.StreamResponse:
+        """The answer to one request; what happened is noted in `record`."""
+        try:
+            path, query = self._admit(request)
+            record.path = path
+            if is_get_token(path):
+                response, record.ret_code = await self._local_token.answer(request)
+                record.status = response.status
+                return response
+            return await self._forwarder.forward(request, path, query, record)
+        except ProxyError as exc:
+            record.status, record.ret_code, record.error = exc.status, exc.ret_code, exc.message
+            return exc.to_response()
+        except asyncio.CancelledError:
             raise
         except Exception:
             self._log.exception("internal_error", method=record.method, path=record.path)
             error = InternalError("the proxy failed to handle the request; see its log")
             record.status, record.ret_code = error.status, error.ret_code
-            response = error.to_response()
-        finally:
-            if task is not None:
-                self._running.discard(task)
-            if not self._running:
-                self._idle.set()
-        if self._draining and not response.prepared:
-            response.force_close()  # stopping: a kept-alive client should not send another
-        self._log.info("request", **record.fields(time.perf_counter() - started))
-        return response
+            return error.to_response()
+
+    def _finish(self, record: RequestRecord, started: float) -> None:
+        """The request's one log line and its metrics."""
+        duration = time.perf_counter() - started
+        self._log.info("request", **record.fields(duration))
+        self._metrics.observe(record, duration)
 
     async def drain(self, grace: float) -> None:
         """Let requests in flight finish within `grace` seconds; cut (and log) the rest."""

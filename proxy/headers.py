@@ -8,6 +8,7 @@ from aiohttp import hdrs
 from multidict import CIMultiDict, CIMultiDictProxy, istr
 
 from proxy.protocol import TOKEN_HEADER
+from proxy.request_id import HEADER as REQUEST_ID_HEADER
 
 # Meaningful only for one connection: never forwarded in either direction.
 HOP_BY_HOP: Final = frozenset(
@@ -26,8 +27,9 @@ HOP_BY_HOP: Final = frozenset(
 )
 
 # Also not copied upstream: Host and Content-Length are set for the upstream request itself,
-# the client's token is replaced by the managed one, X-Forwarded-* are rebuilt below. Expect
-# was answered by the proxy's own server, which has the body by the time it forwards it.
+# the client's token is replaced by the managed one, X-Forwarded-* and X-Request-Id are set
+# below. Expect was answered by the proxy's own server, which has the body by the time it
+# forwards it.
 _NOT_COPIED_UPSTREAM: Final = HOP_BY_HOP | {
     istr(hdrs.HOST),
     istr(hdrs.CONTENT_LENGTH),
@@ -35,6 +37,7 @@ _NOT_COPIED_UPSTREAM: Final = HOP_BY_HOP | {
     istr(TOKEN_HEADER),
     istr(hdrs.X_FORWARDED_FOR),
     istr(hdrs.X_FORWARDED_PROTO),
+    istr(REQUEST_ID_HEADER),
 }
 # Content-Length is set by the server from the body it sends.
 _NOT_COPIED_DOWNSTREAM: Final = HOP_BY_HOP | {istr(hdrs.CONTENT_LENGTH)}
@@ -74,13 +77,16 @@ def upstream_headers(
     client_ip: str | None,
     scheme: str,
     consume_authorization: bool,
+    request_id: str,
 ) -> CIMultiDict[str]:
-    """The client's end-to-end headers plus X-Forwarded-For / -Proto; the token is set later."""
+    """The client's end-to-end headers plus X-Forwarded-For / -Proto and the request's id;
+    the token is set later."""
     dropped = _NOT_COPIED_UPSTREAM_AUTHENTICATED if consume_authorization else _NOT_COPIED_UPSTREAM
     out = _copy(headers, dropped)
     forwarded_for = ", ".join([*headers.getall(hdrs.X_FORWARDED_FOR, ()), client_ip or "unknown"])
     out[hdrs.X_FORWARDED_FOR] = forwarded_for
     out[hdrs.X_FORWARDED_PROTO] = scheme
+    out[REQUEST_ID_HEADER] = request_id
     return out
 
 

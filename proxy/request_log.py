@@ -9,6 +9,7 @@ from dataclasses import dataclass
 class RequestRecord:
     method: str
     path: str
+    request_id: str  # logged through the logging context, with every line of the request
     status: int | None = None
     ret_code: str | None = None
     attempts: int = 0  # 0: answered by the proxy itself; 2: after the 900002 replay

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import sys
@@ -36,7 +37,7 @@ async def serve(
     shutdown_grace: float,
     log: structlog.typing.FilteringBoundLogger,
     reuse_port: bool = False,
-    on_listening: Callable[[str, int], Awaitable[None]] | None = None,
+    on_listening: Callable[[str, int], Coroutine[Any, Any, None]] | None = None,
     drain: Callable[[float], Awaitable[None]] | None = None,
     **listening_fields: object,
 ) -> int:
@@ -47,6 +48,11 @@ async def serve(
     request body still on its way, and waits up to twice its timeout); then the rest is closed.
     Without `drain`, aiohttp's shutdown gets the grace period.
     """
+    # Signals are taken from the start: a SIGTERM during start-up stops cleanly too.
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
     runner = make_runner(app, shutdown_grace=DRAINED_CLOSE if drain else shutdown_grace)
     await runner.setup()
     try:
@@ -58,14 +64,15 @@ async def serve(
         return 1
     bound_host, bound_port = runner.addresses[0][:2]
     log.info("listening", host=bound_host, port=bound_port, pid=os.getpid(), **listening_fields)
+    # Alongside serving (it may wait for the first token), and never past a stop.
+    announcing: asyncio.Task[None] | None = None
     if on_listening is not None:
-        await on_listening(bound_host, bound_port)
-
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stop.set)
+        announcing = asyncio.create_task(on_listening(bound_host, bound_port))
     await stop.wait()
+    if announcing is not None:
+        announcing.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await announcing
     log.info("stopping", grace_s=shutdown_grace)
     for running_site in list(runner.sites):
         await running_site.stop()

@@ -13,7 +13,7 @@ import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, NamedTuple
 from urllib.parse import urlsplit
 
 MIB: Final = 1024 * 1024
@@ -42,6 +42,7 @@ class Settings:
     allow_unauthenticated: bool = False
     allow_paths: tuple[str, ...] = ()  # empty: every path under /api/
     allow_methods: tuple[str, ...] = ()  # empty: every method
+    metrics_routes: tuple[str, ...] = ()  # path prefixes that group requests in the metrics
     ca_bundle: str | None = None  # None: the system's trusted CAs
     allow_insecure_upstream: bool = False
     token_store: str = field(default="memory", repr=False)  # "memory" or a redis(s):// URL
@@ -365,6 +366,15 @@ OPTIONS: Final = (
         "comma-separated HTTP methods that may be used, e.g. GET,POST; others 403",
     ),
     Option(
+        "metrics_routes",
+        "SOBOT_METRICS_ROUTES",
+        "--metrics-routes",
+        _path_prefixes,
+        (),
+        "comma-separated path prefixes that group requests in /metrics (the `route` label); "
+        "other API paths count as /api/",
+    ),
+    Option(
         "ca_bundle",
         "SOBOT_CA_BUNDLE",
         "--ca-bundle",
@@ -457,11 +467,41 @@ TOML_KEYS: Final = frozenset(o.name for o in OPTIONS) | {
 
 
 @dataclass(frozen=True, slots=True)
+class Origin:
+    """Where a setting's value came from, and the lower layers that also set it and lost."""
+
+    layer: str  # "flag", "env", "config file" or "default"
+    name: str = ""  # "--port", "SOBOT_PROXY_PORT", "/etc/proxy.toml: port"; "" for a default
+    shadowed: tuple[str, ...] = ()  # e.g. ("env SOBOT_PROXY_PORT",): overridden by this one
+    file: str | None = None  # the file a secret was read from
+
+    def __str__(self) -> str:
+        return f"{self.layer} {self.name}" if self.name else self.layer
+
+
+DEFAULT: Final = Origin("default")
+
+
+@dataclass(frozen=True, slots=True)
+class Provenance:
+    """How the loader arrived at a Settings object, for `sobot-proxy check` to explain."""
+
+    # Every option's and secret's name, and "config" (the TOML file): where its value came from.
+    origins: Mapping[str, Origin]
+    region: str | None  # as given: Settings keeps only the base URL it stands for
+    config_file: str | None
+
+
+@dataclass(frozen=True, slots=True)
 class _Source:
     """One layer of configuration: its values, and how to name a key of it in a message."""
 
+    layer: str
     values: Mapping[str, Any]
     label: Callable[[Option | str], str]
+
+    def origin(self, option: Option, shadowed: tuple[str, ...] = ()) -> Origin:
+        return Origin(self.layer, self.label(option), shadowed)
 
 
 def load_settings(
@@ -474,39 +514,61 @@ def load_settings(
 
     `flags` may carry "config", the TOML file to read (else SOBOT_PROXY_CONFIG names it).
     """
+    return load_with_provenance(flags, env, read_text=read_text)[0]
+
+
+def load_with_provenance(
+    flags: Mapping[str, Any],
+    env: Mapping[str, str],
+    *,
+    read_text: Callable[[Path], str] = lambda path: path.read_text(encoding="utf-8"),
+) -> tuple[Settings, Provenance]:
+    """load_settings, and where each value came from (see Provenance)."""
     problems: list[str] = []
     toml_values, toml_label = _read_toml(flags, env, read_text, problems)
     sources = (
         _Source(
+            "flag",
             {k: v for k, v in flags.items() if v is not None},
             lambda o: o.flag or o.env if isinstance(o, Option) else o,
         ),
         _Source(
+            "env",
             {o.name: env[o.env] for o in OPTIONS if env.get(o.env)},
             lambda o: o.env if isinstance(o, Option) else o,
         ),
-        _Source(toml_values, lambda o: f"{toml_label}: {o.name if isinstance(o, Option) else o}"),
+        _Source(
+            "config file",
+            toml_values,
+            lambda o: f"{toml_label}: {o.name if isinstance(o, Option) else o}",
+        ),
     )
 
     values: dict[str, Any] = {}
+    origins: dict[str, Origin] = {"config": _config_origin(flags, env)}
     for option in OPTIONS:
-        for source in sources:
-            if option.name in source.values:
-                try:
-                    values[option.name] = option.parse(source.values[option.name])
-                except ValueError as exc:
-                    problems.append(f"{source.label(option)}: {exc}")
-                    values[option.name] = None
-                break
+        setting = [source for source in sources if option.name in source.values]
+        if setting:
+            source, *losers = setting
+            origins[option.name] = source.origin(
+                option, tuple(str(s.origin(option)) for s in losers)
+            )
+            try:
+                values[option.name] = option.parse(source.values[option.name])
+            except ValueError as exc:
+                problems.append(f"{source.label(option)}: {exc}")
+                values[option.name] = None
         else:
+            origins[option.name] = DEFAULT
             if option.default is REQUIRED:
                 problems.append(f"{option.name} is required: set {option.env} or {option.flag}")
             values[option.name] = None if option.default is REQUIRED else option.default
 
-    secrets = {
-        secret.name: _read_secret(secret, env, toml_values, toml_label, read_text, problems)
-        for secret in SECRETS
-    }
+    secrets: dict[str, tuple[str, ...]] = {}
+    for secret in SECRETS:
+        secrets[secret.name], origins[secret.name] = _read_secret(
+            secret, env, toml_values, toml_label, read_text, problems
+        )
 
     if (
         values["base_url"] is None
@@ -519,7 +581,9 @@ def load_settings(
     if problems:
         raise ConfigError(problems)
     region = values.pop("region")
-    values["base_url"] = values["base_url"] or REGIONS[region]
+    if values["base_url"] is None:
+        values["base_url"] = REGIONS[region]
+        origins["base_url"] = origins["region"]  # the region chose it
     password = secrets["token_store_password"]
     settings = Settings(
         app_key=secrets["app_key"][0],
@@ -530,7 +594,15 @@ def load_settings(
     problems = _unsafe_combinations(settings)
     if problems:
         raise ConfigError(problems)
-    return settings
+    config_file = flags.get("config") or env.get(CONFIG_ENV)
+    return settings, Provenance(origins, region, str(config_file) if config_file else None)
+
+
+def _config_origin(flags: Mapping[str, Any], env: Mapping[str, str]) -> Origin:
+    if flags.get("config"):
+        shadowed = (f"env {CONFIG_ENV}",) if env.get(CONFIG_ENV) else ()
+        return Origin("flag", "--config", shadowed)
+    return Origin("env", CONFIG_ENV) if env.get(CONFIG_ENV) else DEFAULT
 
 
 def is_loopback(host: str) -> bool:
@@ -593,6 +665,20 @@ def _read_toml(
     return {k: v for k, v in values.items() if k in TOML_KEYS}, label
 
 
+class _SecretLayer(NamedTuple):
+    layer: str
+    value: Any
+    file_name: Any
+    value_label: str
+    file_label: str
+    base_dir: Path  # where a relative file name is found
+
+    @property
+    def label(self) -> str:
+        """The name that sets the secret in this layer, if it does."""
+        return f"{self.layer} {self.value_label if self.value else self.file_label}"
+
+
 def _read_secret(
     secret: SecretSetting,
     env: Mapping[str, str],
@@ -600,15 +686,24 @@ def _read_secret(
     toml_label: str,
     read_text: Callable[[Path], str],
     problems: list[str],
-) -> tuple[str, ...]:
-    """A secret from the highest layer that sets it, as a value or as a file to read.
+) -> tuple[tuple[str, ...], Origin]:
+    """A secret from the highest layer that sets it, as a value or as a file to read, and
+    where it came from.
 
     A single secret comes back as one item. A list (`many`) is comma-separated in a value, one
     an item in a TOML list, and one a line in a file. Never part of a message: only names are.
     """
     layers = (
-        (env.get(secret.env), env.get(secret.file_env), secret.env, secret.file_env, Path()),
-        (
+        _SecretLayer(
+            "env",
+            env.get(secret.env),
+            env.get(secret.file_env),
+            secret.env,
+            secret.file_env,
+            Path(),
+        ),
+        _SecretLayer(
+            "config file",
             toml_values.get(secret.name),
             toml_values.get(f"{secret.name}_file"),
             f"{toml_label}: {secret.name}",
@@ -617,31 +712,37 @@ def _read_secret(
             Path(toml_label).parent,
         ),
     )
-    for value, file_name, value_label, file_label, base_dir in layers:
-        if value and file_name:
-            problems.append(f"set only one of {value_label} and {file_label}")
-            return ()
-        if value:
-            items = _secret_items(value, separator="," if secret.many else None)
+    for index, layer in enumerate(layers):
+        shadowed = tuple(low.label for low in layers[index + 1 :] if low.value or low.file_name)
+        if layer.value and layer.file_name:
+            problems.append(f"set only one of {layer.value_label} and {layer.file_label}")
+            return (), Origin(layer.layer, layer.value_label, shadowed)
+        if layer.value:
+            origin = Origin(layer.layer, layer.value_label, shadowed)
+            items = _secret_items(layer.value, separator="," if secret.many else None)
             if items is None:
-                problems.append(f"{value_label}: must be a non-empty string")
-                return ()
-            return items
-        if file_name:
+                problems.append(f"{layer.value_label}: must be a non-empty string")
+                return (), origin
+            return items, origin
+        if layer.file_name:
+            path = layer.base_dir / str(layer.file_name)
+            origin = Origin(layer.layer, layer.file_label, shadowed, file=str(path))
             try:
-                text = read_text(base_dir / str(file_name))
+                text = read_text(path)
             except (OSError, UnicodeDecodeError) as exc:
                 reason = exc.strerror if isinstance(exc, OSError) else "not text"
-                problems.append(f"{file_label}: cannot read {file_name} ({reason or exc})")
-                return ()
+                problems.append(
+                    f"{layer.file_label}: cannot read {layer.file_name} ({reason or exc})"
+                )
+                return (), origin
             items = _secret_items(text, separator="\n" if secret.many else None)
             if items is None:
-                problems.append(f"{file_label}: {file_name} is empty")
-                return ()
-            return items
+                problems.append(f"{layer.file_label}: {layer.file_name} is empty")
+                return (), origin
+            return items, origin
     if secret.required:
         problems.append(f"{secret.name} is required: set {secret.env} or {secret.file_env}")
-    return ()
+    return (), DEFAULT
 
 
 def _secret_items(value: Any, *, separator: str | None) -> tuple[str, ...] | None:

@@ -23,7 +23,7 @@ import contextlib
 import fcntl
 import os
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Final, Protocol
 from urllib.parse import urlsplit, urlunsplit
@@ -88,17 +88,32 @@ def make_store(
     lease: float,
     log: structlog.typing.FilteringBoundLogger,
     workers_directory: str | None = None,
+    on_error: Callable[[], None] = lambda: None,
 ) -> TokenStore:
-    """The store for `url`; for `memory` in a worker of several, the workers' shared file."""
+    """The store for `url`; for `memory` in a worker of several, the workers' shared file.
+    `on_error` hears of every failure to use a shared store (for the metrics)."""
     if url == "memory":
         if workers_directory is not None:
-            return FileTokenStore(workers_directory, lease=lease)
+            return FileTokenStore(workers_directory, lease=lease, on_error=on_error)
         return MemoryTokenStore()
-    return RedisTokenStore(url, appid=appid, password=password, lease=lease, log=log)
+    return RedisTokenStore(
+        url, appid=appid, password=password, lease=lease, log=log, on_error=on_error
+    )
 
 
 class StoreUnavailable(Exception):
     """The shared store cannot be reached; the caller falls back to working alone."""
+
+
+class _Failures:
+    """A shared store's failures: counted, and turned into StoreUnavailable."""
+
+    def __init__(self, on_error: Callable[[], None]) -> None:
+        self._on_error = on_error
+
+    def _unavailable(self, exc: Exception) -> StoreUnavailable:
+        self._on_error()
+        return StoreUnavailable(type(exc).__name__)
 
 
 class TokenStore(Protocol):
@@ -143,7 +158,7 @@ class MemoryTokenStore:
         pass
 
 
-class RedisTokenStore:
+class RedisTokenStore(_Failures):
     shared = True
 
     def __init__(
@@ -154,7 +169,9 @@ class RedisTokenStore:
         password: str | None,
         lease: float,
         log: structlog.typing.FilteringBoundLogger,
+        on_error: Callable[[], None] = lambda: None,
     ) -> None:
+        super().__init__(on_error)
         # Short socket timeouts: the store is on the renewal path, never on a request's.
         self._redis = aioredis.Redis.from_url(
             url, password=password, socket_timeout=2.0, socket_connect_timeout=2.0
@@ -171,7 +188,7 @@ class RedisTokenStore:
         try:
             raw = await self._redis.get(self._token_key)
         except redis.exceptions.RedisError as exc:
-            raise StoreUnavailable(type(exc).__name__) from exc
+            raise self._unavailable(exc) from exc
         if raw is None:
             return None
         try:
@@ -200,7 +217,7 @@ class RedisTokenStore:
                 args=[orjson.dumps(record), repr(token.issued_at), left_ms],
             )
         except redis.exceptions.RedisError as exc:
-            raise StoreUnavailable(type(exc).__name__) from exc
+            raise self._unavailable(exc) from exc
 
     @contextlib.asynccontextmanager
     async def renewal_lock(self) -> AsyncIterator[None]:
@@ -213,7 +230,7 @@ class RedisTokenStore:
         try:
             acquired = await lock.acquire()
         except redis.exceptions.RedisError as exc:
-            raise StoreUnavailable(type(exc).__name__) from exc
+            raise self._unavailable(exc) from exc
         if not acquired:
             raise TokenUnavailable("another replica is renewing the token and has not finished")
         try:
@@ -244,6 +261,7 @@ class RedisTokenStore:
                                 )
                         yield  # a message, or a poll's worth of time
             except redis.exceptions.RedisError as exc:
+                self._on_error()
                 if not down:  # once when it goes, once when it is back: not every retry
                     self._log.warning("token_store_unavailable", reason=type(exc).__name__)
                 down = True
@@ -254,7 +272,7 @@ class RedisTokenStore:
         await self._redis.aclose()
 
 
-class FileTokenStore:
+class FileTokenStore(_Failures):
     """Worker processes of one proxy on one host: a file for the token, an flock for renewal.
 
     The lock needs no lease: the kernel releases an flock when its holder dies. Changes are
@@ -264,7 +282,10 @@ class FileTokenStore:
     shared = True
     WATCH_INTERVAL: Final = 0.25
 
-    def __init__(self, directory: str, *, lease: float) -> None:
+    def __init__(
+        self, directory: str, *, lease: float, on_error: Callable[[], None] = lambda: None
+    ) -> None:
+        super().__init__(on_error)
         self._token_path = os.path.join(directory, "token.json")
         self._lock_path = os.path.join(directory, "renewal.lock")
         self._lease = lease
@@ -280,7 +301,7 @@ class FileTokenStore:
         except FileNotFoundError:
             return None
         except OSError as exc:
-            raise StoreUnavailable(type(exc).__name__) from exc
+            raise self._unavailable(exc) from exc
         except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
             return None
 
@@ -294,14 +315,14 @@ class FileTokenStore:
                 file.write(orjson.dumps(record))
             os.replace(partial, self._token_path)
         except OSError as exc:
-            raise StoreUnavailable(type(exc).__name__) from exc
+            raise self._unavailable(exc) from exc
 
     @contextlib.asynccontextmanager
     async def renewal_lock(self) -> AsyncIterator[None]:
         try:
             descriptor = os.open(self._lock_path, os.O_RDWR | os.O_CREAT, 0o600)
         except OSError as exc:
-            raise StoreUnavailable(type(exc).__name__) from exc
+            raise self._unavailable(exc) from exc
         try:
             deadline = asyncio.get_running_loop().time() + self._lease + 5
             while True:

@@ -39,8 +39,10 @@ class SobotTokenSource:
         timeout: float,
         log: structlog.typing.FilteringBoundLogger,
         secrets: Secrets,
+        on_result: Callable[[str], None] = lambda _result: None,
         wall_clock: Callable[[], float] = time.time,
     ) -> None:
+        """`on_result` hears each call's result: ok, refused, unreachable or malformed."""
         self._session = session
         self._url = base_url + protocol.GET_TOKEN_PATH
         self._appid = appid
@@ -49,6 +51,7 @@ class SobotTokenSource:
         self._log = log
         self._wall_clock = wall_clock
         self._secrets = secrets
+        self._on_result = on_result
 
     async def fetch(self) -> IssuedToken:
         create_time = str(int(self._wall_clock()))
@@ -67,11 +70,13 @@ class SobotTokenSource:
             # sign, into some messages.
             reason = "timed out" if isinstance(exc, asyncio.TimeoutError) else type(exc).__name__
             self._log_call(started, error=reason)
+            self._on_result("unreachable")
             raise TokenUnavailable(f"could not reach Sobot's get_token ({reason})") from None
         try:
             ret_code, ret_msg, token = protocol.parse_token_answer(body)
         except protocol.MalformedAnswer as exc:
             self._log_call(started, http_status=status, error=str(exc))
+            self._on_result("malformed")
             raise TokenUnavailable(
                 f"Sobot's get_token gave a malformed answer (HTTP {status}: {exc})"
             ) from None
@@ -81,6 +86,7 @@ class SobotTokenSource:
             ret_code=ret_code,
             lifetime_s=token.lifetime if token else None,
         )
+        self._on_result("refused" if token is None else "ok")
         if token is None:
             raise TokenUnavailable(
                 f"Sobot's get_token answered {protocol.describe(ret_code)}"

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -114,12 +115,18 @@ class TokenManager:
         self._retry_at = 0.0
         self._last_error: TokenUnavailable | None = None
         self._changed = asyncio.Event()
+        self._first_outcome = asyncio.Event()  # the first fetch ended, either way
         self._refresher: asyncio.Task[None] | None = None
 
     # -- used on every request -------------------------------------------------------------
 
     def seconds_left(self, token: Token) -> float:
         return token.expires_at - self._clock()
+
+    def expires_in(self) -> float | None:
+        """Seconds the valid token held now has left (None: none is held)."""
+        token = self._cache.get(_KEY)
+        return None if token is None else self.seconds_left(token)
 
     def current(self) -> Token | None:
         """The valid token held now, if any."""
@@ -166,7 +173,11 @@ class TokenManager:
         if self._inflight is None:
             if self._last_error is not None and self._clock() < self._retry_at:
                 raise TokenUnavailable(self._last_error.message, ret_code=self._last_error.ret_code)
-            self._inflight = asyncio.create_task(self._fetch(stale), name="sobot-get-token")
+            # In a context of its own: the fetch serves every request waiting, so its log lines
+            # must not carry the id of the request that happened to start it.
+            self._inflight = asyncio.create_task(
+                self._fetch(stale), name="sobot-get-token", context=contextvars.Context()
+            )
             # Waiters may all be cancelled; retrieve a failure so asyncio does not report it.
             self._inflight.add_done_callback(lambda task: task.cancelled() or task.exception())
         return await asyncio.shield(self._inflight)
@@ -194,6 +205,7 @@ class TokenManager:
         finally:
             self._inflight = None
             self._changed.set()
+            self._first_outcome.set()
 
     async def _obtain(self, stale: str | None) -> StoredToken:
         """A token that will do: another replica's from the store, else a new one."""
@@ -271,6 +283,7 @@ class TokenManager:
         self._cache[_KEY] = token
         self._held = stored
         self._changed.set()
+        self._first_outcome.set()
         return token
 
     # -- the shared store ------------------------------------------------------------------
@@ -368,6 +381,12 @@ class TokenManager:
                 await asyncio.sleep(self._backoff.delay(max(1, self._failures)))
 
     # -- health ----------------------------------------------------------------------------
+
+    async def first_outcome(self) -> TokenStatus:
+        """The status once the first token is held or the first fetch has failed."""
+        if self._cache.get(_KEY) is None:
+            await self._first_outcome.wait()
+        return self.status()
 
     def status(self) -> TokenStatus:
         token = self._cache.get(_KEY)

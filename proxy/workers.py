@@ -27,12 +27,16 @@ from types import FrameType
 from typing import Final
 
 import structlog
+from prometheus_client.multiprocess import mark_process_dead
 
+from proxy.metrics import MULTIPROCESS_ENV
 from proxy.settings import Settings
 
-# Set by the parent for its workers: the directory they share the token through, and its pid.
+# Set by the parent for its workers: the directory they share the token through, its pid, and
+# which worker of how many each is ("2/4").
 WORKERS_DIRECTORY_ENV: Final = "SOBOT_PROXY_WORKERS_DIRECTORY"
 SUPERVISOR_PID_ENV: Final = "SOBOT_PROXY_SUPERVISOR_PID"
+WORKER_ENV: Final = "SOBOT_PROXY_WORKER"
 CHECK_INTERVAL: Final = 0.2
 # A worker that dies soon after starting is restarted after a growing pause, so a worker that
 # cannot start (a port taken, a bad environment) does not spin, nor fetch a token each time.
@@ -57,7 +61,21 @@ def supervise(
         "--port",
         str(port),
     ]
-    env = {**os.environ, WORKERS_DIRECTORY_ENV: directory, SUPERVISOR_PID_ENV: str(os.getpid())}
+    # The workers count their metrics into files here, summed by whichever one is scraped.
+    metrics_directory = os.path.join(directory, "metrics")
+    os.mkdir(metrics_directory, 0o700)
+    env = {
+        **os.environ,
+        WORKERS_DIRECTORY_ENV: directory,
+        SUPERVISOR_PID_ENV: str(os.getpid()),
+        MULTIPROCESS_ENV: metrics_directory,
+    }
+
+    def start(index: int) -> subprocess.Popen[bytes]:
+        # Our own command again, with our own arguments: nothing untrusted is executed.
+        worker_env = {**env, WORKER_ENV: f"{index + 1}/{settings.workers}"}
+        return subprocess.Popen(command, env=worker_env)  # noqa: S603
+
     stopping = False
 
     def stop(signum: int, _frame: FrameType | None) -> None:
@@ -66,8 +84,7 @@ def supervise(
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
-    # Our own command again, with our own arguments: nothing untrusted is executed.
-    workers = [subprocess.Popen(command, env=env) for _ in range(settings.workers)]  # noqa: S603
+    workers = [start(index) for index in range(settings.workers)]
     started_at = [time.monotonic()] * settings.workers
     delays = [FIRST_RESTART_DELAY] * settings.workers
     restart_at: list[float | None] = [None] * settings.workers
@@ -89,8 +106,10 @@ def supervise(
                     )
                     restart_at[index] = now + (0 if lived > HEALTHY_AFTER else delays[index])
                     log.warning("worker_exited", pid=worker.pid, status=status)
+                    # Its in-flight gauge is gone with it; its counters still count.
+                    mark_process_dead(worker.pid, metrics_directory)  # type: ignore[no-untyped-call]
                 if now >= (restart_at[index] or 0):
-                    workers[index] = subprocess.Popen(command, env=env)  # noqa: S603
+                    workers[index] = start(index)
                     started_at[index], restart_at[index] = now, None
                     log.warning(
                         "worker_restarted",

@@ -101,13 +101,14 @@ async def test_end_to_end_headers_are_forwarded_and_hop_by_hop_dropped(proxy, fa
 
 
 async def test_no_headers_are_invented_for_the_upstream(proxy, fake: FakeSobot):
-    """aiohttp's client would add User-Agent, Accept and friends; the client sent none."""
+    """aiohttp's client would add User-Agent, Accept and friends; the client sent none. (The
+    request id is the proxy's own: it goes upstream so Sobot's side can be traced too.)"""
     head = await send_raw(
         proxy, b"GET /api/echo HTTP/1.1\r\nHost: proxy\r\nConnection: close\r\n\r\n"
     )
     assert head.startswith(b"HTTP/1.1 200")
     names = {name.lower() for name in fake.received[-1].headers}
-    assert names == {"host", "token", "x-forwarded-for", "x-forwarded-proto"}
+    assert names == {"host", "token", "x-forwarded-for", "x-forwarded-proto", "x-request-id"}
 
 
 async def test_answer_status_headers_and_body_come_back_unchanged(proxy, fake: FakeSobot):

@@ -1,0 +1,195 @@
+"""Prometheus metrics, served at GET /metrics in the text format.
+
+Label values are bounded, so a client cannot grow the series without limit: paths are never a
+label (requests are grouped by the configured route prefixes, SOBOT_METRICS_ROUTES, else all in
+one group), methods outside the standard ones count as `other`, and return codes beyond the
+first MAX_RET_CODES distinct ones seen count as `other`.
+
+With `--workers N` every worker counts into files in a directory the supervisor shares
+(prometheus-client's multiprocess mode, chosen by PROMETHEUS_MULTIPROC_DIR at start-up), so a
+scrape that reaches any worker reports the sum over all of them.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Callable, Iterable
+from typing import Final
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    ProcessCollector,
+    disable_created_metrics,
+    generate_latest,
+)
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.multiprocess import MultiProcessCollector
+from prometheus_client.registry import Collector
+
+from proxy.request_log import RequestRecord
+
+MULTIPROCESS_ENV: Final = "PROMETHEUS_MULTIPROC_DIR"
+CONTENT_TYPE: Final = CONTENT_TYPE_LATEST
+NAMESPACE: Final = "sobot_proxy"
+METHODS: Final = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+MAX_RET_CODES: Final = 100
+_RET_CODE: Final = re.compile(r"[0-9A-Za-z_-]{1,16}")
+# Sobot answers in tens to hundreds of milliseconds; the proxy's own share is microseconds.
+LATENCY_BUCKETS: Final = (
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+    60.0,
+)
+GET_TOKEN_RESULTS: Final = ("ok", "refused", "unreachable", "malformed")
+
+
+class Metrics:
+    """Every metric of one proxy process, and its /metrics page."""
+
+    def __init__(self, *, routes: tuple[str, ...] = ()) -> None:
+        # No `_created` series beside every counter: they double the page and nobody graphs
+        # them. (A switch of the library's, for the process.)
+        disable_created_metrics()  # type: ignore[no-untyped-call]
+        self._multiprocess_dir = os.environ.get(MULTIPROCESS_ENV)
+        self._registry = CollectorRegistry(auto_describe=True)
+        registry = self._registry
+        self.requests = Counter(
+            "requests",
+            "Requests answered, by route group, method, HTTP status and Sobot ret_code "
+            "(`none` when the answer carried none; `cancelled` status: the client left first)",
+            ["route", "method", "status", "ret_code"],
+            namespace=NAMESPACE,
+            registry=registry,
+        )
+        self.duration = Histogram(
+            "request_duration_seconds",
+            "Time from a request's arrival to its answer's end, in seconds",
+            ["route"],
+            namespace=NAMESPACE,
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.upstream_duration = Histogram(
+            "upstream_duration_seconds",
+            "Time spent on Sobot's side of forwarded requests (both attempts), in seconds",
+            ["route"],
+            namespace=NAMESPACE,
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.replays = Counter(
+            "replays",
+            "Requests replayed once after Sobot rejected the token (900002 / 900001)",
+            ["route"],
+            namespace=NAMESPACE,
+            registry=registry,
+        )
+        self.get_token = Counter(
+            "get_token_calls",
+            "Calls to Sobot's get_token, by result: ok, refused (a ret_code other than 000000), "
+            "unreachable, malformed",
+            ["result"],
+            namespace=NAMESPACE,
+            registry=registry,
+        )
+        self.in_flight = Gauge(
+            "in_flight_requests",
+            "Requests being handled now",
+            namespace=NAMESPACE,
+            multiprocess_mode="livesum",
+            registry=registry,
+        )
+        self.store_errors = Counter(
+            "token_store_errors",
+            "Times the shared token store (Redis, or the workers' file) could not be used",
+            namespace=NAMESPACE,
+            registry=registry,
+        )
+        for result in GET_TOKEN_RESULTS:
+            self.get_token.labels(result)  # every result shows, at 0, from the start
+        self.store_errors.inc(0)
+        self._routes = tuple(sorted(routes, key=len, reverse=True))  # the longest prefix wins
+        self._route_of: dict[str, str] = {}
+        self._ret_codes: set[str] = set()
+        self._token = _TokenCollector()
+        registry.register(self._token)
+        if self._multiprocess_dir is None:
+            ProcessCollector(registry=registry)  # memory, CPU, open files (not per worker)
+
+    def watch_token(self, expires_in: Callable[[], float | None]) -> None:
+        """Report `expires_in()` (seconds, None: no token held) at every scrape."""
+        self._token.expires_in = expires_in
+
+    def route(self, path: str) -> str:
+        """The route group of `path`: the longest configured prefix it starts with, else
+        `/api/` for any other API path, else `other`."""
+        route = self._route_of.get(path)
+        if route is None:
+            route = next((prefix for prefix in self._routes if path.startswith(prefix)), None)
+            route = route or ("/api/" if path.startswith("/api/") else "other")
+            if len(self._route_of) < 10_000:  # a cache of what was seen, not a label set
+                self._route_of[path] = route
+        return route
+
+    def observe(self, record: RequestRecord, duration_s: float) -> None:
+        """Count one finished request."""
+        route = self.route(record.path)
+        method = record.method if record.method in METHODS else "other"
+        status = "cancelled" if record.status is None else str(record.status)
+        self.requests.labels(route, method, status, self._ret_code_label(record.ret_code)).inc()
+        self.duration.labels(route).observe(duration_s)
+        if record.attempts:
+            self.upstream_duration.labels(route).observe(record.upstream_s)
+        if record.attempts > 1:
+            self.replays.labels(route).inc()
+
+    def _ret_code_label(self, ret_code: str | None) -> str:
+        if ret_code is None:
+            return "none"
+        if ret_code in self._ret_codes:
+            return ret_code
+        if len(self._ret_codes) >= MAX_RET_CODES or not _RET_CODE.fullmatch(ret_code):
+            return "other"
+        self._ret_codes.add(ret_code)
+        return ret_code
+
+    def page(self) -> bytes:
+        """The metrics in Prometheus' text format."""
+        registry = self._registry
+        if self._multiprocess_dir is not None:
+            # Every worker's counts, summed from their files; the token is this worker's.
+            registry = CollectorRegistry()
+            MultiProcessCollector(registry, path=self._multiprocess_dir)  # type: ignore[no-untyped-call]
+            registry.register(self._token)
+        return generate_latest(registry)
+
+
+class _TokenCollector(Collector):
+    """The held token's remaining life, read at scrape time."""
+
+    def __init__(self) -> None:
+        self.expires_in: Callable[[], float | None] = lambda: None
+
+    def collect(self) -> Iterable[Metric]:
+        yield GaugeMetricFamily(
+            f"{NAMESPACE}_token_expires_in_seconds",
+            "Seconds until the token held now expires (0: no valid token held)",
+            value=max(0.0, self.expires_in() or 0.0),
+        )
