@@ -126,7 +126,6 @@ class Metrics:
             self.get_token.labels(result)  # every result shows, at 0, from the start
         self.store_errors.inc(0)
         self._routes = tuple(sorted(routes, key=len, reverse=True))  # the longest prefix wins
-        self._route_of: dict[str, str] = {}
         self._ret_codes: set[str] = set()
         self._token = _TokenCollector()
         registry.register(self._token)
@@ -140,13 +139,10 @@ class Metrics:
     def route(self, path: str) -> str:
         """The route group of `path`: the longest configured prefix it starts with, else
         `/api/` for any other API path, else `other`."""
-        route = self._route_of.get(path)
-        if route is None:
-            route = next((prefix for prefix in self._routes if path.startswith(prefix)), None)
-            route = route or ("/api/" if path.startswith("/api/") else "other")
-            if len(self._route_of) < 10_000:  # a cache of what was seen, not a label set
-                self._route_of[path] = route
-        return route
+        # Not cached: paths are the clients' choice, up to 8 KiB each, and a cache of them would
+        # grow by the megabyte under a scan; matching a few prefixes costs next to nothing.
+        route = next((prefix for prefix in self._routes if path.startswith(prefix)), None)
+        return route or ("/api/" if path.startswith("/api/") else "other")
 
     def observe(self, record: RequestRecord, duration_s: float) -> None:
         """Count one finished request."""
