@@ -1,0 +1,213 @@
+"""`python -m bench [--quick] [--json PATH]`: run every scenario, print the table, write JSON.
+
+Exit status 0 when every scenario ran and every request succeeded, whether or not the targets
+are met (they are measurements, reported next to the targets); 1 when a scenario could not run
+or requests failed, since failed requests make the figures meaningless.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from bench import scenarios
+from bench.load import write_script
+from bench.report import check_targets, render
+from bench.system import MIB, ROOT, UNPINNED, BenchError, pinned_placement, require_tools
+
+DEFAULT_JSON = ROOT / "bench" / "results" / "latest.json"
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    """How long and how big: the full run, or the quick one the test suite runs."""
+
+    seconds: float
+    repeats: int
+    warm_up: float
+    concurrencies: tuple[int, ...]
+    download: int
+    upload: int
+    tls_calls: int
+    one_way_delay: float = 0.010
+    workers_connections: int = 64
+
+
+FULL = Plan(
+    seconds=5,
+    repeats=3,
+    warm_up=2,
+    concurrencies=(1, 16, 64),
+    download=1024 * MIB,
+    upload=256 * MIB,
+    tls_calls=40,
+)
+QUICK = Plan(
+    seconds=1,
+    repeats=1,
+    warm_up=0,
+    concurrencies=(1, 16, 64),
+    download=64 * MIB,
+    upload=32 * MIB,
+    tls_calls=5,
+)
+
+
+def _progress(message: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def _output(*argv: str) -> str:
+    """What a version command says, on stdout or stderr (nginx -v and wrk -v differ)."""
+    try:
+        # Fixed commands, for the record only.
+        done = subprocess.run(  # noqa: S603
+            list(argv), capture_output=True, text=True, timeout=10, check=False, cwd=ROOT
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"
+    text = (done.stdout or done.stderr).strip()
+    return text.splitlines()[0] if text else "unknown"
+
+
+def _commit() -> str:
+    """The commit measured, and whether the work tree differs from it (read-only git calls)."""
+    git = shutil.which("git")
+    if git is None:
+        return "unknown"
+    try:
+        # Fixed read-only git commands, for the record only.
+        head = subprocess.run(  # noqa: S603
+            [git, "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+            cwd=ROOT,
+        ).stdout.strip()
+        changes = subprocess.run(  # noqa: S603
+            [git, "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+            cwd=ROOT,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return f"{head} (with uncommitted changes)" if changes else head
+
+
+def _meta(plan: Plan, quick: bool) -> dict[str, Any]:
+    cpu_model = "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu_model = line.partition(":")[2].strip()
+                break
+    except OSError:
+        pass
+    return {
+        "started": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "command": os.environ.get("BENCH_COMMAND") or "python -m bench " + " ".join(sys.argv[1:]),
+        "quick": quick,
+        "commit": _commit(),
+        "cpus": len(os.sched_getaffinity(0)),
+        "cpu_model": cpu_model,
+        "python": platform.python_version(),
+        "nginx": _output("nginx", "-v").removeprefix("nginx version: "),
+        "wrk": " ".join(_output("wrk", "-v").split()[:2]),
+        "seconds": plan.seconds,
+        "repeats": plan.repeats,
+        "concurrencies": list(plan.concurrencies),
+    }
+
+
+def run(plan: Plan, *, quick: bool, work: Path) -> dict[str, Any]:
+    script = write_script(work)
+    results: dict[str, Any] = {"meta": _meta(plan, quick), "throughput": {}}
+    placements = [p for p in (pinned_placement(), UNPINNED) if p is not None]
+    for placement in placements:
+        _progress(f"throughput, {placement.name}")
+        results["throughput"][placement.name] = scenarios.throughput(
+            work / placement.name,
+            placement,
+            concurrencies=plan.concurrencies,
+            seconds=plan.seconds,
+            repeats=plan.repeats,
+            warm_up=plan.warm_up,
+            script=script,
+        )
+    _progress("workers: 2 versus 1, unpinned")
+    results["workers"] = scenarios.workers(
+        work / "workers",
+        connections=plan.workers_connections,
+        seconds=plan.seconds,
+        repeats=plan.repeats,
+        warm_up=plan.warm_up,
+        script=script,
+    )
+    _progress("memory: idle, download, upload")
+    results["memory"] = scenarios.memory(
+        work / "memory", download=plan.download, upload=plan.upload
+    )
+    _progress("real client: new TLS connection per call, direct versus through the proxy")
+    results["real_client"] = scenarios.real_client(
+        work / "real-client", calls=plan.tls_calls, one_way_delay=plan.one_way_delay
+    )
+    results["targets"] = check_targets(results)
+    return results
+
+
+def _failed_requests(results: dict[str, Any]) -> int:
+    rows = [
+        figures
+        for placement in results["throughput"].values()
+        for row in placement["concurrency"].values()
+        for figures in row.values()
+    ]
+    rows += list(results["workers"]["workers"].values())
+    return sum(figures["errors"] for figures in rows)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    parser.add_argument(
+        "--quick", action="store_true", help="every scenario, ~1 s each, small sizes"
+    )
+    parser.add_argument(
+        "--json", type=Path, default=DEFAULT_JSON, help=f"results file (default {DEFAULT_JSON})"
+    )
+    args = parser.parse_args()
+    plan = QUICK if args.quick else FULL
+    try:
+        require_tools("nginx", "wrk")
+        with tempfile.TemporaryDirectory(prefix="sobot-bench-") as work:
+            results = run(plan, quick=args.quick, work=Path(work))
+    except BenchError as exc:
+        print(f"bench: {exc}", file=sys.stderr)
+        return 1
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(results, indent=2) + "\n")
+    print(render(results))
+    print(f"\nresults: {args.json}")
+    failed = _failed_requests(results)
+    if failed:
+        print(f"bench: {failed} requests failed: the figures are not valid", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

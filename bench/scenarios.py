@@ -1,0 +1,469 @@
+"""What is measured. Each scenario starts its own servers, returns plain data, and stops them.
+
+throughput   direct / nginx proxy / sobot-proxy at several concurrencies, on one placement
+memory       idle RSS, and peak RSS while relaying a big download and a big upload
+real_client  new connection per call: to a TLS upstream ~20 ms away, versus through the proxy
+workers      --workers 2 versus 1, unpinned
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import http.client
+import json
+import ssl
+import statistics
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import ExitStack
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Final
+
+from bench.load import run_wrk
+from bench.system import (
+    MIB,
+    UNPINNED,
+    BenchError,
+    CpuSnapshot,
+    PeakRss,
+    Placement,
+    Process,
+    cpu_seconds,
+    free_port,
+    http_call,
+    python_module,
+    rss_bytes,
+)
+from bench.upstreams import (
+    API_PATH,
+    TOKEN,
+    Server,
+    make_tls_files,
+    start_fake_sobot,
+    start_nginx_proxy,
+    start_sobot_proxy,
+    start_upstream,
+)
+from proxy.fake_sobot import FAULT_HEADER
+
+DIRECT: Final = "direct"
+NGINX: Final = "nginx proxy"
+SOBOT: Final = "sobot-proxy"
+SETUPS: Final = (DIRECT, NGINX, SOBOT)
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    """One way to reach the upstream under load, and the process whose CPU it costs."""
+
+    name: str
+    port: int
+    headers: dict[str, str]
+    measured_pid: int | None  # None: nothing between the load generator and the upstream
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}{API_PATH}"
+
+
+def _measure(
+    target: Target, *, connections: int, seconds: float, script: Path, cpus: str | None
+) -> dict[str, Any]:
+    """One wrk run against `target`, with the CPU its proxy process(es) spent on it."""
+    before = cpu_seconds(target.measured_pid, tree=True) if target.measured_pid else 0.0
+    machine = CpuSnapshot.take()
+    result = run_wrk(
+        target.url,
+        connections=connections,
+        seconds=seconds,
+        script=script,
+        cpus=cpus,
+        headers=target.headers,
+    )
+    others, steal = CpuSnapshot.take().others_since(machine)
+    record = result.as_dict()
+    record["other_load_cores"], record["steal_cores"] = others, steal
+    if target.measured_pid is not None:
+        spent = cpu_seconds(target.measured_pid, tree=True) - before
+        record["cpu_us_per_request"] = spent / result.requests * 1e6 if result.requests else None
+    return record
+
+
+def _median(runs: Sequence[dict[str, Any]], key: str) -> float | None:
+    values = [run[key] for run in runs if run.get(key) is not None]
+    return statistics.median(values) if values else None
+
+
+def _summary(runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """The median of each figure across repeats, with the error counts summed."""
+    return {
+        "requests_per_s": _median(runs, "requests_per_s"),
+        "p50_us": _median(runs, "p50_us"),
+        "p99_us": _median(runs, "p99_us"),
+        "cpu_us_per_request": _median(runs, "cpu_us_per_request"),
+        "other_load_cores": _median(runs, "other_load_cores"),
+        "steal_cores": _median(runs, "steal_cores"),
+        "requests": sum(run["requests"] for run in runs),
+        "errors": sum(run["non_2xx"] + run["socket_errors"] + run["timeouts"] for run in runs),
+        "runs": [
+            {k: round(v, 2) if isinstance(v, float) else v for k, v in run.items()} for run in runs
+        ],
+    }
+
+
+def _warm_up(targets: Sequence[Target], *, seconds: float, script: Path, cpus: str | None) -> None:
+    """First requests pay for imports, connections and caches: not what is measured."""
+    for target in targets:
+        for _ in range(20):
+            status, _body = http_call(target.port, API_PATH, headers=target.headers)
+            if status != 200:
+                raise BenchError(f"{target.name}: warm-up request answered {status}")
+        if seconds > 0:
+            run_wrk(
+                target.url,
+                connections=16,
+                seconds=seconds,
+                script=script,
+                cpus=cpus,
+                headers=target.headers,
+            )
+
+
+def throughput(
+    directory: Path,
+    placement: Placement,
+    *,
+    concurrencies: Sequence[int],
+    seconds: float,
+    repeats: int,
+    warm_up: float,
+    script: Path,
+) -> dict[str, Any]:
+    """Direct, the nginx anchor and sobot-proxy, on one placement, interleaved.
+
+    All three run at once (an idle server costs nothing) and each repeat runs every setup at
+    every concurrency before the next repeat starts, so a burst of noise from the machine's
+    neighbours lands on all of them alike instead of on one setup's figures.
+    """
+    with ExitStack() as servers:
+        upstream = _started(
+            servers, start_upstream(directory / "upstream", free_port(), cpus=placement.upstream)
+        )
+        nginx = _started(
+            servers,
+            start_nginx_proxy(
+                directory / "nginx-proxy", free_port(), upstream.port, cpus=placement.proxy
+            ),
+        )
+        sobot = _started(
+            servers,
+            start_sobot_proxy(
+                directory / "sobot-proxy",
+                free_port(),
+                f"http://127.0.0.1:{upstream.port}",
+                cpus=placement.proxy,
+            ),
+        )
+        targets = [
+            Target(DIRECT, upstream.port, {"token": TOKEN}, None),
+            Target(NGINX, nginx.port, {}, nginx.pid),
+            Target(SOBOT, sobot.port, {}, sobot.pid),
+        ]
+        _warm_up(targets, seconds=warm_up, script=script, cpus=placement.load)
+        runs: dict[tuple[str, int], list[dict[str, Any]]] = {}
+        for _repeat in range(repeats):
+            for connections in concurrencies:
+                for target in targets:
+                    _truncate((upstream, nginx, sobot))
+                    runs.setdefault((target.name, connections), []).append(
+                        _measure(
+                            target,
+                            connections=connections,
+                            seconds=seconds,
+                            script=script,
+                            cpus=placement.load,
+                        )
+                    )
+        rss_after = rss_bytes(sobot.pid)
+    results: dict[str, Any] = {}
+    for connections in concurrencies:
+        row = {name: _summary(runs[(name, connections)]) for name in SETUPS}
+        direct, anchor = row[DIRECT], row[NGINX]
+        for name in (NGINX, SOBOT):
+            figures = row[name]
+            figures["added_p50_us"] = figures["p50_us"] - direct["p50_us"]
+            figures["added_p99_us"] = figures["p99_us"] - direct["p99_us"]
+            figures["throughput_vs_nginx"] = figures["requests_per_s"] / anchor["requests_per_s"]
+        results[str(connections)] = row
+    return {
+        "placement": {
+            "load_generator_cpus": placement.load,
+            "upstream_cpus": placement.upstream,
+            "proxy_cpus": placement.proxy,
+        },
+        "sobot_proxy_rss_after_mib": rss_after / MIB,
+        "concurrency": results,
+    }
+
+
+def _started(stack: ExitStack, server: Server) -> Server:
+    stack.callback(server.stop)
+    return server
+
+
+def _truncate(servers: Sequence[Server]) -> None:
+    for server in servers:
+        process = server.process
+        process.truncate_log()
+        log = process.log_path.parent / "access.log"
+        if log.exists():
+            log.write_bytes(b"")
+
+
+# --- memory ----------------------------------------------------------------------------------
+
+
+def _pattern(size: int) -> Iterator[bytes]:
+    block = hashlib.sha256(b"upload").digest() * 2048  # 64 KiB
+    for start in range(0, size, len(block)):
+        yield block[: min(len(block), size - start)]
+
+
+def _download(port: int, size: int) -> int:
+    """GET `size` bytes from the fake through the proxy, read and dropped: the bytes received."""
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    try:
+        connection.request("GET", "/api/file", headers={FAULT_HEADER: f"download={size}"})
+        response = connection.getresponse()
+        if response.status != 200:
+            raise BenchError(f"download answered {response.status}")
+        received = 0
+        while chunk := response.read(MIB):
+            received += len(chunk)
+        return received
+    finally:
+        connection.close()
+
+
+def _upload(port: int, size: int) -> int:
+    """POST `size` bytes through the proxy: the body size the fake says it received."""
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    try:
+        connection.request(
+            "POST",
+            "/api/5/file/upload",
+            body=_pattern(size),
+            headers={"Content-Length": str(size), "Content-Type": "application/octet-stream"},
+        )
+        response = connection.getresponse()
+        body = response.read()
+        if response.status != 200:
+            raise BenchError(f"upload answered {response.status}: {body[:200]!r}")
+        received: int = json.loads(body)["item"]["body_size"]
+        return received
+    finally:
+        connection.close()
+
+
+def _relay_measured(
+    pid: int, transfer: Callable[[int, int], int], port: int, size: int
+) -> dict[str, Any]:
+    baseline = rss_bytes(pid)
+    started = time.perf_counter()
+    with PeakRss(pid) as rss:
+        moved = transfer(port, size)
+    elapsed = time.perf_counter() - started
+    if moved != size:
+        raise BenchError(f"relayed {moved} bytes of {size}")
+    return {
+        "bytes": size,
+        "seconds": round(elapsed, 2),
+        "mib_per_s": round(size / MIB / elapsed, 1),
+        "baseline_rss_mib": baseline / MIB,
+        "peak_rss_mib": rss.peak / MIB,
+        "rss_growth_mib": (rss.peak - baseline) / MIB,
+    }
+
+
+def memory(directory: Path, *, download: int, upload: int) -> dict[str, Any]:
+    """Idle RSS of a fresh, ready proxy; peak RSS while it relays a download and an upload."""
+    with ExitStack() as servers:
+        fake = _started(servers, start_fake_sobot(directory / "fake", free_port()))
+        proxy = _started(
+            servers,
+            start_sobot_proxy(
+                directory / "sobot-proxy",
+                free_port(),
+                f"http://127.0.0.1:{fake.port}",
+                cpus=None,
+                # Production settings but for the body limit (64 MiB): the upload is bigger.
+                SOBOT_MAX_BODY=str(max(upload, 64 * MIB)),
+                SOBOT_TEMP_DIR=str(directory),
+            ),
+        )
+        time.sleep(1.0)  # start-up settled: the token fetched, the refresher scheduled
+        idle = rss_bytes(proxy.pid)
+        # Run each path a few times first, so imports and buffers are not counted as growth.
+        for _ in range(3):
+            http_call(proxy.port, API_PATH)
+            _download(proxy.port, 4 * MIB)
+            _upload(proxy.port, 2 * MIB)
+        return {
+            "idle_rss_mib": idle / MIB,
+            "download": _relay_measured(proxy.pid, _download, proxy.port, download),
+            "upload": _relay_measured(proxy.pid, _upload, proxy.port, upload),
+        }
+
+
+# --- the real client ---------------------------------------------------------------------
+
+
+def _timed_call(connect: Callable[[], http.client.HTTPConnection]) -> float:
+    """Seconds for one call on a connection of its own: connect, (TLS,) request, answer."""
+    started = time.perf_counter()
+    connection = connect()
+    try:
+        connection.request("GET", API_PATH, headers={"token": TOKEN, "Connection": "close"})
+        response = connection.getresponse()
+        response.read()
+        if response.status != 200:
+            raise BenchError(f"real client: answered {response.status}")
+    finally:
+        connection.close()
+    return time.perf_counter() - started
+
+
+def real_client(directory: Path, *, calls: int, one_way_delay: float) -> dict[str, Any]:
+    """A client opening a new connection per call, to a TLS upstream with network latency.
+
+    Direct, every call pays TCP's handshake, TLS's and the request's round trips; through the
+    proxy (on loopback, beside the client) it pays the request's round trip only, on one of
+    the proxy's warm TLS connections.
+    """
+    directory.mkdir(parents=True, exist_ok=True)
+    tls = make_tls_files(directory)
+    with ExitStack() as servers:
+        upstream = _started(
+            servers, start_upstream(directory / "tls-upstream", free_port(), cpus=None, tls=tls)
+        )
+        relay_port = free_port()
+        relay = Process(
+            "latency relay",
+            python_module(
+                "bench.relay",
+                "--port",
+                str(relay_port),
+                "--target-port",
+                str(upstream.port),
+                "--delay",
+                str(one_way_delay),
+            ),
+            log_path=directory / "relay.log",
+        )
+        servers.callback(relay.stop)
+        _wait_for_line(relay, f"listening {relay_port}")
+        proxy = _started(
+            servers,
+            start_sobot_proxy(
+                directory / "sobot-proxy",
+                free_port(),
+                f"https://127.0.0.1:{relay_port}",
+                cpus=None,
+                SOBOT_CA_BUNDLE=str(tls.ca),
+            ),
+        )
+        context = ssl.create_default_context(cafile=str(tls.ca))
+
+        def direct() -> http.client.HTTPConnection:
+            return http.client.HTTPSConnection("127.0.0.1", relay_port, timeout=10, context=context)
+
+        def via_proxy() -> http.client.HTTPConnection:
+            return http.client.HTTPConnection("127.0.0.1", proxy.port, timeout=10)
+
+        for _ in range(2):  # the first calls pay for the proxy's first upstream connections
+            _timed_call(direct)
+            _timed_call(via_proxy)
+        direct_times, proxy_times = [], []
+        for _ in range(calls):  # alternated, so noise falls on both alike
+            direct_times.append(_timed_call(direct))
+            proxy_times.append(_timed_call(via_proxy))
+    direct_ms = statistics.median(direct_times) * 1000
+    proxy_ms = statistics.median(proxy_times) * 1000
+    return {
+        "calls": calls,
+        "round_trip_ms": 2 * one_way_delay * 1000,
+        "direct_ms_median": direct_ms,
+        "proxy_ms_median": proxy_ms,
+        "direct_ms_p90": _quantile(direct_times, 0.9) * 1000,
+        "proxy_ms_p90": _quantile(proxy_times, 0.9) * 1000,
+        "speedup": direct_ms / proxy_ms,
+    }
+
+
+def _quantile(values: Sequence[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def _wait_for_line(process: Process, line: str, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        process.check_alive()
+        with contextlib.suppress(OSError):
+            if line in process.log_path.read_text():
+                return
+        time.sleep(0.05)
+    raise BenchError(f"{process.name}: no {line!r} within {timeout} s\n{process.tail()}")
+
+
+# --- workers ---------------------------------------------------------------------------------
+
+
+def workers(
+    directory: Path,
+    *,
+    connections: int,
+    seconds: float,
+    repeats: int,
+    warm_up: float,
+    script: Path,
+) -> dict[str, Any]:
+    """Throughput of `--workers 2` against one worker, unpinned, at `connections`."""
+    with ExitStack() as servers:
+        upstream = _started(
+            servers, start_upstream(directory / "upstream", free_port(), cpus=UNPINNED.upstream)
+        )
+        url = f"http://127.0.0.1:{upstream.port}"
+        targets, proxies = [], []
+        for count in (1, 2):
+            proxy = _started(
+                servers,
+                start_sobot_proxy(
+                    directory / f"workers-{count}",
+                    free_port(),
+                    url,
+                    cpus=None,
+                    workers=count,
+                    name=f"sobot-proxy-{count}",
+                ),
+            )
+            proxies.append(proxy)
+            targets.append(Target(str(count), proxy.port, {}, proxy.pid))
+        _warm_up(targets, seconds=warm_up, script=script, cpus=None)
+        runs: dict[str, list[dict[str, Any]]] = {target.name: [] for target in targets}
+        for _repeat in range(repeats):
+            for target in targets:
+                _truncate(proxies)
+                runs[target.name].append(
+                    _measure(
+                        target, connections=connections, seconds=seconds, script=script, cpus=None
+                    )
+                )
+    by_count = {name: _summary(each) for name, each in runs.items()}
+    return {
+        "connections": connections,
+        "workers": by_count,
+        "speedup": by_count["2"]["requests_per_s"] / by_count["1"]["requests_per_s"],
+    }
