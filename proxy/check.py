@@ -254,7 +254,7 @@ async def _prove(
                 settings.token_store,
                 appid=settings.appid,
                 password=settings.token_store_password,
-                lease=settings.connect_timeout + settings.upstream_timeout + 5,
+                lease=settings.renewal_lease,
                 log=log,
             )
             resources.push_async_callback(store.close)

@@ -51,6 +51,12 @@ class Settings:
     log_level: str = "info"
     log_format: str = "json"
 
+    @property
+    def renewal_lease(self) -> float:
+        """How long a replica may hold the shared renewal lock: as long as a get_token can
+        take, and then some; a holder that dies holds it no longer."""
+        return self.connect_timeout + self.upstream_timeout + 5
+
 
 class ConfigError(Exception):
     def __init__(self, problems: list[str]) -> None:

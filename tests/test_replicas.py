@@ -5,9 +5,11 @@ once each; Redis may stop and come back, and a replica may die holding the renew
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 from collections import Counter
+from collections.abc import AsyncIterator
 from contextlib import ExitStack
 
 import aiohttp
@@ -47,24 +49,33 @@ async def tokens_held(session: aiohttp.ClientSession, urls: list[str]) -> set[st
     return {await token_served_by(session, url) for url in urls}
 
 
+@contextlib.asynccontextmanager
+async def under_load(
+    session: aiohttp.ClientSession, urls: list[str]
+) -> AsyncIterator[Counter[str]]:
+    """Steady load on every replica while the block runs; the outcomes, counted."""
+    outcomes: Counter[str] = Counter()
+    stop = asyncio.Event()
+    load = asyncio.create_task(
+        steady_load(session, urls, per_url=CLIENTS_PER_REPLICA, stop=stop, outcomes=outcomes)
+    )
+    try:
+        yield outcomes
+    finally:
+        stop.set()
+        async with asyncio.timeout(30):
+            await load
+
+
 async def test_four_replicas_share_one_token_under_load(tmp_path, redis_server: RedisServer):
     lifetime, seconds = 3.0, 20.0
     with ExitStack() as stack:
         _, fake_url = stack.enter_context(fake_sobot(tmp_path, token_lifetime=lifetime))
         env = proxy_env(fake_url, SOBOT_TOKEN_STORE=redis_server.url)
         urls, _ = start_replicas(stack, tmp_path, env)
-        outcomes: Counter[str] = Counter()
-        stop = asyncio.Event()
         async with aiohttp.ClientSession() as session:
-            load = asyncio.create_task(
-                steady_load(
-                    session, urls, per_url=CLIENTS_PER_REPLICA, stop=stop, outcomes=outcomes
-                )
-            )
-            await asyncio.sleep(seconds)  # the load's duration: nothing to wait for
-            stop.set()
-            async with asyncio.timeout(30):
-                await load
+            async with under_load(session, urls) as outcomes:
+                await asyncio.sleep(seconds)  # the load's duration: nothing to wait for
             stats = await fake_stats_of(session, fake_url)
     lifetimes = seconds / lifetime
     print(
@@ -86,14 +97,7 @@ async def test_redis_stopped_and_restarted_under_load(tmp_path, redis_server: Re
         _, fake_url = stack.enter_context(fake_sobot(tmp_path, token_lifetime=lifetime))
         env = proxy_env(fake_url, SOBOT_TOKEN_STORE=redis_server.url)
         urls, proxies = start_replicas(stack, tmp_path, env)
-        outcomes: Counter[str] = Counter()
-        stop = asyncio.Event()
         async with aiohttp.ClientSession() as session:
-            load = asyncio.create_task(
-                steady_load(
-                    session, urls, per_url=CLIENTS_PER_REPLICA, stop=stop, outcomes=outcomes
-                )
-            )
 
             async def renewed_and_shared(calls: int) -> bool:
                 stats = await fake_stats_of(session, fake_url)
@@ -101,17 +105,15 @@ async def test_redis_stopped_and_restarted_under_load(tmp_path, redis_server: Re
                     stats["get_token_calls"] >= calls and len(await tokens_held(session, urls)) == 1
                 )
 
-            # The outage starts once every replica holds a freshly renewed token, so the token
-            # outlives it: this is the outage a replica can ride out with the token it holds.
-            await eventually(lambda: renewed_and_shared(2), within=30)
-            redis_server.stop()
-            await asyncio.sleep(outage)  # the outage's length: nothing to wait for
-            redis_server.start()  # the same port, empty: nothing was persisted
-            # Two more renewals, each shared by all through the restarted store.
-            await eventually(lambda: renewed_and_shared(4), within=30)
-            stop.set()
-            async with asyncio.timeout(30):
-                await load
+            async with under_load(session, urls) as outcomes:
+                # The outage starts once every replica holds a freshly renewed token, so the
+                # token outlives it: the outage a replica can ride out with the token it holds.
+                await eventually(lambda: renewed_and_shared(2), within=30)
+                redis_server.stop()
+                await asyncio.sleep(outage)  # the outage's length: nothing to wait for
+                redis_server.start()  # the same port, empty: nothing was persisted
+                # Two more renewals, each shared by all through the restarted store.
+                await eventually(lambda: renewed_and_shared(4), within=30)
             stats = await fake_stats_of(session, fake_url)
             held = await tokens_held(session, urls)
             # Every replica noticed the outage (its watcher lost the connection) and came back.
