@@ -7,8 +7,9 @@
         /api/...                   forwarded with the managed token (forward.py)
         anything else              404, never forwarded
 
-The one ClientSession, the token manager and its background refresher are opened at start-up
-and closed at shutdown through cleanup_ctx; request handlers reach them through typed AppKeys.
+The upstream client (forwarding), the get_token ClientSession, the token manager and its
+background refresher are opened at start-up and closed at shutdown through cleanup_ctx; request
+handlers reach them through typed AppKeys.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from proxy.settings import Settings
 from proxy.store import make_store
 from proxy.token_source import SobotTokenSource
 from proxy.tokens import Backoff, TokenManager
+from proxy.upstream import Client
 
 TOKENS: Final = web.AppKey("tokens", TokenManager)
 API: Final = web.AppKey("api", ApiHandler)
@@ -60,8 +62,19 @@ async def _expect(request: web.Request) -> web.StreamResponse | None:
     return await request.app[API].expect(request)
 
 
+def upstream_client(settings: Settings, tls: ssl.SSLContext) -> Client:
+    """The forwarding path's client: lean, pooled keep-alive connections (upstream.py). It never
+    resends a request, adds no header and leaves bodies as they are."""
+    return Client(
+        tls,
+        connections=settings.upstream_connections,
+        connect_timeout=settings.connect_timeout,
+        read_timeout=settings.upstream_timeout,
+    )
+
+
 def upstream_session(tls: ssl.SSLContext, *, connections: int) -> aiohttp.ClientSession:
-    """A client session to Sobot, as a proxy needs it."""
+    """A client session to Sobot, as a proxy needs it (get_token, and `check --online`)."""
     session = aiohttp.ClientSession(
         # TLS is always verified: against the configured CA bundle, or the system's CAs.
         connector=aiohttp.TCPConnector(limit=connections, ttl_dns_cache=300, ssl=tls),
@@ -100,7 +113,7 @@ def make_app(
 
     async def lifetime(app: web.Application) -> AsyncIterator[None]:
         tls = ssl.create_default_context(cafile=settings.ca_bundle)
-        session = upstream_session(tls, connections=settings.upstream_connections)
+        client = upstream_client(settings, tls)
         # get_token has connections of its own: a pool full of slow requests must never keep
         # the token from being renewed.
         token_session = upstream_session(tls, connections=2)
@@ -118,8 +131,7 @@ def make_app(
             settings.token_store,
             appid=settings.appid,
             password=settings.token_store_password,
-            # A renewal holds the lock no longer than a get_token can take, and then some.
-            lease=settings.connect_timeout + settings.upstream_timeout + 5,
+            lease=settings.renewal_lease,
             log=log,
             workers_directory=workers_directory,
             on_error=metrics.store_errors.inc,
@@ -136,7 +148,7 @@ def make_app(
         metrics.watch_token(tokens.expires_in)
         app[API] = ApiHandler(
             access=access,
-            forwarder=Forwarder(settings, session=session, tokens=tokens, log=log),
+            forwarder=Forwarder(settings, client=client, tokens=tokens, log=log),
             local_token=LocalTokenEndpoint(
                 appid=settings.appid, app_key=settings.app_key, tokens=tokens
             ),
@@ -153,7 +165,7 @@ def make_app(
                 try:
                     await store.close()
                 finally:
-                    await session.close()
+                    await client.close()
                     await token_session.close()
 
     app.cleanup_ctx.append(lifetime)

@@ -6,6 +6,9 @@ Nothing else is ever retried.
 
 Answers are inspected only when they may carry a Sobot return code and are small enough to read
 whole (INSPECT_LIMIT); everything else streams through to the client.
+
+The exchange itself goes through upstream.Client (pooled keep-alive connections on httptools);
+its errors are translated to the client's here, in _upstream_error.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import zlib
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 from typing import Final
+from urllib.parse import urlsplit
 
 import aiohttp
 import orjson
@@ -23,9 +27,8 @@ import structlog
 from aiohttp import hdrs, web
 from aiohttp.http_exceptions import HttpProcessingError
 from multidict import CIMultiDict
-from yarl import URL
 
-from proxy import protocol
+from proxy import protocol, upstream
 from proxy.body import Deadline, ReplayableBody
 from proxy.errors import (
     BadRequest,
@@ -37,7 +40,7 @@ from proxy.errors import (
     UpstreamTimeout,
     UpstreamUnreachable,
 )
-from proxy.headers import SKIP_AUTO_HEADERS, downstream_headers, upstream_headers
+from proxy.headers import downstream_headers, upstream_headers
 from proxy.request_id import HEADER as REQUEST_ID_HEADER
 from proxy.request_log import RequestRecord
 from proxy.settings import Settings
@@ -52,7 +55,7 @@ INSPECT_LIMIT: Final = 1024 * 1024
 class _Answer:
     """An upstream answer, read whole (body) or still to be streamed (body is a prefix)."""
 
-    response: aiohttp.ClientResponse
+    response: upstream.Response
     body: bytes
     complete: bool
     ret_code: str | None
@@ -63,23 +66,20 @@ class Forwarder:
         self,
         settings: Settings,
         *,
-        session: aiohttp.ClientSession,
+        client: upstream.Client,
         tokens: TokenManager,
         log: structlog.typing.FilteringBoundLogger,
     ) -> None:
-        self._base_url = settings.base_url
-        self._session = session
+        # The client has the connect and read timeouts. No overall limit: a large download may
+        # take long, but it must keep moving. The wait for a free connection is the queue's
+        # business (`_slots`), not the connect timeout's.
+        self._client = client
+        self._origin = upstream.Origin.of(settings.base_url)
+        self._prefix = urlsplit(settings.base_url).path  # "" or "/prefix", no trailing slash
         self._tokens = tokens
         self._log = log
         self._read_timeout = settings.upstream_timeout
         self._connect_timeout = settings.connect_timeout
-        # No overall limit: a large download may take long, but it must keep moving. The wait
-        # for a free connection is the queue's business (`_slots`), not the connect timeout's.
-        self._timeout = aiohttp.ClientTimeout(
-            total=None,
-            sock_connect=settings.connect_timeout,
-            sock_read=settings.upstream_timeout,
-        )
         self._max_body = settings.max_body
         self._consume_authorization = bool(settings.client_keys)
         self._temp_dir = settings.temp_dir
@@ -125,7 +125,7 @@ class Forwarder:
         body: ReplayableBody | None,
         record: RequestRecord,
     ) -> web.StreamResponse:
-        url = URL(self._base_url + target, encoded=True)
+        target = self._prefix + target  # as the client sent it: already encoded
         headers = upstream_headers(
             request.headers,
             client_ip=request.remote,
@@ -137,19 +137,19 @@ class Forwarder:
             headers[hdrs.CONTENT_LENGTH] = str(request.content_length)
         token = await self._tokens.get()
         data = None if body is None else body.first_pass()
-        answer = await self._send(request.method, url, headers, data, body, token, record)
+        answer = await self._send(request.method, target, headers, data, body, token, record)
         if answer.ret_code in protocol.TOKEN_REJECTED:
             answer.response.release()
             token = await self._tokens.replace(token)
             data = None if body is None else body.replay()
-            answer = await self._send(request.method, url, headers, data, body, token, record)
+            answer = await self._send(request.method, target, headers, data, body, token, record)
         record.status, record.ret_code = answer.response.status, answer.ret_code
         return await self._relay(request, answer, record)
 
     async def _send(
         self,
         method: str,
-        url: URL,
+        target: str,
         headers: CIMultiDict[str],
         data: AsyncGenerator[bytes] | None,
         body: ReplayableBody | None,
@@ -161,7 +161,7 @@ class Forwarder:
         record.attempts += 1
         sent = time.perf_counter()
         try:
-            response = await self._request(method, url, headers, data, body)
+            response = await self._request(method, target, headers, data, body)
             try:
                 return await self._inspect(response)
             except BaseException:
@@ -173,31 +173,23 @@ class Forwarder:
     async def _request(
         self,
         method: str,
-        url: URL,
+        target: str,
         headers: CIMultiDict[str],
         data: AsyncGenerator[bytes] | None,
         body: ReplayableBody | None,
-    ) -> aiohttp.ClientResponse:
+    ) -> upstream.Response:
         """Send the request and wait for the answer's headers.
 
-        aiohttp's sock_read only starts once the body is sent, so this phase has a deadline of
-        its own: connect plus read timeout at first, then read timeout from the last time body
-        bytes moved. A failing client body ends it at once.
+        The client's read timeout only starts once the body is sent, so this phase has a
+        deadline of its own: connect plus read timeout at first, then read timeout from the last
+        time body bytes moved. A failing client body ends it at once.
         """
         try:
             async with asyncio.timeout(self._connect_timeout + self._read_timeout) as timeout:
                 if body is not None:
                     body.deadline = Deadline(timeout, self._read_timeout)
-                return await self._session.request(
-                    method,
-                    url,
-                    headers=headers,
-                    data=data,
-                    allow_redirects=False,
-                    timeout=self._timeout,
-                    skip_auto_headers=SKIP_AUTO_HEADERS,
-                )
-        except (TimeoutError, aiohttp.ClientError) as exc:
+                return await self._client.request(method, self._origin, target, headers, data)
+        except (TimeoutError, upstream.ClientError) as exc:
             # The client's side of the body explains a failure first: too large, malformed,
             # or stalled.
             if body is not None and body.error is not None:
@@ -209,7 +201,7 @@ class Forwarder:
             if body is not None:
                 body.deadline = None  # the answer has come: bytes still to send set no deadline
 
-    async def _inspect(self, response: aiohttp.ClientResponse) -> _Answer:
+    async def _inspect(self, response: upstream.Response) -> _Answer:
         """Read a small answer that may be JSON whole and find its ret_code."""
         content_type = response.headers.get(hdrs.CONTENT_TYPE, "").lower()
         may_be_json = (
@@ -219,13 +211,13 @@ class Forwarder:
         if not may_be_json or (length is not None and length > INSPECT_LIMIT):
             return _Answer(response, b"", complete=False, ret_code=None)
         try:
-            body = bytearray(await response.content.read(INSPECT_LIMIT + 1))
-            while len(body) <= INSPECT_LIMIT and not response.content.at_eof():
-                more = await response.content.read(INSPECT_LIMIT + 1 - len(body))
+            body = bytearray(await response.read(INSPECT_LIMIT + 1))
+            while len(body) <= INSPECT_LIMIT and not response.at_eof():
+                more = await response.read(INSPECT_LIMIT + 1 - len(body))
                 if not more:
                     break
                 body += more
-        except (TimeoutError, aiohttp.ClientError) as exc:
+        except (TimeoutError, upstream.ClientError) as exc:
             raise _upstream_error(exc) from None
         if len(body) > INSPECT_LIMIT:
             return _Answer(response, bytes(body), complete=False, ret_code=None)
@@ -236,20 +228,20 @@ class Forwarder:
     async def _relay(
         self, request: web.Request, answer: _Answer, record: RequestRecord
     ) -> web.StreamResponse:
-        upstream = answer.response
-        headers = downstream_headers(upstream.headers)
+        sobot = answer.response
+        headers = downstream_headers(sobot.headers)
         headers[REQUEST_ID_HEADER] = record.request_id
         if not answer.complete:
             return await self._stream(request, answer, headers, record)
-        upstream.release()
-        if request.method == hdrs.METH_HEAD and upstream.content_length is not None:
+        sobot.release()
+        if request.method == hdrs.METH_HEAD and sobot.content_length is not None:
             # A HEAD answer has no body but tells the length a GET would have.
-            headers[hdrs.CONTENT_LENGTH] = str(upstream.content_length)
-            response = web.StreamResponse(status=upstream.status, headers=headers)
+            headers[hdrs.CONTENT_LENGTH] = str(sobot.content_length)
+            response = web.StreamResponse(status=sobot.status, headers=headers)
             await response.prepare(request)
             await response.write_eof()
             return response
-        return web.Response(status=upstream.status, body=answer.body, headers=headers)
+        return web.Response(status=sobot.status, body=answer.body, headers=headers)
 
     async def _stream(
         self,
@@ -258,10 +250,10 @@ class Forwarder:
         headers: CIMultiDict[str],
         record: RequestRecord,
     ) -> web.StreamResponse:
-        upstream = answer.response
-        if upstream.content_length is not None:
-            headers[hdrs.CONTENT_LENGTH] = str(upstream.content_length)
-        response = web.StreamResponse(status=upstream.status, headers=headers)
+        sobot = answer.response
+        if sobot.content_length is not None:
+            headers[hdrs.CONTENT_LENGTH] = str(sobot.content_length)
+        response = web.StreamResponse(status=sobot.status, headers=headers)
         try:
             await response.prepare(request)
             chunk = answer.body  # what inspection already read, if anything
@@ -280,8 +272,8 @@ class Forwarder:
                     record.error = "the client went away mid-answer"
                     return response
                 try:
-                    chunk = await upstream.content.readany()
-                except (TimeoutError, aiohttp.ClientError) as exc:
+                    chunk = await sobot.readany()
+                except (TimeoutError, upstream.ClientError) as exc:
                     # Headers are gone already: the only honest signal left is to abort the
                     # connection, so the client never takes a truncated body for a whole one.
                     record.error = f"Sobot broke off its answer ({type(exc).__name__})"
@@ -293,7 +285,7 @@ class Forwarder:
                     break
             await response.write_eof()
         finally:
-            upstream.release()
+            sobot.release()
         return response
 
 
@@ -308,11 +300,11 @@ def _client_body_error(exc: BaseException) -> ProxyError:
 
 def _upstream_error(exc: BaseException) -> ProxyError:
     """The client-facing error for a failed exchange with Sobot (no URL, no credential)."""
-    if isinstance(exc, aiohttp.ConnectionTimeoutError):
+    if isinstance(exc, upstream.ConnectTimeout):
         return UpstreamTimeout("could not connect to Sobot in time")
     if isinstance(exc, TimeoutError):
         return UpstreamTimeout("Sobot did not answer in time")
-    if isinstance(exc, aiohttp.ClientConnectorError):
+    if isinstance(exc, upstream.ConnectError):
         return UpstreamUnreachable(f"cannot connect to Sobot at {exc.host}:{exc.port}")
     return UpstreamUnreachable(f"the exchange with Sobot failed ({type(exc).__name__})")
 

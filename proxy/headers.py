@@ -42,11 +42,6 @@ _NOT_COPIED_UPSTREAM: Final = HOP_BY_HOP | {
 # Content-Length is set by the server from the body it sends.
 _NOT_COPIED_DOWNSTREAM: Final = HOP_BY_HOP | {istr(hdrs.CONTENT_LENGTH)}
 
-# Headers aiohttp's client would add on its own; the upstream gets only what the client sent.
-SKIP_AUTO_HEADERS: Final = frozenset(
-    {hdrs.USER_AGENT, hdrs.ACCEPT, hdrs.ACCEPT_ENCODING, hdrs.CONTENT_TYPE}
-)
-
 
 def _connection_named(headers: CIMultiDictProxy[str]) -> frozenset[str]:
     """Header names listed in Connection, which are hop-by-hop for this message only."""
