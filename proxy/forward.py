@@ -180,14 +180,17 @@ class Forwarder:
     ) -> upstream.Response:
         """Send the request and wait for the answer's headers.
 
-        The client's read timeout only starts once the body is sent, so this phase has a
-        deadline of its own: connect plus read timeout at first, then read timeout from the last
-        time body bytes moved. A failing client body ends it at once.
+        The client's read timeout only starts once the body is sent, so with a body this phase
+        has a deadline of its own: connect plus read timeout at first, then read timeout from
+        the last time body bytes moved. A failing client body ends it at once.
         """
         try:
+            if body is None:
+                # Only the head to send: the client's own connect and read timeouts bound every
+                # wait, and a deadline of ours would be one more timer per request for nothing.
+                return await self._client.request(method, self._origin, target, headers, data)
             async with asyncio.timeout(self._connect_timeout + self._read_timeout) as timeout:
-                if body is not None:
-                    body.deadline = Deadline(timeout, self._read_timeout)
+                body.deadline = Deadline(timeout, self._read_timeout)
                 return await self._client.request(method, self._origin, target, headers, data)
         except (TimeoutError, upstream.ClientError) as exc:
             # The client's side of the body explains a failure first: too large, malformed,

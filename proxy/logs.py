@@ -12,6 +12,7 @@ exception's text included. The scrubber is the last line of defence, not the fir
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 import sys
@@ -99,17 +100,35 @@ def _orjson_bytes(_logger: Any, _method: str, event_dict: MutableMapping[str, An
 
 
 class _ScrubbedOutput:
-    """The output stream, with every secret value replaced before it is written."""
+    """The output stream, with every secret value replaced before it is written.
+
+    Loggers flush after every line. In the event loop the flush is put off to the end of the
+    loop's current pass: the lines of every request finished in one pass leave in one write
+    instead of one system call each (a few percent of a request's CPU under load), and a line
+    still leaves within microseconds. Outside the loop, a flush is a flush.
+    """
 
     def __init__(self, out: BinaryIO, secrets: Secrets) -> None:
         self._out = out
         self._secrets = secrets
+        self._flush_pending = False
 
     def write(self, data: bytes | str) -> None:
         raw = data.encode() if isinstance(data, str) else data
         self._out.write(self._secrets.scrub(raw))
 
     def flush(self) -> None:
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            self._out.flush()  # no loop (any more): nothing else will flush it
+            return
+        if not self._flush_pending:
+            self._flush_pending = True
+            loop.call_soon(self._flush_now)
+
+    def _flush_now(self) -> None:
+        self._flush_pending = False
         self._out.flush()
 
 
