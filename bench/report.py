@@ -218,6 +218,14 @@ def render(results: dict[str, Any]) -> str:
             for count, w in workers["workers"].items()
         )
         + f"; 2 vs 1: {workers['speedup']:.2f}x",
+        "  the proxy kept "
+        + " and ".join(
+            f"{w['proxy_busy_cores']:.2f} cores busy with {count}"
+            for count, w in workers["workers"].items()
+        )
+        + f"; wrk and the upstream, on the same {workers['cores']} cores, spent "
+        f"{workers['load_generator_cpu_us_per_request']:.1f} CPU us/req, which caps the "
+        f"speedup this machine can show at {workers['speedup_ceiling']:.2f}x",
         "  " + _noise([run for w in workers["workers"].values() for run in w["runs"]]),
     ]
 

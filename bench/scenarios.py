@@ -12,6 +12,7 @@ import contextlib
 import hashlib
 import http.client
 import json
+import os
 import ssl
 import statistics
 import time
@@ -82,9 +83,11 @@ def _measure(
         cpus=cpus,
         headers=target.headers,
     )
-    others, steal = CpuSnapshot.take().others_since(machine)
+    after = CpuSnapshot.take()
+    others, steal = after.others_since(machine)
     record = result.as_dict()
     record["other_load_cores"], record["steal_cores"] = others, steal
+    record["machine_busy_cores"] = after.busy_since(machine)
     if target.measured_pid is not None:
         spent = cpu_seconds(target.measured_pid, tree=True) - before
         record["cpu_us_per_request"] = spent / result.requests * 1e6 if result.requests else None
@@ -103,6 +106,7 @@ def _summary(runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
         "p50_us": _median(runs, "p50_us"),
         "p99_us": _median(runs, "p99_us"),
         "cpu_us_per_request": _median(runs, "cpu_us_per_request"),
+        "machine_busy_cores": _median(runs, "machine_busy_cores"),
         "other_load_cores": _median(runs, "other_load_cores"),
         "steal_cores": _median(runs, "steal_cores"),
         "requests": sum(run["requests"] for run in runs),
@@ -462,8 +466,22 @@ def workers(
                     )
                 )
     by_count = {name: _summary(each) for name, each in runs.items()}
+    one, two = by_count["1"], by_count["2"]
+    for figures in (one, two):
+        figures["proxy_busy_cores"] = (
+            figures["requests_per_s"] * figures["cpu_us_per_request"] / 1e6
+        )
+    # wrk and the upstream run on the same cores as the workers: what they spend per request
+    # (the machine's busy time less the proxy's, in the one-worker runs) bounds the speedup
+    # this machine can show at all, however well the workers scale.
+    beside = (one["machine_busy_cores"] - one["proxy_busy_cores"]) / one["requests_per_s"]
+    cores = len(os.sched_getaffinity(0))
+    ceiling_rate = cores / (two["cpu_us_per_request"] / 1e6 + beside)
     return {
         "connections": connections,
         "workers": by_count,
-        "speedup": by_count["2"]["requests_per_s"] / by_count["1"]["requests_per_s"],
+        "speedup": two["requests_per_s"] / one["requests_per_s"],
+        "load_generator_cpu_us_per_request": beside * 1e6,
+        "speedup_ceiling": ceiling_rate / one["requests_per_s"],
+        "cores": cores,
     }

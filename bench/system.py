@@ -289,7 +289,7 @@ class CpuSnapshot:
     servers it started, and the finished children it waited for, such as each wrk run)."""
 
     at: float
-    busy: float  # user, nice and system time of every CPU
+    busy: float  # user, nice, system, irq and softirq time of every CPU
     steal: float  # time the hypervisor gave our virtual CPUs to someone else
     ours: float
 
@@ -298,14 +298,21 @@ class CpuSnapshot:
         with open("/proc/stat") as stat:
             fields = [int(value) for value in stat.readline().split()[1:]]
         user, nice, system = fields[0], fields[1], fields[2]
+        # Interrupt time too: loopback traffic is handled in softirq, which the kernel may
+        # charge to the processes involved (in their stime) or here.
+        irq, softirq = fields[5], fields[6]
         steal = fields[7] if len(fields) > 7 else 0
         children = resource.getrusage(resource.RUSAGE_CHILDREN)
         return cls(
             at=time.monotonic(),
-            busy=(user + nice + system) / CLOCK_TICKS,
+            busy=(user + nice + system + irq + softirq) / CLOCK_TICKS,
             steal=steal / CLOCK_TICKS,
             ours=cpu_seconds(os.getpid(), tree=True) + children.ru_utime + children.ru_stime,
         )
+
+    def busy_since(self, before: CpuSnapshot) -> float:
+        """Cores the whole machine kept busy, on average since `before`."""
+        return (self.busy - before.busy) / max(self.at - before.at, 1e-9)
 
     def others_since(self, before: CpuSnapshot) -> tuple[float, float]:
         """Cores kept busy by other processes, and cores stolen, on average since `before`.
