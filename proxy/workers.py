@@ -14,6 +14,8 @@ of the token's way and does no I/O of its own.
 from __future__ import annotations
 
 import ctypes
+import fcntl
+import glob
 import os
 import shutil
 import signal
@@ -37,6 +39,8 @@ from proxy.settings import Settings
 WORKERS_DIRECTORY_ENV: Final = "SOBOT_PROXY_WORKERS_DIRECTORY"
 SUPERVISOR_PID_ENV: Final = "SOBOT_PROXY_SUPERVISOR_PID"
 WORKER_ENV: Final = "SOBOT_PROXY_WORKER"
+DIRECTORY_PREFIX: Final = "sobot-proxy-workers-"
+SUPERVISOR_LOCK: Final = "supervisor.lock"
 CHECK_INTERVAL: Final = 0.2
 # A worker that dies soon after starting is restarted after a growing pause, so a worker that
 # cannot start (a port taken, a bad environment) does not spin, nor fetch a token each time.
@@ -50,7 +54,12 @@ def supervise(
 ) -> int:
     """Run `settings.workers` workers until SIGTERM / SIGINT; the exit status."""
     port = settings.port or _free_port(settings.host)
-    directory = tempfile.mkdtemp(prefix="sobot-proxy-workers-")  # mode 0700: the token's home
+    _remove_left_behind(log)
+    directory = tempfile.mkdtemp(prefix=DIRECTORY_PREFIX)  # mode 0700: the token's home
+    # Held while we live: a supervisor killed outright (no time to remove its directory) lets
+    # go of it, and the next one to start removes what it left.
+    alive = os.open(os.path.join(directory, SUPERVISOR_LOCK), os.O_RDWR | os.O_CREAT, 0o600)
+    fcntl.flock(alive, fcntl.LOCK_EX)
     command = [
         sys.executable,
         "-m",
@@ -133,6 +142,26 @@ def supervise(
         return 0
     finally:
         shutil.rmtree(directory, ignore_errors=True)
+        os.close(alive)
+
+
+def _remove_left_behind(log: structlog.typing.FilteringBoundLogger) -> None:
+    """Remove this user's workers' directories whose supervisor is gone: they hold a token."""
+    for path in glob.glob(os.path.join(tempfile.gettempdir(), f"{DIRECTORY_PREFIX}*")):
+        try:
+            if os.stat(path).st_uid != os.getuid():
+                continue
+            lock = os.open(os.path.join(path, SUPERVISOR_LOCK), os.O_RDWR)
+        except OSError:
+            continue  # not ours, or its supervisor has not taken its lock yet
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            continue  # its supervisor is alive
+        finally:
+            os.close(lock)
+        shutil.rmtree(path, ignore_errors=True)
+        log.info("workers_directory_removed", path=path, detail="left by a killed supervisor")
 
 
 def die_with_the_supervisor() -> None:

@@ -8,11 +8,13 @@ import os
 import signal
 from collections import Counter
 from contextlib import ExitStack
+from pathlib import Path
 
 import aiohttp
 import pytest
 
 from tests.processes import (
+    Running,
     fake_sobot,
     fake_stats_of,
     json_object,
@@ -82,3 +84,36 @@ async def test_workers_share_one_token_and_a_dead_one_is_restarted(tmp_path, sto
     assert outcomes["connection failed"] <= 64
     # One per lifetime (renewed at 90% of it) and the first, not one per worker.
     assert stats["get_token_calls"] <= SECONDS / LIFETIME / 0.9 + 3
+
+
+def test_a_supervisor_killed_outright_has_its_directory_removed_by_the_next(tmp_path):
+    """The workers' directory holds the token; a SIGKILLed supervisor cannot remove it, so the
+    next supervisor of the same user does, and never one whose supervisor still runs."""
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+    with ExitStack() as stack:
+        _, fake_url = stack.enter_context(fake_sobot(tmp_path))
+        env = proxy_env(fake_url, TMPDIR=str(temp))
+
+        def supervisor() -> tuple[Running, set[Path]]:
+            before = set(temp.glob("sobot-proxy-workers-*"))
+            process = stack.enter_context(
+                running("serve", "--workers", "2", "--port", "0", cwd=tmp_path, env=env)
+            )
+            process.wait_for_event("workers_started")
+            return process, set(temp.glob("sobot-proxy-workers-*")) - before
+
+        killed, [killed_directory] = supervisor()
+        alive, [alive_directory] = supervisor()
+        killed.process.kill()  # its workers end with it; its directory stays
+        killed.process.wait(timeout=10)
+        assert killed_directory.exists()
+
+        third, _ = supervisor()  # it removes what it finds before it starts its workers
+        events = [json_object(line) or {} for line in third.stdout]
+        removed = [e["path"] for e in events if e.get("event") == "workers_directory_removed"]
+        assert removed == [str(killed_directory)]
+        assert not killed_directory.exists()
+        assert alive_directory.exists()  # its supervisor holds its lock
+        assert alive.terminate() == 0
+    assert not alive_directory.exists()  # removed by its own supervisor on the way out
