@@ -34,7 +34,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from typing import Final, TextIO
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import aiohttp
 import orjson
@@ -185,13 +185,17 @@ def _client_keys(settings: Settings, provenance: Provenance) -> str:
 
 
 def mask_store_url(url: str) -> str:
-    """The token store URL with its password, if any, replaced by ***."""
+    """The token store URL with its password, if any, replaced by ***: in the user part, or
+    as redis-py also takes it, a `password` parameter of the query."""
     parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    host = parts.netloc.rpartition("@")[2]
-    user = parts.username or ""
-    return urlunsplit(parts._replace(netloc=f"{user}:{MASK}@{host}"))
+    if parts.password is not None:
+        host = parts.netloc.rpartition("@")[2]
+        parts = parts._replace(netloc=f"{parts.username or ''}:{MASK}@{host}")
+    if parts.query:
+        query = parse_qsl(parts.query, keep_blank_values=True)
+        masked = [(k, MASK if k.lower() == "password" else v) for k, v in query]
+        parts = parts._replace(query=urlencode(masked, safe="*"))
+    return urlunsplit(parts)
 
 
 def probe_path(value: str) -> str:

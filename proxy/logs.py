@@ -121,7 +121,9 @@ class _ScrubbedOutput:
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:
-            self._out.flush()  # no loop (any more): nothing else will flush it
+            # No loop (any more): nothing else will flush it, nor run a flush it left pending.
+            self._flush_pending = False
+            self._out.flush()
             return
         if not self._flush_pending:
             self._flush_pending = True

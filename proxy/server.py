@@ -68,10 +68,16 @@ async def serve(
     announcing: asyncio.Task[None] | None = None
     if on_listening is not None:
         announcing = asyncio.create_task(on_listening(bound_host, bound_port))
+
+        def report(task: asyncio.Task[None]) -> None:
+            if not task.cancelled() and task.exception() is not None:
+                log.error("on_listening_failed", exc_info=task.exception())
+
+        announcing.add_done_callback(report)  # at once, not at the stop
     await stop.wait()
     if announcing is not None:
         announcing.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
+        with contextlib.suppress(asyncio.CancelledError, Exception):  # reported already
             await announcing
     log.info("stopping", grace_s=shutdown_grace)
     for running_site in list(runner.sites):

@@ -342,6 +342,7 @@ class _Connection(asyncio.Protocol):
         self._read_timeout = read_timeout
         self._reading = False  # the request is sent and its answer not yet whole
         self._last_read = 0.0
+        self._head_due = 0.0  # the answer's head, as a whole, is due by then
         self._timer: asyncio.TimerHandle | None = None
 
     # -- the transport's callbacks --
@@ -374,6 +375,7 @@ class _Connection(asyncio.Protocol):
             # first bytes on, the read timeout applies, as with aiohttp.
             self._reading = True
             self._start_timer()
+            self._head_due = self._last_read + self._read_timeout
         response._feed(data)
 
     def pause_writing(self) -> None:
@@ -417,6 +419,8 @@ class _Connection(asyncio.Protocol):
         if self._response is not None and not self._response._complete:
             self._reading = True
             self._start_timer()
+            if not self._response._has_headers:
+                self._head_due = self._last_read + self._read_timeout
 
     def pause_reading(self) -> None:
         if not self._read_paused and self._transport is not None:
@@ -476,11 +480,18 @@ class _Connection(asyncio.Protocol):
         if not self._reading or self._read_paused:
             return
         due = self._last_read + self._read_timeout
+        response = self._response
+        waiting_for_head = response is not None and not response._has_headers
+        if waiting_for_head:
+            # The head as a whole, not only each wait for it: bytes that trickle (1xx answers,
+            # a byte at a time) must not hold a request past the read timeout.
+            due = min(due, self._head_due)
         if self._loop.time() < due:
             self._timer = self._loop.call_at(due, self._check)
             return
-        if self._response is not None:
-            self._response._fail(ReadTimeout(f"no bytes for {self._read_timeout} s"))
+        if response is not None:
+            what = "no answer within" if waiting_for_head else "no bytes for"
+            response._fail(ReadTimeout(f"{what} {self._read_timeout} s"))
         self.abort()
 
 
@@ -608,20 +619,21 @@ class Response:
             # More after the whole answer: a server that does not follow the protocol.
             self._keep_alive = False
             return
-        if not self._has_headers:
-            self._head_size += len(data)
-            if self._head_size > MAX_HEAD:
-                self._fail(ProtocolError(f"the answer's head is over {MAX_HEAD} bytes"))
-                self._conn.abort()
-                return
         try:
             self._parser.feed_data(data)
+            if not self._has_headers and not self._complete:
+                # Counted once the bytes are parsed and the head is still not whole, so a read
+                # that ends the head and brings body bytes along is not held against it.
+                self._head_size += len(data)
+                if self._head_size > MAX_HEAD:
+                    self._fail(ProtocolError(f"the answer's head is over {MAX_HEAD} bytes"))
+                    self._conn.abort()
         except httptools.HttpParserCallbackError:
-            # on_headers_complete stops the parser after the headers of a HEAD answer (llhttp
-            # cannot be told through httptools that it has no body). The answer is whole; any
-            # bytes after its head were the server's mistake, and spoil the connection.
-            if self._head_only and self._complete:
-                if not data.endswith(b"\r\n\r\n"):
+            # A callback stopped the parser: after the headers of a HEAD answer (llhttp cannot
+            # be told through httptools that it has no body), or at a second answer. The answer
+            # is whole; any bytes after it were the server's mistake, and spoil the connection.
+            if self._complete:
+                if self._head_only and not data.endswith(b"\r\n\r\n"):
                     self._keep_alive = False
                 return
             self._fail(ProtocolError("the answer is not valid HTTP/1.1"))
@@ -653,8 +665,11 @@ class Response:
     # -- the parser's callbacks --
 
     def on_message_begin(self) -> None:
-        if self._complete:  # another answer after this one's end: nothing was asked for it
+        if self._complete:
+            # Another answer after this one's end, in the same read: nothing asked for it.
+            # Stop before it can overwrite this one; it spoils the connection.
             self._keep_alive = False
+            raise _StopParsing
         self._raw_headers = []
 
     def on_header(self, name: bytes, value: bytes) -> None:
@@ -685,7 +700,7 @@ class Response:
         self._wake()
         if self._head_only:
             self._message_done(keep_alive=self._parser.should_keep_alive())
-            raise _HeadersOnly  # stops llhttp, which would wait for a body (see _feed)
+            raise _StopParsing  # stops llhttp, which would wait for a body (see _feed)
 
     def on_body(self, body: bytes) -> None:
         self._chunks.append(body)
@@ -703,5 +718,5 @@ class Response:
         self._message_done(keep_alive=self._parser.should_keep_alive())
 
 
-class _HeadersOnly(Exception):
-    """Raised from a parser callback to stop parsing after the headers."""
+class _StopParsing(Exception):
+    """Raised from a parser callback to stop parsing: the answer is whole."""

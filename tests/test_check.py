@@ -467,3 +467,21 @@ async def test_online_with_an_unreachable_store_exits_1(tmp_path, fake):
         "online: the token store redis://127.0.0.1:9/0 cannot be reached ("
     )
     assert fake.stats.get_token_calls == 0
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        ("redis://:s3cret-pass@r:6379/0", "redis://:***@r:6379/0"),
+        ("redis://user:s3cret-pass@r:6379/0", "redis://user:***@r:6379/0"),
+        (
+            "redis://r:6379/0?password=s3cret-pass&ssl_cert_reqs=none",
+            "redis://r:6379/0?password=***&ssl_cert_reqs=none",
+        ),
+        ("redis://r:6379/0", "redis://r:6379/0"),
+    ],
+)
+def test_a_redis_password_is_masked_wherever_redis_py_would_take_it(url, shown):
+    from proxy.check import mask_store_url
+
+    assert mask_store_url(url) == shown

@@ -772,3 +772,54 @@ async def test_an_early_answer_is_read_while_the_body_still_goes_out(client, sob
     assert answer["item"]["body_size"] == 0
     assert client.idle(origin) == 0
     assert fake.received[-1].method == "POST"
+
+
+async def test_a_second_answer_in_the_same_read_is_not_taken_for_the_first(client, serve):
+    """Nothing was asked for it: the first answer stands, and the connection is spoilt."""
+    first = b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nX-Answer: first\r\n\r\nabc"
+    second = b"HTTP/1.1 404 Not Found\r\nContent-Length: 4\r\nX-Answer: second\r\n\r\nwxyz"
+    server = await serve(answering(first + second))
+    async with asyncio.timeout(10):
+        response = await client.request("GET", server.origin, "/", CIMultiDict())
+        assert (response.status, response.headers["X-Answer"]) == (200, "first")
+        assert await read_all(response) == b"abc"
+        response.release()
+    assert client.idle(server.origin) == 0
+
+
+async def test_the_head_limit_counts_the_head_not_the_body_read_with_it(client, serve, monkeypatch):
+    monkeypatch.setattr(upstream, "MAX_HEAD", 1024)
+    body = b"x" * 65536
+
+    async def handler(peer: Peer) -> None:
+        await peer.request()
+        await peer.answer(b"HTTP/1.1 200 OK\r\nX-Pad: " + b"p" * 500)
+        await asyncio.sleep(0.05)  # the head arrives in two reads; the second brings the body
+        await peer.answer(b"\r\nContent-Length: 65536\r\n\r\n" + body)
+        await peer.reader.read()
+
+    server = await serve(handler)
+    async with asyncio.timeout(10):
+        response = await client.request("GET", server.origin, "/", CIMultiDict())
+        assert await read_all(response) == body
+        response.release()
+
+
+async def test_interim_answers_that_trickle_do_not_hold_a_request_past_the_read_timeout(serve):
+    """Each 1xx is a byte in time, but the answer's head as a whole is due within the read
+    timeout, as the forwarder's own deadline once made sure."""
+    lean = Client(ssl.create_default_context(), connections=2, connect_timeout=2, read_timeout=0.3)
+
+    async def handler(peer: Peer) -> None:
+        await peer.request()
+        while True:
+            await peer.answer(b"HTTP/1.1 102 Processing\r\n\r\n")
+            await asyncio.sleep(0.05)  # an upstream that keeps saying it is still working
+
+    server = await serve(handler)
+    try:
+        async with asyncio.timeout(5):
+            with pytest.raises(upstream.ReadTimeout, match="no answer within"):
+                await lean.request("GET", server.origin, "/", CIMultiDict())
+    finally:
+        await lean.close()
