@@ -128,10 +128,7 @@ def make_app(
             on_result=lambda result: metrics.get_token.labels(result).inc(),
         )
         store = make_store(
-            settings.token_store,
-            appid=settings.appid,
-            password=settings.token_store_password,
-            lease=settings.renewal_lease,
+            settings,
             log=log,
             workers_directory=workers_directory,
             on_error=metrics.store_errors.inc,

@@ -254,13 +254,7 @@ async def _prove(
         resources.push_async_callback(session.close)
         store: TokenStore | None = None
         if settings.token_store != "memory":
-            store = make_store(
-                settings.token_store,
-                appid=settings.appid,
-                password=settings.token_store_password,
-                lease=settings.renewal_lease,
-                log=log,
-            )
+            store = make_store(settings, log=log)
             resources.push_async_callback(store.close)
         prover = _Prover(settings, session, store, log, report, probe)
         try:

@@ -34,6 +34,7 @@ import redis.exceptions
 import structlog
 
 from proxy.errors import TokenUnavailable
+from proxy.settings import Settings
 
 POLL_INTERVAL: Final = 2.0
 # KEYS: the token, the channel. ARGV: the record, its issued_at, milliseconds left.
@@ -81,23 +82,27 @@ def describe_store(url: str) -> str:
 
 
 def make_store(
-    url: str,
+    settings: Settings,
     *,
-    appid: str,
-    password: str | None,
-    lease: float,
     log: structlog.typing.FilteringBoundLogger,
     workers_directory: str | None = None,
     on_error: Callable[[], None] = lambda: None,
 ) -> TokenStore:
-    """The store for `url`; for `memory` in a worker of several, the workers' shared file.
-    `on_error` hears of every failure to use a shared store (for the metrics)."""
-    if url == "memory":
+    """The store `settings` name; for `memory` in a worker of several, the workers' shared
+    file. `on_error` hears of every failure to use a shared store (for the metrics)."""
+    if settings.token_store == "memory":
         if workers_directory is not None:
-            return FileTokenStore(workers_directory, lease=lease, on_error=on_error)
+            return FileTokenStore(
+                workers_directory, lease=settings.renewal_lease, on_error=on_error
+            )
         return MemoryTokenStore()
     return RedisTokenStore(
-        url, appid=appid, password=password, lease=lease, log=log, on_error=on_error
+        settings.token_store,
+        appid=settings.appid,
+        password=settings.token_store_password,
+        lease=settings.renewal_lease,
+        log=log,
+        on_error=on_error,
     )
 
 
