@@ -254,6 +254,7 @@ def _run_serve(
     app = make_app(settings, secrets=secrets, workers_directory=workers_directory)
     if demo_socket is not None:
         app.cleanup_ctx.insert(0, _demo_upstream(demo_socket))
+    token_store = describe_store(settings.token_store, workers_directory=workers_directory)
 
     async def on_listening(host: str, port: int) -> None:
         if demo_socket is not None:
@@ -264,7 +265,7 @@ def _run_serve(
             log,
             url=f"http://{host}:{port}",
             worker=environ.get(WORKER_ENV),
-            shared_file=workers_directory is not None and settings.token_store == "memory",
+            token_store=token_store,
         )
 
     try:
@@ -279,7 +280,7 @@ def _run_serve(
                 on_listening=on_listening,
                 drain=lambda grace: app[API].drain(grace),
                 upstream=settings.base_url,
-                token_store=describe_store(settings.token_store),
+                token_store=token_store,
                 demo=args.demo,
             )
         )

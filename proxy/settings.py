@@ -90,14 +90,27 @@ def _port(value: Any) -> int:
     return port
 
 
-def _positive_seconds(value: Any) -> float:
-    try:
-        seconds = float(str(value).strip()) if not isinstance(value, bool) else -1.0
-    except ValueError:
-        seconds = -1.0
-    if not 0 < seconds < 1e9:
-        raise ValueError(f"{value!r} is not a positive number of seconds")
-    return seconds
+def _seconds(*, zero_allowed: bool) -> Callable[[Any], float]:
+    def parse(value: Any) -> float:
+        try:
+            seconds = float(str(value).strip()) if not isinstance(value, bool) else -1.0
+        except ValueError:
+            seconds = -1.0
+        above_the_floor = seconds >= 0 if zero_allowed else seconds > 0
+        if not (above_the_floor and seconds < 1e9):
+            what = (
+                "a number of seconds (0 or more)"
+                if zero_allowed
+                else "a positive number of seconds"
+            )
+            raise ValueError(f"{value!r} is not {what}")
+        return seconds
+
+    return parse
+
+
+_positive_seconds: Final = _seconds(zero_allowed=False)
+_non_negative_seconds: Final = _seconds(zero_allowed=True)
 
 
 def _count(minimum: int) -> Callable[[Any], int]:
@@ -136,16 +149,6 @@ def _size(value: Any) -> int:
     if size <= 0:
         raise ValueError(f"{value!r} is not a size in bytes (such as 1048576, 512KiB or 64MiB)")
     return size
-
-
-def _non_negative_seconds(value: Any) -> float:
-    try:
-        seconds = float(str(value).strip()) if not isinstance(value, bool) else -1.0
-    except ValueError:
-        seconds = -1.0
-    if not 0 <= seconds < 1e9:
-        raise ValueError(f"{value!r} is not a number of seconds (0 or more)")
-    return seconds
 
 
 def _directory(value: Any) -> str:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import structlog
 
 from proxy.settings import REGIONS, Settings
-from proxy.store import describe_store
 from proxy.tokens import TokenManager
 
 # How a field reads in the console block, where it differs from its name.
@@ -20,12 +19,11 @@ async def announce(
     *,
     url: str,
     worker: str | None,
-    shared_file: bool,
+    token_store: str,
 ) -> None:
     """Log the summary once the first token is held or its fetch has failed.
 
-    `worker` is "i/N" in a worker of several; `shared_file`: the workers share the token
-    through the supervisor's directory rather than the configured store.
+    `worker` is "i/N" in a worker of several; `token_store` is as describe_store gives it.
     """
     status = await tokens.first_outcome()
     region = next((name for name, base in REGIONS.items() if base == settings.base_url), None)
@@ -33,13 +31,10 @@ async def announce(
         token = f"obtained, expires in {status.expires_in:.0f} s"
     else:
         token = f"not yet: {status.problem}"
-    store = describe_store(settings.token_store)
-    if shared_file:
-        store = "a file shared by the workers (no SOBOT_TOKEN_STORE)"
     fields = {
         "upstream": settings.base_url if region is None else f"{settings.base_url} ({region})",
         "listening": url,
-        "token_store": store,
+        "token_store": token_store,
         "workers": worker or str(settings.workers),
         "client_keys": len(settings.client_keys),
         # Not `token`: the logs mask a field of that name whatever it holds (logs.py).

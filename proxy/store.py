@@ -69,10 +69,14 @@ class StoredToken:
         return f"StoredToken(issued_at={self.issued_at}, lifetime={self.lifetime})"
 
 
-def describe_store(url: str) -> str:
-    """The store's URL without its password, for logs."""
+SHARED_FILE: Final = "a file shared by the workers (no SOBOT_TOKEN_STORE)"
+
+
+def describe_store(url: str, *, workers_directory: str | None = None) -> str:
+    """The store's URL without its password, for logs; as make_store chooses it, so in a
+    worker of several, `memory` is the workers' shared file."""
     if url == "memory":
-        return url
+        return url if workers_directory is None else SHARED_FILE
     parts = urlsplit(url)
     host = parts.hostname or ""
     netloc = f"[{host}]" if ":" in host else host

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import io
 import re
@@ -179,3 +180,21 @@ async def eventually(check: Callable[[], Awaitable[bool]], *, within: float = 15
     async with asyncio.timeout(within):
         while not await check():  # noqa: ASYNC110 -- other parties' state is polled, no event
             await asyncio.sleep(0.02)
+
+
+@contextlib.contextmanager
+def blackhole(port: int = 0) -> Iterator[int]:
+    """A loopback port where connecting hangs: a listener whose backlog is full, so the kernel
+    drops further SYNs. Yields the port."""
+    with socket.socket() as listener:
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(("127.0.0.1", port))
+        listener.listen(0)
+        port = listener.getsockname()[1]
+        with contextlib.ExitStack() as fillers:
+            for _ in range(3):
+                filler = fillers.enter_context(socket.socket())
+                filler.setblocking(False)
+                with contextlib.suppress(BlockingIOError):
+                    filler.connect(("127.0.0.1", port))
+            yield port

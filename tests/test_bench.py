@@ -70,6 +70,9 @@ def test_workers_memory_and_the_real_client_are_measured(results):
     assert set(workers["workers"]) == {"1", "2"}
     assert all(w["errors"] == 0 for w in workers["workers"].values())
     assert is_number(workers["speedup"])
+    assert is_number(workers["speedup_ceiling"])
+    assert is_number(workers["load_generator_cpu_us_per_request"])
+    assert all(is_number(w["proxy_busy_cores"]) for w in workers["workers"].values())
     memory = results["memory"]
     assert is_number(memory["idle_rss_mib"])
     for kind in ("download", "upload"):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import socket
 
@@ -11,7 +10,7 @@ import aiohttp
 import pytest
 
 from proxy.fake_sobot import FAULT_HEADER, FakeSobot, download_sha256
-from tests.conftest import CapturedLogs, tokens_of
+from tests.conftest import CapturedLogs, blackhole, tokens_of
 
 
 def fault(value: str) -> dict[str, str]:
@@ -129,22 +128,9 @@ async def test_a_connection_that_never_completes_gives_504_after_the_connect_tim
     assert (await proxy.get("/api/echo")).status == 200  # a token is held
     port = int(fake.url.rsplit(":", 1)[1])
     await fake.stop()
-    # A listener whose backlog is full: the kernel drops further SYNs, so connecting hangs.
-    with socket.socket() as blackhole:
-        blackhole.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        blackhole.bind(("127.0.0.1", port))
-        blackhole.listen(0)
-        fillers = [socket.socket() for _ in range(3)]
-        try:
-            for filler in fillers:
-                filler.setblocking(False)
-                with contextlib.suppress(BlockingIOError):
-                    filler.connect(("127.0.0.1", port))
-            async with asyncio.timeout(10):
-                response = await proxy.get("/api/echo")
-        finally:
-            for filler in fillers:
-                filler.close()
+    with blackhole(port):
+        async with asyncio.timeout(10):
+            response = await proxy.get("/api/echo")
     assert response.status == 504
     answer = await response.json()
     assert answer == {"ret_code": "980504", "ret_msg": "could not connect to Sobot in time"}

@@ -13,6 +13,7 @@ from proxy.fake_sobot import FakeSobot
 from proxy.logs import get_logger
 from proxy.settings import Settings
 from proxy.startup import announce
+from proxy.store import describe_store
 from tests.conftest import CapturedLogs, tokens_of
 from tests.processes import (
     HEX32,
@@ -182,7 +183,7 @@ async def test_a_region_a_redis_store_and_client_keys_are_described(
         get_logger(),
         url="http://0.0.0.0:8080",
         worker=None,
-        shared_file=False,
+        token_store=describe_store(described.token_store),
     )
     [started] = logs.events("started")
     assert started["upstream"] == "https://sg.sobot.io (sg)"

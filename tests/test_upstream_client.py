@@ -22,7 +22,7 @@ from proxy import upstream
 from proxy.fake_sobot import FAULT_HEADER, FakeSobot, download_sha256
 from proxy.protocol import make_sign
 from proxy.upstream import Client, Origin
-from tests.conftest import APP_KEY, APPID
+from tests.conftest import APP_KEY, APPID, blackhole
 
 OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
 
@@ -648,26 +648,15 @@ async def test_a_refused_connection_is_a_connect_error_with_host_and_port(client
 
 async def test_a_connection_that_never_completes_is_a_connect_timeout():
     lean = Client(ssl.create_default_context(), connections=2, connect_timeout=0.2, read_timeout=5)
-    # A listener whose backlog is full: the kernel drops further SYNs, so connecting hangs.
-    with socket.socket() as blackhole:
-        blackhole.bind(("127.0.0.1", 0))
-        blackhole.listen(0)
-        port = blackhole.getsockname()[1]
-        fillers = [socket.socket() for _ in range(3)]
-        try:
-            for filler in fillers:
-                filler.setblocking(False)
-                with contextlib.suppress(BlockingIOError):
-                    filler.connect(("127.0.0.1", port))
+    try:
+        with blackhole() as port:
             async with asyncio.timeout(10):
                 with pytest.raises(upstream.ConnectTimeout):
                     await lean.request(
                         "GET", Origin.of(f"http://127.0.0.1:{port}"), "/", CIMultiDict()
                     )
-        finally:
-            for filler in fillers:
-                filler.close()
-            await lean.close()
+    finally:
+        await lean.close()
 
 
 def test_origins_carry_the_host_header_without_a_default_port():
