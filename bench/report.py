@@ -223,9 +223,18 @@ def render(results: dict[str, Any]) -> str:
             f"{w['proxy_busy_cores']:.2f} cores busy with {count}"
             for count, w in workers["workers"].items()
         )
-        + f"; wrk and the upstream, on the same {workers['cores']} cores, spent "
-        f"{workers['load_generator_cpu_us_per_request']:.1f} CPU us/req, which caps the "
-        f"speedup this machine can show at {workers['speedup_ceiling']:.2f}x",
+        + f"; the machine's {workers['cores']} cores were left "
+        + " and ".join(
+            f"{w['machine_idle_cores']:.2f} idle with {count}"
+            for count, w in workers["workers"].items()
+        ),
+        "  wrk and the upstream, on the same cores, spent "
+        + " and ".join(
+            f"{w['load_cpu_us_per_request']:.1f} CPU us/req with {count}"
+            for count, w in workers["workers"].items()
+        )
+        + "; at one worker's costs per request the cores can show at most "
+        f"{workers['speedup_ceiling']:.2f}x",
         "  " + _noise([run for w in workers["workers"].values() for run in w["runs"]]),
     ]
 

@@ -13,6 +13,7 @@ import hashlib
 import http.client
 import json
 import os
+import resource
 import ssl
 import statistics
 import time
@@ -70,10 +71,19 @@ class Target:
 
 
 def _measure(
-    target: Target, *, connections: int, seconds: float, script: Path, cpus: str | None
+    target: Target,
+    *,
+    connections: int,
+    seconds: float,
+    script: Path,
+    cpus: str | None,
+    upstream_pid: int | None = None,
 ) -> dict[str, Any]:
-    """One wrk run against `target`, with the CPU its proxy process(es) spent on it."""
+    """One wrk run against `target`, with the CPU its proxy process(es) spent on it and, given
+    the upstream's pid, what wrk and the upstream spent beside it."""
     before = cpu_seconds(target.measured_pid, tree=True) if target.measured_pid else 0.0
+    upstream_before = cpu_seconds(upstream_pid, tree=True) if upstream_pid else 0.0
+    wrk_before = _finished_children_cpu()
     machine = CpuSnapshot.take()
     result = run_wrk(
         target.url,
@@ -88,10 +98,23 @@ def _measure(
     record = result.as_dict()
     record["other_load_cores"], record["steal_cores"] = others, steal
     record["machine_busy_cores"] = after.busy_since(machine)
+    record["machine_idle_cores"] = after.idle_since(machine)
     if target.measured_pid is not None:
         spent = cpu_seconds(target.measured_pid, tree=True) - before
         record["cpu_us_per_request"] = spent / result.requests * 1e6 if result.requests else None
+    if upstream_pid is not None:
+        # wrk is a finished child by now: its CPU is in our children's rusage.
+        beside = _finished_children_cpu() - wrk_before
+        beside += cpu_seconds(upstream_pid, tree=True) - upstream_before
+        record["load_cpu_us_per_request"] = (
+            beside / result.requests * 1e6 if result.requests else None
+        )
     return record
+
+
+def _finished_children_cpu() -> float:
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return children.ru_utime + children.ru_stime
 
 
 def _median(runs: Sequence[dict[str, Any]], key: str) -> float | None:
@@ -107,6 +130,8 @@ def _summary(runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
         "p99_us": _median(runs, "p99_us"),
         "cpu_us_per_request": _median(runs, "cpu_us_per_request"),
         "machine_busy_cores": _median(runs, "machine_busy_cores"),
+        "machine_idle_cores": _median(runs, "machine_idle_cores"),
+        "load_cpu_us_per_request": _median(runs, "load_cpu_us_per_request"),
         "other_load_cores": _median(runs, "other_load_cores"),
         "steal_cores": _median(runs, "steal_cores"),
         "requests": sum(run["requests"] for run in runs),
@@ -462,7 +487,12 @@ def workers(
                 _truncate(proxies)
                 runs[target.name].append(
                     _measure(
-                        target, connections=connections, seconds=seconds, script=script, cpus=None
+                        target,
+                        connections=connections,
+                        seconds=seconds,
+                        script=script,
+                        cpus=None,
+                        upstream_pid=upstream.pid,
                     )
                 )
     by_count = {name: _summary(each) for name, each in runs.items()}
@@ -471,17 +501,18 @@ def workers(
         figures["proxy_busy_cores"] = (
             figures["requests_per_s"] * figures["cpu_us_per_request"] / 1e6
         )
-    # wrk and the upstream run on the same cores as the workers: what they spend per request
-    # (the machine's busy time less the proxy's, in the one-worker runs) bounds the speedup
-    # this machine can show at all, however well the workers scale.
-    beside = (one["machine_busy_cores"] - one["proxy_busy_cores"]) / one["requests_per_s"]
+    # wrk and the upstream share the workers' cores. Per request, a worker spends what one
+    # worker did and wrk and the upstream what they did beside it: at that cost the cores can
+    # serve at most `cores / (both)` requests a second, which caps the speedup this machine
+    # can show however well the workers scale.
     cores = len(os.sched_getaffinity(0))
-    ceiling_rate = cores / (two["cpu_us_per_request"] / 1e6 + beside)
+    per_request = (one["cpu_us_per_request"] + one["load_cpu_us_per_request"]) / 1e6
+    ceiling_rate = cores / per_request
     return {
         "connections": connections,
         "workers": by_count,
         "speedup": two["requests_per_s"] / one["requests_per_s"],
-        "load_generator_cpu_us_per_request": beside * 1e6,
+        "load_generator_cpu_us_per_request": one["load_cpu_us_per_request"],
         "speedup_ceiling": ceiling_rate / one["requests_per_s"],
         "cores": cores,
     }

@@ -291,6 +291,7 @@ class CpuSnapshot:
     at: float
     busy: float  # user, nice, system, irq and softirq time of every CPU
     steal: float  # time the hypervisor gave our virtual CPUs to someone else
+    idle: float  # idle and iowait time of every CPU
     ours: float
 
     @classmethod
@@ -307,12 +308,17 @@ class CpuSnapshot:
             at=time.monotonic(),
             busy=(user + nice + system + irq + softirq) / CLOCK_TICKS,
             steal=steal / CLOCK_TICKS,
+            idle=(fields[3] + fields[4]) / CLOCK_TICKS,
             ours=cpu_seconds(os.getpid(), tree=True) + children.ru_utime + children.ru_stime,
         )
 
     def busy_since(self, before: CpuSnapshot) -> float:
         """Cores the whole machine kept busy, on average since `before`."""
         return (self.busy - before.busy) / max(self.at - before.at, 1e-9)
+
+    def idle_since(self, before: CpuSnapshot) -> float:
+        """Cores the whole machine left idle, on average since `before`."""
+        return (self.idle - before.idle) / max(self.at - before.at, 1e-9)
 
     def others_since(self, before: CpuSnapshot) -> tuple[float, float]:
         """Cores kept busy by other processes, and cores stolen, on average since `before`.

@@ -72,7 +72,10 @@ def test_workers_memory_and_the_real_client_are_measured(results):
     assert is_number(workers["speedup"])
     assert is_number(workers["speedup_ceiling"])
     assert is_number(workers["load_generator_cpu_us_per_request"])
-    assert all(is_number(w["proxy_busy_cores"]) for w in workers["workers"].values())
+    for figures in workers["workers"].values():
+        assert is_number(figures["proxy_busy_cores"])
+        assert is_number(figures["machine_idle_cores"])
+        assert is_number(figures["load_cpu_us_per_request"])
     memory = results["memory"]
     assert is_number(memory["idle_rss_mib"])
     for kind in ("download", "upload"):
