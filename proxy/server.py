@@ -13,8 +13,46 @@ from typing import Any, Final
 import structlog
 from aiohttp import web
 
+from proxy.coalesce import CoalescingProtocolFactory, WriteCoalescer
+
 # Once drained, closing the idle connections left is all aiohttp's shutdown has to do.
 DRAINED_CLOSE: Final = 1.0
+
+
+class CoalescingSite(web.BaseSite):
+    """A TCP site like aiohttp's TCPSite, whose connections write through a WriteCoalescer."""
+
+    def __init__(
+        self,
+        runner: web.AppRunner,
+        host: str,
+        port: int,
+        *,
+        backlog: int,
+        reuse_port: bool,
+        coalescer: WriteCoalescer,
+    ) -> None:
+        super().__init__(runner, backlog=backlog)
+        self._factory = runner.server
+        self._host, self._port = host, port
+        self._reuse_port = reuse_port
+        self._coalescer = coalescer
+
+    @property
+    def name(self) -> str:
+        return f"http://{self._host}:{self._port}"
+
+    async def start(self) -> None:
+        await super().start()  # registers the site with its runner
+        assert self._factory is not None  # the runner is set up
+        # BaseSite closes `_server` when stopped, and the runner reads its addresses there.
+        self._server = await asyncio.get_running_loop().create_server(
+            CoalescingProtocolFactory(self._factory, self._coalescer),
+            self._host,
+            self._port,
+            backlog=self._backlog,
+            reuse_port=self._reuse_port or None,
+        )
 
 
 def make_runner(app: web.Application, *, shutdown_grace: float) -> web.AppRunner:
@@ -37,6 +75,7 @@ async def serve(
     shutdown_grace: float,
     log: structlog.typing.FilteringBoundLogger,
     reuse_port: bool = False,
+    busy: Callable[[], bool] = lambda: False,
     on_listening: Callable[[str, int], Coroutine[Any, Any, None]] | None = None,
     drain: Callable[[float], Awaitable[None]] | None = None,
     **listening_fields: object,
@@ -47,6 +86,9 @@ async def serve(
     finish, their connections still fully open (aiohttp's own shutdown would stop reading a
     request body still on its way, and waits up to twice its timeout); then the rest is closed.
     Without `drain`, aiohttp's shutdown gets the grace period.
+
+    While `busy()` (another request in flight), answers leave at the end of the event loop's
+    pass, together (coalesce.py).
     """
     # Signals are taken from the start: a SIGTERM during start-up stops cleanly too.
     stop = asyncio.Event()
@@ -56,7 +98,14 @@ async def serve(
     runner = make_runner(app, shutdown_grace=DRAINED_CLOSE if drain else shutdown_grace)
     await runner.setup()
     try:
-        site = web.TCPSite(runner, host, port, backlog=1024, reuse_port=reuse_port or None)
+        site = CoalescingSite(
+            runner,
+            host,
+            port,
+            backlog=1024,
+            reuse_port=reuse_port,
+            coalescer=WriteCoalescer(busy),
+        )
         await site.start()
     except OSError as exc:
         log.error("cannot_listen", host=host, port=port, reason=exc.strerror or str(exc))

@@ -44,6 +44,8 @@ import httptools
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
+from proxy.coalesce import WriteCoalescer
+
 # The server side of aiohttp buffers 64 KiB per read as well: reading pauses once twice this is
 # buffered and not yet read, and resumes once less than this is.
 HIGH_WATER: Final = 64 * 1024
@@ -271,6 +273,12 @@ class _Pool:
         self.idle: deque[_Connection] = deque()  # the most recently used last
         self.open: set[_Connection] = set()
         self._sweep: asyncio.TimerHandle | None = None
+        # Requests leave together at the end of the loop's pass while others are in flight.
+        self.coalescer = WriteCoalescer(self.busy)
+
+    def busy(self) -> bool:
+        """More than one exchange in progress (connections open and not idle)."""
+        return len(self.open) - len(self.idle) > 1
 
     def take(self) -> _Connection | None:
         """The most recently used idle connection that is still fresh, if any."""
@@ -396,12 +404,12 @@ class _Connection(asyncio.Protocol):
     def write(self, data: bytes) -> None:
         if self.closed or self._transport is None:
             raise ServerDisconnected("the connection closed before the request was sent")
-        self._transport.write(data)
+        self._pool.coalescer.write(self._transport, data)
 
     def write_parts(self, parts: list[bytes]) -> None:
         if self.closed or self._transport is None:
             raise ServerDisconnected("the connection closed before the request was sent")
-        self._transport.writelines(parts)
+        self._pool.coalescer.write_parts(self._transport, parts)
 
     async def drain(self) -> None:
         if not self._write_paused:
@@ -455,12 +463,14 @@ class _Connection(asyncio.Protocol):
         """Close politely (with TLS, a close_notify): for healthy connections."""
         self.closed = True  # at once: connection_lost comes on a later turn of the loop
         if self._transport is not None:
+            self._pool.coalescer.flush(self._transport)
             self._transport.close()
 
     def abort(self) -> None:
         """Close at once, whatever is still buffered: for connections in an unknown state."""
         self.closed = True
         if self._transport is not None:
+            self._pool.coalescer.discard(self._transport)
             self._transport.abort()
 
     # -- the read timeout --

@@ -1,0 +1,190 @@
+"""Writes gathered to the end of the event loop's pass while the proxy is busy.
+
+Under load one pass of the event loop finishes many requests. Written as each is finished, every
+answer wakes its client on its own, and every forwarded request wakes the upstream: on a shared
+host each wake-up is a context switch that the application and the kernel pay for. Gathered to
+the end of the pass, they leave one after another, and a peer woken by the first finds the rest
+already there. The number of writes is the same; the peers' work shrinks, and so does ours,
+since their answers then come back in batches too (measured in the README's Performance section:
+wrk and the upstream beside the proxy spend less than half the CPU per request they did).
+
+A write waits only while `busy()` says another request is in flight: with nothing to gather it
+with, it leaves at once, so a lone request never waits. Bytes for one connection always leave in
+the order they were written, and a connection's gathered bytes are bounded (`limit`): past it
+they leave at once, so a streamed body is not held in memory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, Final
+
+# A connection's gathered bytes leave at once past this: a streamed body is never held whole.
+LIMIT: Final = 64 * 1024
+
+
+class WriteCoalescer:
+    """Writes to many transports, put off to the end of the loop's pass while `busy()`."""
+
+    __slots__ = ("_busy", "_limit", "_pending", "_scheduled")
+
+    def __init__(self, busy: Callable[[], bool], *, limit: int = LIMIT) -> None:
+        self._busy = busy
+        self._limit = limit
+        self._pending: dict[asyncio.WriteTransport, _Gathered] = {}
+        self._scheduled = False
+
+    def write(self, transport: asyncio.WriteTransport, data: bytes) -> None:
+        self.write_parts(transport, (data,))
+
+    def write_parts(self, transport: asyncio.WriteTransport, parts: Sequence[bytes]) -> None:
+        gathered = self._pending.get(transport)
+        if gathered is None:
+            if not self._busy():
+                _write(transport, parts)
+                return
+            gathered = self._pending[transport] = _Gathered()
+            if not self._scheduled:
+                # Runs after every callback already queued, that is, after the rest of the pass.
+                self._scheduled = True
+                asyncio.get_running_loop().call_soon(self.flush_all)
+        gathered.add(parts)
+        if gathered.size >= self._limit:
+            self.flush(transport)
+
+    def flush(self, transport: asyncio.WriteTransport) -> None:
+        """Send what is gathered for `transport` now (before it closes or half-closes)."""
+        gathered = self._pending.pop(transport, None)
+        if gathered is not None and not transport.is_closing():
+            _write(transport, gathered.parts)
+
+    def discard(self, transport: asyncio.WriteTransport) -> None:
+        """Drop what is gathered for `transport` (it is being aborted)."""
+        self._pending.pop(transport, None)
+
+    def flush_all(self) -> None:
+        self._scheduled = False
+        pending, self._pending = self._pending, {}
+        for transport, gathered in pending.items():
+            # A connection aborted or lost meanwhile drops its bytes, as its transport would.
+            if not transport.is_closing():
+                _write(transport, gathered.parts)
+
+
+class _Gathered:
+    __slots__ = ("parts", "size")
+
+    def __init__(self) -> None:
+        self.parts: list[bytes] = []
+        self.size = 0
+
+    def add(self, parts: Iterable[bytes]) -> None:
+        for part in parts:
+            if part:
+                # A caller's bytearray or memoryview may change once we return: keep a copy.
+                self.parts.append(part if type(part) is bytes else bytes(part))
+                self.size += len(part)
+
+
+def _write(transport: asyncio.WriteTransport, parts: Sequence[bytes]) -> None:
+    if len(parts) == 1:
+        transport.write(parts[0])
+    elif parts:
+        transport.writelines(parts)  # one system call for all (uvloop: writev)
+
+
+class CoalescedTransport(asyncio.Transport):
+    """A server connection's transport whose writes go through a WriteCoalescer: what aiohttp's
+    request handler is given instead of the socket's own transport."""
+
+    def __init__(self, transport: asyncio.Transport, coalescer: WriteCoalescer) -> None:
+        super().__init__()
+        self._transport = transport
+        self._coalescer = coalescer
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        self._coalescer.write_parts(self._transport, (data,))  # type: ignore[arg-type]
+
+    def writelines(self, list_of_data: Iterable[bytes | bytearray | memoryview]) -> None:
+        self._coalescer.write_parts(self._transport, list(list_of_data))  # type: ignore[arg-type]
+
+    def write_eof(self) -> None:
+        self._coalescer.flush(self._transport)
+        self._transport.write_eof()
+
+    def close(self) -> None:
+        self._coalescer.flush(self._transport)  # a polite close sends what was written
+        self._transport.close()
+
+    def abort(self) -> None:
+        self._coalescer.discard(self._transport)
+        self._transport.abort()
+
+    def can_write_eof(self) -> bool:
+        return self._transport.can_write_eof()
+
+    def is_closing(self) -> bool:
+        return self._transport.is_closing()
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return self._transport.get_extra_info(name, default)
+
+    def pause_reading(self) -> None:
+        self._transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        self._transport.resume_reading()
+
+    def is_reading(self) -> bool:
+        return self._transport.is_reading()
+
+    def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
+        self._transport.set_write_buffer_limits(high, low)
+
+    def get_write_buffer_size(self) -> int:
+        return self._transport.get_write_buffer_size()
+
+    def get_write_buffer_limits(self) -> tuple[int, int]:
+        return self._transport.get_write_buffer_limits()
+
+    def set_protocol(self, protocol: asyncio.BaseProtocol) -> None:
+        self._transport.set_protocol(protocol)
+
+    def get_protocol(self) -> asyncio.BaseProtocol:
+        return self._transport.get_protocol()
+
+
+class CoalescingProtocolFactory:
+    """Wraps a protocol factory (aiohttp's server): each connection's protocol is given a
+    CoalescedTransport, and then receives the socket's callbacks directly."""
+
+    def __init__(self, factory: Callable[[], asyncio.Protocol], coalescer: WriteCoalescer) -> None:
+        self._factory = factory
+        self._coalescer = coalescer
+
+    def __call__(self) -> asyncio.Protocol:
+        return _Adopting(self._factory(), self._coalescer)
+
+
+class _Adopting(asyncio.Protocol):
+    """Stands in for a connection's protocol until the connection is made, then hands the
+    transport over: no hop on every read afterwards."""
+
+    __slots__ = ("_coalescer", "_protocol")
+
+    def __init__(self, protocol: asyncio.Protocol, coalescer: WriteCoalescer) -> None:
+        self._protocol = protocol
+        self._coalescer = coalescer
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        socket_transport: asyncio.Transport = transport  # type: ignore[assignment]
+        socket_transport.set_protocol(self._protocol)
+        self._protocol.connection_made(CoalescedTransport(socket_transport, self._coalescer))
+
+    # Never called once the transport has been handed over; here for completeness.
+    def data_received(self, data: bytes) -> None:
+        self._protocol.data_received(data)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._protocol.connection_lost(exc)
