@@ -68,8 +68,14 @@ class WriteCoalescer:
         pending, self._pending = self._pending, {}
         for transport, gathered in pending.items():
             # A connection aborted or lost meanwhile drops its bytes, as its transport would.
-            if not transport.is_closing():
+            if transport.is_closing():
+                continue
+            # One connection's failure must not keep the others' bytes waiting: it is aborted
+            # (its peer learns at once) and the flush goes on.
+            try:
                 _write(transport, gathered.parts)
+            except Exception:
+                transport.abort()
 
 
 class _Gathered:

@@ -137,6 +137,36 @@ async def test_bytes_for_a_connection_lost_meanwhile_are_dropped(connect) -> Non
         assert await asyncio.to_thread(peer.recv, 1024) == b""
 
 
+class _Unwritable(asyncio.Transport):
+    """A transport whose every write fails."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.aborted = False
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        raise RuntimeError("cannot write")
+
+    def is_closing(self) -> bool:
+        return self.aborted
+
+    def abort(self) -> None:
+        self.aborted = True
+
+
+async def test_one_connection_failing_at_the_flush_does_not_keep_the_others_waiting(
+    connect,
+) -> None:
+    transport, peer = await connect()
+    broken = _Unwritable()
+    coalescer = WriteCoalescer(lambda: True)
+    coalescer.write(broken, b"lost")
+    coalescer.write(transport, b"delivered")
+    await next_pass()
+    assert arrived(peer) == b"delivered"
+    assert broken.aborted
+
+
 async def test_upstream_requests_are_gathered_only_with_another_exchange_in_progress() -> None:
     pool = _Pool(limit=10)
     in_use = [object(), object()]
