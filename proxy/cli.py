@@ -279,8 +279,7 @@ def _run_serve(
                 log=log,
                 on_listening=on_listening,
                 drain=lambda grace: app[API].drain(grace),
-                # Answered requests are no longer in flight: any count means another one is.
-                busy=lambda: app[API].in_flight > 0,
+                busy=lambda: app[API].others_in_flight(),
                 upstream=settings.base_url,
                 token_store=token_store,
                 demo=args.demo,

@@ -17,6 +17,7 @@ they leave at once, so a streamed body is not held in memory.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Final
 
@@ -75,7 +76,8 @@ class WriteCoalescer:
             try:
                 _write(transport, gathered.parts)
             except Exception:
-                transport.abort()
+                with contextlib.suppress(Exception):
+                    transport.abort()
 
 
 class _Gathered:
@@ -163,34 +165,48 @@ class CoalescedTransport(asyncio.Transport):
 
 class CoalescingProtocolFactory:
     """Wraps a protocol factory (aiohttp's server): each connection's protocol is given a
-    CoalescedTransport, and then receives the socket's callbacks directly."""
+    CoalescedTransport, behind a protocol that flushes when the peer half-closes."""
 
     def __init__(self, factory: Callable[[], asyncio.Protocol], coalescer: WriteCoalescer) -> None:
         self._factory = factory
         self._coalescer = coalescer
 
     def __call__(self) -> asyncio.Protocol:
-        return _Adopting(self._factory(), self._coalescer)
+        return _Flushing(self._factory(), self._coalescer)
 
 
-class _Adopting(asyncio.Protocol):
-    """Stands in for a connection's protocol until the connection is made, then hands the
-    transport over: no hop on every read afterwards."""
+class _Flushing(asyncio.Protocol):
+    """The socket's protocol: passes every callback on, and sends what is gathered before a
+    half-close (the peer's EOF) makes the transport close itself, which would drop it."""
 
-    __slots__ = ("_coalescer", "_protocol")
+    __slots__ = ("_coalescer", "_protocol", "_transport")
 
     def __init__(self, protocol: asyncio.Protocol, coalescer: WriteCoalescer) -> None:
         self._protocol = protocol
         self._coalescer = coalescer
+        self._transport: asyncio.Transport | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         socket_transport: asyncio.Transport = transport  # type: ignore[assignment]
-        socket_transport.set_protocol(self._protocol)
+        self._transport = socket_transport
         self._protocol.connection_made(CoalescedTransport(socket_transport, self._coalescer))
 
-    # Never called once the transport has been handed over; here for completeness.
     def data_received(self, data: bytes) -> None:
         self._protocol.data_received(data)
 
+    def eof_received(self) -> bool | None:
+        # A client may send its request and then half-close; its answer must still reach it.
+        if self._transport is not None:
+            self._coalescer.flush(self._transport)
+        return self._protocol.eof_received()
+
+    def pause_writing(self) -> None:
+        self._protocol.pause_writing()
+
+    def resume_writing(self) -> None:
+        self._protocol.resume_writing()
+
     def connection_lost(self, exc: Exception | None) -> None:
+        if self._transport is not None:
+            self._coalescer.discard(self._transport)
         self._protocol.connection_lost(exc)

@@ -51,6 +51,12 @@ class ApiHandler:
     def in_flight(self) -> int:
         return len(self._running)
 
+    def others_in_flight(self) -> bool:
+        """Whether a request other than the current task's is in flight: then the current
+        one's writes can wait for the end of the loop's pass, to leave with theirs."""
+        running = self._running
+        return len(running) > (1 if asyncio.current_task() in running else 0)
+
     def _admit(self, request: web.BaseRequest) -> tuple[str, str]:
         """The (path, query) to serve, once the request may be served at all."""
         # Authentication comes first, so a caller without a key learns nothing else.

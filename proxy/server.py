@@ -12,6 +12,7 @@ from typing import Any, Final
 
 import structlog
 from aiohttp import web
+from yarl import URL
 
 from proxy.coalesce import CoalescingProtocolFactory, WriteCoalescer
 
@@ -40,7 +41,7 @@ class CoalescingSite(web.BaseSite):
 
     @property
     def name(self) -> str:
-        return f"http://{self._host}:{self._port}"
+        return str(URL.build(scheme="http", host=self._host, port=self._port))
 
     async def start(self) -> None:
         await super().start()  # registers the site with its runner

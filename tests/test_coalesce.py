@@ -16,7 +16,8 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from proxy.coalesce import LIMIT, CoalescedTransport, WriteCoalescer
+from proxy.coalesce import LIMIT, CoalescedTransport, CoalescingProtocolFactory, WriteCoalescer
+from proxy.handler import ApiHandler
 from proxy.server import CoalescingSite, make_runner
 from proxy.upstream import _Pool
 
@@ -237,3 +238,67 @@ async def test_the_site_gives_aiohttp_coalesced_transports_and_answers_arrive_wh
     assert answers[:50] == [str(n).encode() for n in range(50)]
     assert answers[50:55] == [b"bye"] * 5
     assert answers[55:] == [big] * 3
+
+
+class _Answering(asyncio.Protocol):
+    """Answers each read at once, through the transport it was given (a CoalescedTransport)."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport: asyncio.Transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        self.transport.write(b"answer to " + data)
+
+
+async def test_what_is_gathered_leaves_when_the_client_half_closes() -> None:
+    """A client may send its request and shut its side down. Told of the EOF, the transport
+    closes itself once its buffer is sent (the loop does this when the protocol's eof_received
+    says so), so what was gathered must be in that buffer by then, not waiting for the pass."""
+    ours, theirs = socket.socketpair()
+    answering = _Answering()
+    protocol = CoalescingProtocolFactory(lambda: answering, WriteCoalescer(lambda: True))()
+    transport, _ = await asyncio.get_running_loop().create_connection(lambda: protocol, sock=ours)
+    try:
+        answering.transport.write(b"late answer")
+        assert arrived(theirs) == b""
+        protocol.eof_received()  # as the loop calls it when the peer's FIN is read
+        assert arrived(theirs) == b"late answer"
+    finally:
+        transport.abort()
+        theirs.close()
+
+
+async def test_a_request_waits_for_others_in_flight_but_not_for_itself() -> None:
+    """The proxy's criterion (ApiHandler.others_in_flight): a streamed answer, written while its
+    own request is in flight, leaves at once when it is the only one."""
+    handler = ApiHandler(
+        access=None,  # type: ignore[arg-type]
+        forwarder=None,  # type: ignore[arg-type]
+        local_token=None,  # type: ignore[arg-type]
+        metrics=None,  # type: ignore[arg-type]
+        log=None,  # type: ignore[arg-type]
+    )
+    release = asyncio.Event()
+    seen: list[bool] = []
+
+    async def request() -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        handler._running.add(task)
+        seen.append(handler.others_in_flight())
+        await release.wait()
+        seen.append(handler.others_in_flight())
+        handler._running.discard(task)
+
+    async with asyncio.timeout(5):
+        first = asyncio.create_task(request())
+        await next_pass()
+        assert seen == [False]  # alone
+        second = asyncio.create_task(request())
+        await next_pass()
+        assert seen == [False, True]  # the second sees the first
+        assert handler.others_in_flight()  # and so does an answer written after its request
+        release.set()
+        await asyncio.gather(first, second)
+    assert seen[2:] == [True, False]  # the first saw the second; the second, alone at last
+    assert not handler.others_in_flight()
