@@ -13,7 +13,6 @@ import hashlib
 import http.client
 import json
 import os
-import resource
 import ssl
 import statistics
 import time
@@ -33,6 +32,7 @@ from bench.system import (
     Placement,
     Process,
     cpu_seconds,
+    finished_children_cpu,
     free_port,
     http_call,
     python_module,
@@ -83,7 +83,7 @@ def _measure(
     the upstream's pid, what wrk and the upstream spent beside it."""
     before = cpu_seconds(target.measured_pid, tree=True) if target.measured_pid else 0.0
     upstream_before = cpu_seconds(upstream_pid, tree=True) if upstream_pid else 0.0
-    wrk_before = _finished_children_cpu()
+    wrk_before = finished_children_cpu()
     machine = CpuSnapshot.take()
     result = run_wrk(
         target.url,
@@ -97,24 +97,18 @@ def _measure(
     others, steal = after.others_since(machine)
     record = result.as_dict()
     record["other_load_cores"], record["steal_cores"] = others, steal
-    record["machine_busy_cores"] = after.busy_since(machine)
     record["machine_idle_cores"] = after.idle_since(machine)
     if target.measured_pid is not None:
         spent = cpu_seconds(target.measured_pid, tree=True) - before
         record["cpu_us_per_request"] = spent / result.requests * 1e6 if result.requests else None
     if upstream_pid is not None:
         # wrk is a finished child by now: its CPU is in our children's rusage.
-        beside = _finished_children_cpu() - wrk_before
+        beside = finished_children_cpu() - wrk_before
         beside += cpu_seconds(upstream_pid, tree=True) - upstream_before
         record["load_cpu_us_per_request"] = (
             beside / result.requests * 1e6 if result.requests else None
         )
     return record
-
-
-def _finished_children_cpu() -> float:
-    children = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return children.ru_utime + children.ru_stime
 
 
 def _median(runs: Sequence[dict[str, Any]], key: str) -> float | None:
@@ -129,7 +123,6 @@ def _summary(runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
         "p50_us": _median(runs, "p50_us"),
         "p99_us": _median(runs, "p99_us"),
         "cpu_us_per_request": _median(runs, "cpu_us_per_request"),
-        "machine_busy_cores": _median(runs, "machine_busy_cores"),
         "machine_idle_cores": _median(runs, "machine_idle_cores"),
         "load_cpu_us_per_request": _median(runs, "load_cpu_us_per_request"),
         "other_load_cores": _median(runs, "other_load_cores"),

@@ -234,6 +234,12 @@ def cpu_seconds(pid: int, *, tree: bool = False) -> float:
     return total / CLOCK_TICKS
 
 
+def finished_children_cpu() -> float:
+    """User + system CPU time of the children this process has waited for (each wrk run)."""
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return children.ru_utime + children.ru_stime
+
+
 def _status_kib(pid: int, field: str) -> int:
     with open(f"/proc/{pid}/status") as status:
         for line in status:
@@ -303,18 +309,13 @@ class CpuSnapshot:
         # charge to the processes involved (in their stime) or here.
         irq, softirq = fields[5], fields[6]
         steal = fields[7] if len(fields) > 7 else 0
-        children = resource.getrusage(resource.RUSAGE_CHILDREN)
         return cls(
             at=time.monotonic(),
             busy=(user + nice + system + irq + softirq) / CLOCK_TICKS,
             steal=steal / CLOCK_TICKS,
             idle=(fields[3] + fields[4]) / CLOCK_TICKS,
-            ours=cpu_seconds(os.getpid(), tree=True) + children.ru_utime + children.ru_stime,
+            ours=cpu_seconds(os.getpid(), tree=True) + finished_children_cpu(),
         )
-
-    def busy_since(self, before: CpuSnapshot) -> float:
-        """Cores the whole machine kept busy, on average since `before`."""
-        return (self.busy - before.busy) / max(self.at - before.at, 1e-9)
 
     def idle_since(self, before: CpuSnapshot) -> float:
         """Cores the whole machine left idle, on average since `before`."""

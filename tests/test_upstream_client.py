@@ -717,6 +717,35 @@ async def sobot(fake: FakeSobot, client: Client) -> tuple[Origin, str]:
     return origin, answer["item"]["token"]
 
 
+async def test_requests_sent_together_arrive_whole_and_in_order(client, sobot):
+    """Many exchanges at once, so their requests are gathered to the end of the loop's pass
+    (coalesce.py): every head and body, of known length or chunked, small or past the gathering
+    limit, reaches Sobot whole and belongs to its own request."""
+    origin, token = sobot
+
+    async def exchange(n: int) -> None:
+        body = os.urandom(n * 7919 % (3 * 64 * 1024))
+        headers = CIMultiDict({"token": token})
+        if n % 3 == 0:
+            source = None
+        elif n % 3 == 1:
+            headers["Content-Length"] = str(len(body))
+            source = chunks(body)
+        else:  # chunked, in parts
+            source = chunks(*(body[i : i + 10_000] for i in range(0, len(body), 10_000)))
+        response = await client.request(
+            "GET" if source is None else "POST", origin, f"/api/echo?n={n}", headers, source
+        )
+        echoed = orjson.loads(await read_all(response))["item"]
+        response.release()
+        assert echoed["query"] == f"n={n}"
+        if source is not None:
+            assert echoed["body_sha256"] == hashlib.sha256(body).hexdigest()
+
+    async with asyncio.timeout(30):
+        await asyncio.gather(*(exchange(n) for n in range(40)))
+
+
 @pytest.mark.parametrize("kind", ["download", "slow-download"])
 async def test_downloads_from_the_fake_are_byte_exact(client, sobot, kind):
     origin, token = sobot
