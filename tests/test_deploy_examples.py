@@ -378,8 +378,8 @@ def test_compose_applications_share_a_proxys_network_namespace(path):
         if not is_proxy_image(service.get("image")) and "redis" not in str(service.get("image"))
     }
     assert apps
-    namespaces = [service.get("network_mode") for service in apps.values()]
-    assert all(mode and mode.startswith("service:") for mode in namespaces), namespaces
+    namespaces = [str(service.get("network_mode")) for service in apps.values()]
+    assert all(mode.startswith("service:") for mode in namespaces), namespaces
     owners = [mode.removeprefix("service:") for mode in namespaces]
     assert sorted(owners) == sorted(proxy_names), "one application per proxy, one proxy each"
     for name, service in apps.items():

@@ -158,7 +158,9 @@ async def test_a_full_pool_never_keeps_the_token_from_being_renewed(make_proxy, 
         fake.expire_token()
         calls = fake.stats.get_token_calls
         # The only pooled connection is taken, and still a new token comes at once.
-        await tokens_of(proxy).replace(tokens_of(proxy).current())
+        held = tokens_of(proxy).current()
+        assert held is not None
+        await tokens_of(proxy).replace(held)
         assert fake.stats.get_token_calls == calls + 1
     stalled.cancel()
 

@@ -2,6 +2,7 @@
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -18,7 +19,7 @@ def write_toml(path: Path, **values: object) -> Path:
     return path
 
 
-def problems_of(flags: dict, env: dict) -> list[str]:
+def problems_of(flags: dict[str, Any], env: dict[str, str]) -> list[str]:
     with pytest.raises(ConfigError) as caught:
         load_settings(flags, env)
     problems = caught.value.problems

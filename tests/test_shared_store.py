@@ -14,8 +14,8 @@ from tests.conftest import APPID, CapturedLogs, RedisServer, eventually, tokens_
 
 
 async def same_token(*proxies) -> bool:
-    values = {tokens_of(p).current().value if tokens_of(p).current() else None for p in proxies}
-    return len(values) == 1 and None not in values
+    held = [tokens_of(p).current() for p in proxies]
+    return len({token.value if token else None for token in held}) == 1 and None not in held
 
 
 async def test_a_second_replica_adopts_the_first_ones_token(

@@ -8,6 +8,7 @@ import dataclasses
 import re
 import urllib.parse
 import urllib.request
+from typing import Any
 
 from proxy.fake_sobot import FakeSobot
 from proxy.logs import get_logger
@@ -39,7 +40,7 @@ def control(fake_url: str, name: str, **query: str) -> None:
         assert answer.status == 200
 
 
-def events(command: Running, name: str) -> list[dict]:
+def events(command: Running, name: str) -> list[dict[str, Any]]:
     lines = (json_object(line) for line in list(command.stdout))
     return [line for line in lines if line is not None and line.get("event") == name]
 
