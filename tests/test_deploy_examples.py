@@ -8,9 +8,16 @@ it drains for SOBOT_SHUTDOWN_GRACE seconds, then takes up to CLOSE_SECONDS to cl
 
 from __future__ import annotations
 
+import asyncio
+import copy
+import dataclasses
 import ipaddress
+import json
+import os
 import re
 import shlex
+import socket
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,6 +25,7 @@ from urllib.parse import urlsplit
 
 import pytest
 import yaml
+from aiohttp.test_utils import TestClient
 
 from proxy.settings import CONFIG_ENV, OPTIONS, SECRETS, Settings, load_settings
 
@@ -41,6 +49,9 @@ DOCKER_STOP_TIMEOUT = 10.0  # `docker stop` and `docker compose stop` without a 
 # Measured for config/kubernetes.yaml (see its comment): idle, and 500 clients sending 256 KiB.
 IDLE_RSS_MIB = 49
 LOADED_RSS_MIB = 140
+# What a probe can run inside the image (python:*-slim has no curl or wget).
+IMAGE_PROGRAMS = {"python", "sobot-proxy"}
+CURL_URL = "http://127.0.0.1:8080/healthz"
 
 
 def documents(path: Path) -> list[dict[str, Any]]:
@@ -163,18 +174,22 @@ def compose_env(service: dict[str, Any]) -> dict[str, str]:
 
 
 def proxies(path: Path) -> list[Proxy]:
+    return proxies_in(documents(path), path.name)
+
+
+def proxies_in(docs: list[dict[str, Any]], example: str) -> list[Proxy]:
     found = []
-    for doc in documents(path):
+    for doc in docs:
         for container in kubernetes_containers(doc):
             if is_proxy_image(container.get("image")):
                 env = {
                     item["name"]: str(item.get("value", "")) for item in container.get("env", [])
                 }
-                found.append(Proxy(path.name, container["name"], {**image_env(), **env}, container))
+                found.append(Proxy(example, container["name"], {**image_env(), **env}, container))
         for name, service in (doc.get("services") or {}).items():
             if is_proxy_image(service.get("image")) and not service.get("entrypoint"):
                 env = {**image_env(), **compose_env(service)}
-                found.append(Proxy(path.name, name, env, service))
+                found.append(Proxy(example, name, env, service))
     return found
 
 
@@ -210,16 +225,21 @@ def test_every_proxy_is_given_the_required_settings_with_the_app_key_as_a_file(p
     assert "SOBOT_APP_KEY" not in env
 
 
-@pytest.mark.parametrize("proxy", all_proxies(), ids=proxy_id)
-def test_every_proxys_environment_loads_without_a_configuration_error(proxy, tmp_path):
+def load_proxy_settings(proxy: Proxy, tmp_path: Path) -> Settings:
+    """The settings `proxy` would run with, its files (only in the container) as placeholders."""
     env = dict(proxy.env)
-    for name in FILE_ENV & set(env):  # files that exist only in the container
+    for name in FILE_ENV & set(env):
         placeholder = tmp_path / name.lower()
         placeholder.write_text("" if name == CONFIG_ENV else "placeholder-secret\n")
         env[name] = str(placeholder)
     if "SOBOT_TEMP_DIR" in env:
         env["SOBOT_TEMP_DIR"] = str(tmp_path)
-    settings = load_settings({}, env)
+    return load_settings({}, env)
+
+
+@pytest.mark.parametrize("proxy", all_proxies(), ids=proxy_id)
+def test_every_proxys_environment_loads_without_a_configuration_error(proxy, tmp_path):
+    settings = load_proxy_settings(proxy, tmp_path)
     assert isinstance(settings, Settings)
     assert settings.app_key == "placeholder-secret"
 
@@ -283,8 +303,6 @@ def test_kubernetes_probes_reach_the_proxy_on_its_port():
         "startupProbe": "/healthz",
     }
     for probe_name, path in expected.items():
-        if probe_name == "startupProbe" and probe_name not in container:
-            continue
         host, port, called = probe_target(container[probe_name], container)
         assert (port, called) == (proxy.port, path), probe_name
         if host == "pod-ip":
@@ -295,25 +313,36 @@ def test_kubernetes_probes_reach_the_proxy_on_its_port():
     assert proxy.port in [p["containerPort"] for p in container.get("ports", [])]
 
 
+def secret_item_of(
+    spec: dict[str, Any], proxy: Proxy, file: Path
+) -> tuple[str, dict[str, Any]] | None:
+    """(volume name, secret) of the Secret volume that mounts `file` into the proxy's container
+    as one of its listed items; None if none does."""
+    volumes = {volume["name"]: volume for volume in spec["volumes"]}
+    for mount in proxy.spec.get("volumeMounts", []):
+        secret = volumes[mount["name"]].get("secret")
+        if secret is not None and file.is_relative_to(mount["mountPath"]):
+            relative = str(file.relative_to(mount["mountPath"]))
+            if relative in [item["path"] for item in secret.get("items", [])]:
+                return mount["name"], secret
+    return None
+
+
 def test_kubernetes_mounts_the_app_key_from_a_secret():
     (workload,) = kubernetes_workloads()
     spec = pod_spec(workload)
     assert spec is not None
     (proxy,) = proxies(KUBERNETES)
-    key_file = Path(proxy.env["SOBOT_APP_KEY_FILE"])
-    volumes = {volume["name"]: volume for volume in spec["volumes"]}
-    mounts = [m for m in proxy.spec["volumeMounts"] if key_file.is_relative_to(m["mountPath"])]
-    assert len(mounts) == 1
-    secret = volumes[mounts[0]["name"]]["secret"]
-    relative = str(key_file.relative_to(mounts[0]["mountPath"]))
-    assert relative in [item["path"] for item in secret.get("items", [])] or "items" not in secret
+    found = secret_item_of(spec, proxy, Path(proxy.env["SOBOT_APP_KEY_FILE"]))
+    assert found is not None
+    volume, secret = found
     # Readable by the proxy's user: through fsGroup, or world-readable.
     mode = secret.get("defaultMode", 0o644)
     user = proxy.spec["securityContext"]["runAsUser"]
     assert mode & 0o004 or (mode & 0o040 and spec["securityContext"].get("fsGroup")), (mode, user)
     # The application's containers do not get it.
     for container in spec["containers"]:
-        assert mounts[0]["name"] not in [m["name"] for m in container.get("volumeMounts", [])]
+        assert volume not in [m["name"] for m in container.get("volumeMounts", [])]
 
 
 def test_kubernetes_grace_period_outlasts_the_proxys_shutdown():
@@ -333,14 +362,62 @@ def test_kubernetes_resources_match_the_measured_footprint():
     assert resources["requests"]["cpu"]
 
 
-def test_kubernetes_replicas_share_the_token_through_redis():
-    for workload in kubernetes_workloads():
-        if workload["spec"].get("replicas", 1) > 1:
-            (proxy,) = proxies(KUBERNETES)
-            assert urlsplit(proxy.env.get("SOBOT_TOKEN_STORE", "memory")).scheme in (
-                "redis",
-                "rediss",
-            )
+def unshared_replicas(docs: list[dict[str, Any]]) -> list[str]:
+    """The workloads of several replicas whose proxies do not share one token through Redis
+    (each would fetch its own, and every get_token invalidates the one before)."""
+    unshared = []
+    for workload in docs:
+        if pod_spec(workload) is None or workload["spec"].get("replicas", 1) <= 1:
+            continue
+        stores = [p.env.get("SOBOT_TOKEN_STORE", "memory") for p in proxies_in([workload], "")]
+        assert stores, "a workload with a proxy"
+        if any(urlsplit(store).scheme not in ("redis", "rediss") for store in stores):
+            unshared.append(workload["metadata"]["name"])
+    return unshared
+
+
+def scaled_kubernetes(replicas: int, *, uncomment_redis: bool) -> list[dict[str, Any]]:
+    """config/kubernetes.yaml with more replicas and, if asked, its commented-out Redis lines
+    (the store, its password file, the Secret's item for it) taken in, as its comments say."""
+    lines = KUBERNETES.read_text().splitlines()
+    if uncomment_redis:
+        start = re.compile(r"(\s*)# (- (name: SOBOT_TOKEN_STORE|key: redis_password).*)")
+        for i, line in enumerate(lines):
+            if match := start.fullmatch(line):
+                lines[i] = match[1] + match[2]
+                lines[i + 1] = re.sub(r"^(\s*)#   ", r"\1  ", lines[i + 1])  # its continuation
+    docs = [doc for doc in yaml.safe_load_all("\n".join(lines)) if doc is not None]
+    for doc in docs:
+        if pod_spec(doc) is not None:
+            doc["spec"]["replicas"] = replicas
+    return docs
+
+
+def test_kubernetes_runs_one_replica_with_the_token_in_memory():
+    (workload,) = kubernetes_workloads()
+    assert workload["spec"]["replicas"] == 1
+    (proxy,) = proxies(KUBERNETES)
+    assert proxy.env.get("SOBOT_TOKEN_STORE", "memory") == "memory"
+    assert unshared_replicas(documents(KUBERNETES)) == []
+
+
+def test_kubernetes_scaled_as_its_comments_say_shares_the_token_through_redis(tmp_path):
+    docs = scaled_kubernetes(3, uncomment_redis=True)
+    assert unshared_replicas(docs) == []
+    (proxy,) = proxies_in(docs, KUBERNETES.name)
+    settings = load_proxy_settings(proxy, tmp_path)
+    assert urlsplit(settings.token_store).scheme == "redis"
+    assert settings.token_store_password == "placeholder-secret"
+    # The password file is an item of the proxy's mounted Secret, as the app_key is.
+    (workload,) = [doc for doc in docs if pod_spec(doc) is not None]
+    spec = pod_spec(workload)
+    assert spec is not None
+    for name in ("SOBOT_APP_KEY_FILE", "SOBOT_TOKEN_STORE_PASSWORD_FILE"):
+        assert secret_item_of(spec, proxy, Path(proxy.env[name])) is not None, name
+
+
+def test_the_replica_check_catches_replicas_raised_without_a_shared_store():
+    assert unshared_replicas(scaled_kubernetes(3, uncomment_redis=False)) == ["my-app"]
 
 
 def test_kubernetes_proxy_runs_locked_down():
@@ -411,14 +488,148 @@ def test_compose_stop_grace_period_outlasts_the_proxys_shutdown(path):
         assert period > proxy.grace + CLOSE_SECONDS, proxy.name
 
 
+def healthcheck_problems(proxy: Proxy) -> list[str]:
+    """What keeps a Compose proxy's healthcheck from telling its application when to start."""
+    check = proxy.spec.get("healthcheck")
+    if check is None or check.get("disable"):
+        return ["no healthcheck: the image's first one comes after 15 s"]
+    problems = []
+    argv = probe_argv(check["test"])
+    if argv[0] not in IMAGE_PROGRAMS:
+        problems.append(f"{argv[0]} is not in the image")
+    if not re.search(rf"127\.0\.0\.1:{proxy.port}/(healthz|readyz)\b", " ".join(argv)):
+        problems.append(f"does not call /healthz or /readyz on 127.0.0.1:{proxy.port}")
+    if seconds(check.get("start_interval", check.get("interval", "30s"))) > 2:
+        problems.append("not polled every second or two while starting")
+    return problems
+
+
+def probe_argv(test: str | list[str]) -> list[str]:
+    """The command a Compose healthcheck `test` runs."""
+    if isinstance(test, str):
+        return ["/bin/sh", "-c", test]
+    if test[0] == "CMD-SHELL":
+        return ["/bin/sh", "-c", test[1]]
+    assert test[0] == "CMD", test
+    return list(test[1:])
+
+
 @pytest.mark.parametrize("path", [COMPOSE, COMPOSE_REDIS], ids=lambda path: path.name)
-def test_compose_health_checks_call_the_proxy_on_its_port(path):
-    for proxy in proxies(path):
-        check = proxy.spec.get("healthcheck")
-        if check is None:
-            continue  # the image's HEALTHCHECK: /healthz on SOBOT_PROXY_PORT (tested above)
-        test = " ".join(check["test"]) if isinstance(check["test"], list) else check["test"]
-        assert re.search(rf"127\.0\.0\.1:{proxy.port}/(healthz|readyz)\b", test), test
+def test_compose_health_checks_call_the_proxy_on_its_port_often_while_starting(path):
+    found = proxies(path)
+    assert found
+    for proxy in found:
+        assert healthcheck_problems(proxy) == [], proxy.name
+
+
+@pytest.mark.parametrize(
+    ("change", "problem"),
+    [
+        (lambda check: check.clear(), "no healthcheck"),
+        (lambda check: check.update(disable=True), "no healthcheck"),
+        (lambda check: check.update(test=["CMD", "curl", "-f", CURL_URL]), "not in the image"),
+        (lambda check: check.update(test=["CMD-SHELL", f"wget -qO- {CURL_URL}"]), "not in the"),
+        (lambda check: check.update(test=broken_port(check["test"])), "does not call"),
+        (lambda check: check.pop("start_interval"), "not polled"),
+    ],
+    ids=["missing", "disabled", "curl", "wget", "another-port", "slow-start"],
+)
+def test_the_health_check_check_catches_a_broken_example(change, problem):
+    (proxy,) = proxies(COMPOSE)
+    broken = copy.deepcopy(proxy.spec)
+    change(broken["healthcheck"])
+    if not broken["healthcheck"]:
+        del broken["healthcheck"]
+    problems = healthcheck_problems(dataclasses.replace(proxy, spec=broken))
+    assert len(problems) == 1, problems
+    assert problem in problems[0]
+
+
+def broken_port(test: list[str]) -> list[str]:
+    return [part.replace("127.0.0.1:8080", "127.0.0.1:9090") for part in test]
+
+
+# --- every probe, run against a real proxy -------------------------------------------------------
+
+
+@dataclass
+class Probe:
+    """A health or readiness probe of an example: the command, run inside the proxy's container."""
+
+    where: str
+    argv: list[str]
+    port: int  # the port the proxy listens on there
+
+
+def all_probes() -> list[Probe]:
+    healthcheck = dict(dockerfile_instructions())["HEALTHCHECK"]
+    probes = [Probe("Dockerfile", json.loads(healthcheck.split(" CMD ", 1)[1]), DEFAULT_PORT)]
+    for proxy in all_proxies():
+        if "healthcheck" in proxy.spec:
+            probes.append(
+                Probe(proxy_id(proxy), probe_argv(proxy.spec["healthcheck"]["test"]), proxy.port)
+            )
+        for name in ("startupProbe", "readinessProbe", "livenessProbe"):
+            if "exec" in proxy.spec.get(name, {}):
+                argv = list(proxy.spec[name]["exec"]["command"])
+                probes.append(Probe(f"{proxy_id(proxy)}:{name}", argv, proxy.port))
+    return probes
+
+
+async def run_probe(probe: Probe, port: int) -> int:
+    """The exit status of `probe` run here, against a proxy on 127.0.0.1:`port`: the image's
+    python is this one, and the port the example gives it is `port`."""
+    assert probe.argv[0] in IMAGE_PROGRAMS, probe.argv
+    argv = [sys.executable if probe.argv[0] == "python" else probe.argv[0], *probe.argv[1:]]
+    argv = [arg.replace(f"127.0.0.1:{probe.port}", f"127.0.0.1:{port}") for arg in argv]
+    env = {"PATH": os.environ["PATH"], "SOBOT_PROXY_PORT": str(port)}  # the Dockerfile's
+    process = await asyncio.create_subprocess_exec(
+        *argv, env=env, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL
+    )
+    async with asyncio.timeout(15):
+        return await process.wait()
+
+
+def test_every_example_has_probes_to_run():
+    wheres = [probe.where for probe in all_probes()]
+    assert "Dockerfile" in wheres
+    assert {where.split(":")[0] for where in wheres} == {
+        "Dockerfile",
+        *(path.name for path in EXAMPLES),
+    }
+
+
+async def probe_outcomes(probe: Probe, proxy: TestClient[Any, Any]) -> tuple[int, int]:
+    """`probe`'s exit status against a serving proxy, and against a port nobody listens on."""
+    assert (await proxy.get("/api/echo")).status == 200  # a token is held: /readyz says ready
+    assert proxy.port is not None
+    serving = await run_probe(probe, proxy.port)
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        free = closed.getsockname()[1]
+    return serving, await run_probe(probe, free)
+
+
+@pytest.mark.parametrize("probe", all_probes(), ids=lambda probe: probe.where)
+async def test_every_probe_passes_against_a_serving_proxy_and_fails_without_one(probe, proxy):
+    # 1: Python's status for the exception urllib raises when nobody answers.
+    assert await probe_outcomes(probe, proxy) == (0, 1)
+
+
+@pytest.mark.parametrize(
+    ("change", "outcomes"),
+    [
+        (lambda argv: [arg.replace("/healthz", "/healthzz") for arg in argv], (1, 1)),
+        (lambda argv: [arg.replace("urllib.request", "urllib.requests") for arg in argv], (1, 1)),
+        (lambda argv: ["python", "-c", "print('http://127.0.0.1:8080/healthz')"], (0, 0)),
+    ],
+    ids=["wrong-path", "typo", "never-calls"],
+)
+async def test_the_probe_run_catches_a_broken_probe(proxy, change, outcomes):
+    (proxy_of_compose,) = proxies(COMPOSE)
+    (probe,) = [p for p in all_probes() if p.where == proxy_id(proxy_of_compose)]
+    broken = dataclasses.replace(probe, argv=change(probe.argv))
+    assert await probe_outcomes(broken, proxy) == outcomes  # not (0, 1): caught
 
 
 def test_compose_without_redis_runs_one_proxy_with_the_token_in_memory():
