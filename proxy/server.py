@@ -21,7 +21,13 @@ DRAINED_CLOSE: Final = 1.0
 
 
 class CoalescingSite(web.BaseSite):
-    """A TCP site like aiohttp's TCPSite, whose connections write through a WriteCoalescer."""
+    """A TCP site like aiohttp's TCPSite, whose connections write through a WriteCoalescer.
+
+    aiohttp has no public way to wrap the protocol factory a site listens with, so this site
+    creates its server itself and stores it in BaseSite's private `_server`, as TCPSite does:
+    BaseSite.stop() closes it there, and AppRunner.addresses reads its sockets there
+    (tests/test_listening_site.py pins both).
+    """
 
     def __init__(
         self,
@@ -36,6 +42,7 @@ class CoalescingSite(web.BaseSite):
         super().__init__(runner, backlog=backlog)
         self._factory = runner.server
         self._host, self._port = host, port
+        self._listen_backlog = backlog
         self._reuse_port = reuse_port
         self._coalescer = coalescer
 
@@ -46,12 +53,11 @@ class CoalescingSite(web.BaseSite):
     async def start(self) -> None:
         await super().start()  # registers the site with its runner
         assert self._factory is not None  # the runner is set up
-        # BaseSite closes `_server` when stopped, and the runner reads its addresses there.
         self._server = await asyncio.get_running_loop().create_server(
             CoalescingProtocolFactory(self._factory, self._coalescer),
             self._host,
             self._port,
-            backlog=self._backlog,
+            backlog=self._listen_backlog,
             reuse_port=self._reuse_port or None,
         )
 
