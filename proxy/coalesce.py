@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import sys
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Final
 
@@ -95,11 +96,25 @@ class _Gathered:
                 self.size += len(part)
 
 
+# CVE-2024-12254: the stdlib loop's writelines() never pauses the protocol on Python 3.12 before
+# 3.12.9 and 3.13 before 3.13.2, so a peer that stops reading grows our memory without bound
+# (aiohttp's http_writer.py avoids it the same way: SKIP_WRITELINES). Before 3.12 it joins the
+# parts anyway. uvloop's own writelines pauses (tests/test_coalesce_writelines.py) and writes
+# the parts with one writev.
+_STDLIB_WRITELINES_UNSAFE: Final = sys.version_info < (3, 12, 9) or (
+    (3, 13) <= sys.version_info < (3, 13, 2)
+)
+
+
 def _write(transport: asyncio.WriteTransport, parts: Sequence[bytes]) -> None:
     if len(parts) == 1:
         transport.write(parts[0])
-    elif parts:
-        transport.writelines(parts)  # one system call for all (uvloop: writev)
+    elif not parts:
+        return
+    elif not _STDLIB_WRITELINES_UNSAFE or type(transport).__module__.startswith("uvloop."):
+        transport.writelines(parts)  # one system call for all
+    else:
+        transport.write(b"".join(parts))
 
 
 class CoalescedTransport(asyncio.Transport):
