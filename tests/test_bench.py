@@ -91,5 +91,5 @@ def test_every_target_is_reported_with_a_measurement(results):
     assert len(targets) == 8
     for target in targets:
         assert is_number(target["measured"]), target
-        assert target["met"] in (True, False)
+        assert isinstance(target["met"], bool)
     assert results["meta"]["quick"] is True

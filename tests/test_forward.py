@@ -187,7 +187,7 @@ async def test_each_request_is_logged_once_with_its_return_code(
     assert first["status"] == 200
     assert first["ret_code"] == "700046"  # as it came, under either name
     assert first["attempts"] == 1
-    assert first["duration_ms"] >= first["upstream_ms"] >= 0
+    assert first["duration_ms"] >= first["upstream_ms"] > 0  # a real exchange takes time
     assert second["ret_code"] == "000000"
 
 
@@ -340,6 +340,6 @@ async def test_failed_exchanges_are_logged_with_attempts_and_upstream_time(
 async def test_targets_no_route_matches_get_a_json_404(proxy, fake: FakeSobot, target):
     method = "CONNECT" if ":" in target else "OPTIONS"
     answer = await send_raw(proxy, f"{method} {target} HTTP/1.1\r\nHost: p\r\n\r\n".encode())
-    assert answer.split(b" ", 2)[1] in (b"400", b"404")
-    assert b'"ret_code":"980' in answer
+    assert answer.startswith(b"HTTP/1.1 404 ")
+    assert b'"ret_code":"980404"' in answer
     assert fake.stats.api_calls == 0
