@@ -183,6 +183,7 @@ class FakeSobot:
         self.issued_tokens: list[str] = []  # for tests that check no token ever leaks
         self.issue_times: list[float] = []  # when each was issued, on the fake's clock
         self._get_token_called = asyncio.Event()
+        self._api_progress = asyncio.Event()  # an /api/ call began, or was received whole
         self._answers_released = asyncio.Event()
         self._answers_released.set()
         self._idle = asyncio.Event()
@@ -238,6 +239,20 @@ class FakeSobot:
         while self.stats.get_token_calls < count:
             self._get_token_called.clear()
             await self._get_token_called.wait()
+
+    async def wait_for_api_calls(self, count: int) -> None:
+        """Return once `count` /api/ calls have begun in all, their heads received (bound it with
+        a timeout)."""
+        while self.stats.api_calls < count:
+            self._api_progress.clear()
+            await self._api_progress.wait()
+
+    async def wait_for_received(self, count: int) -> None:
+        """Return once `count` /api/ requests are in `received`, bodies and all (bound it with a
+        timeout)."""
+        while len(self.received) < count:
+            self._api_progress.clear()
+            await self._api_progress.wait()
 
     async def wait_until_idle(self) -> None:
         """Return once no /api/ handler is running (bound it with a timeout)."""
@@ -370,6 +385,7 @@ class FakeSobot:
 
     async def _answer_api(self, request: web.Request) -> web.StreamResponse:
         self.stats.api_calls += 1
+        self._api_progress.set()
         # Streamed, so a GiB upload costs a GiB of hashing, not of memory.
         digest = hashlib.sha256()
         size = 0
@@ -403,6 +419,7 @@ class FakeSobot:
             token_serial=serial,
         )
         self.received.append(received)
+        self._api_progress.set()
         await self._answers_released.wait()
 
         if state.scripts:

@@ -72,8 +72,7 @@ async def test_a_large_body_is_spooled_to_an_anonymous_file_that_goes_away(
         proxy.post("/api/5/file/upload", data=io.BytesIO(os.urandom(3 << 20)))
     )
     async with asyncio.timeout(10):
-        while len(fake.received) < 2:  # noqa: ASYNC110 -- the fake has no event for this
-            await asyncio.sleep(0.01)
+        await fake.wait_for_received(2)
     [spool] = open_files_under(tmp_path)
     assert spool.endswith("(deleted)")  # unlinked from the start: nothing to leak on disk
     assert list(tmp_path.iterdir()) == []
@@ -90,8 +89,7 @@ async def test_a_small_body_never_touches_the_disk(make_proxy, fake: FakeSobot, 
     fake.hold_answers()
     upload = asyncio.create_task(proxy.post("/api/5/user/save", data=os.urandom(1 << 20)))
     async with asyncio.timeout(10):
-        while len(fake.received) < 2:  # noqa: ASYNC110 -- the fake has no event for this
-            await asyncio.sleep(0.01)
+        await fake.wait_for_received(2)
     assert open_files_under(tmp_path) == []
     fake.release_answers()
     async with asyncio.timeout(10):
@@ -158,8 +156,7 @@ async def test_past_the_pool_and_queue_requests_get_503_at_once(make_proxy, fake
     fake.hold_answers()
     waiting = [asyncio.create_task(proxy.get("/api/echo")) for _ in range(2)]
     async with asyncio.timeout(10):
-        while fake.stats.api_calls < 2:  # noqa: ASYNC110 -- the fake has no event for this
-            await asyncio.sleep(0.01)
+        await fake.wait_for_api_calls(2)  # the other waits in the proxy's queue
         refused = await proxy.get("/api/echo")
         assert refused.status == 503
         assert (await refused.json())["ret_code"] == "980503"
@@ -181,9 +178,8 @@ async def test_bytes_move_upstream_before_the_client_has_sent_them_all(make_prox
         await writer.drain()
         async with asyncio.timeout(10):
             # Sobot is already receiving the request while half the body is still to come.
-            while fake.stats.open_requests == 0:  # noqa: ASYNC110 -- the fake has no event
-                await asyncio.sleep(0.01)
-            assert fake.stats.api_calls == 2
+            await fake.wait_for_api_calls(2)
+            assert fake.stats.open_requests == 1
             writer.write(b"-last")
             await writer.drain()
             answer = await reader.read()

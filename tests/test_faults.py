@@ -89,8 +89,7 @@ async def test_a_client_that_goes_away_cancels_its_upstream_request(
     writer.write(f"GET /api/slow HTTP/1.1\r\nHost: p\r\n{FAULT_HEADER}: stall\r\n\r\n".encode())
     await writer.drain()
     async with asyncio.timeout(10):
-        while fake.stats.open_requests == 0:  # noqa: ASYNC110 -- the fake has no event for this
-            await asyncio.sleep(0.01)
+        await fake.wait_for_api_calls(2)
         writer.close()
         await fake.wait_until_idle()
     assert fake.stats.cancelled_requests == 1
@@ -153,8 +152,7 @@ async def test_a_full_pool_never_keeps_the_token_from_being_renewed(make_proxy, 
     await proxy.get("/api/echo")
     stalled = asyncio.create_task(proxy.get("/api/slow", headers=fault("stall")))
     async with asyncio.timeout(10):
-        while fake.stats.open_requests == 0:  # noqa: ASYNC110 -- the fake has no event
-            await asyncio.sleep(0.01)
+        await fake.wait_for_api_calls(2)
         fake.expire_token()
         calls = fake.stats.get_token_calls
         # The only pooled connection is taken, and still a new token comes at once.
@@ -182,8 +180,7 @@ async def test_a_client_that_stops_reading_frees_its_connection_to_sobot(
         )
         await writer.drain()
         async with asyncio.timeout(20):
-            while fake.stats.open_requests == 0:  # noqa: ASYNC110 -- the fake has no event
-                await asyncio.sleep(0.01)
+            await fake.wait_for_api_calls(2)
             await fake.wait_until_idle()  # the proxy gave up on us and let Sobot go
     finally:
         writer.close()
