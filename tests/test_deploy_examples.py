@@ -278,20 +278,26 @@ def probe_target(probe: dict[str, Any], container: dict[str, Any]) -> tuple[str,
 
 
 def test_kubernetes_runs_the_proxy_as_a_native_sidecar_of_the_application():
-    for workload in kubernetes_workloads():
-        spec = pod_spec(workload)
-        assert spec is not None
-        sidecars = [c for c in spec.get("initContainers", []) if is_proxy_image(c.get("image"))]
-        assert len(sidecars) == 1, "the proxy is an init container with restartPolicy: Always"
-        assert sidecars[0].get("restartPolicy") == "Always"
-        apps = [c for c in spec["containers"] if not is_proxy_image(c.get("image"))]
-        assert apps, "and the application is a container of the same pod"
-        for app in apps:
-            for variable in app.get("env", []):
-                if "127.0.0.1:" in str(variable.get("value", "")):
-                    assert str(variable["value"]).endswith(f":{proxies(KUBERNETES)[0].port}")
-        # Service links would put SOBOT_PROXY_PORT=tcp://... into the environment.
-        assert spec.get("enableServiceLinks") is False
+    (workload,) = kubernetes_workloads()
+    spec = pod_spec(workload)
+    assert spec is not None
+    sidecars = [c for c in spec.get("initContainers", []) if is_proxy_image(c.get("image"))]
+    assert len(sidecars) == 1, "the proxy is an init container with restartPolicy: Always"
+    assert sidecars[0].get("restartPolicy") == "Always"
+    apps = [c for c in spec["containers"] if not is_proxy_image(c.get("image"))]
+    assert apps, "and the application is a container of the same pod"
+    # The application is told the proxy's address on the pod's loopback.
+    urls = [
+        str(variable["value"])
+        for app in apps
+        for variable in app.get("env", [])
+        if "127.0.0.1:" in str(variable.get("value", ""))
+    ]
+    assert urls
+    (proxy,) = proxies(KUBERNETES)
+    assert all(url.endswith(f"127.0.0.1:{proxy.port}") for url in urls), urls
+    # Service links would put SOBOT_PROXY_PORT=tcp://... into the environment.
+    assert spec.get("enableServiceLinks") is False
 
 
 def test_kubernetes_probes_reach_the_proxy_on_its_port():
@@ -468,7 +474,9 @@ def test_compose_applications_share_a_proxys_network_namespace(path):
 @pytest.mark.parametrize("path", [COMPOSE, COMPOSE_REDIS], ids=lambda path: path.name)
 def test_compose_gives_the_app_key_as_a_secret_file(path):
     (doc,) = documents(path)
-    for proxy in proxies(path):
+    found = proxies(path)
+    assert found
+    for proxy in found:
         key_file = proxy.env["SOBOT_APP_KEY_FILE"]
         assert key_file.startswith("/run/secrets/"), proxy.name
         # A secret is listed by name, or as {source, target}; it is mounted at its target.
@@ -483,7 +491,9 @@ def test_compose_gives_the_app_key_as_a_secret_file(path):
 
 @pytest.mark.parametrize("path", [COMPOSE, COMPOSE_REDIS], ids=lambda path: path.name)
 def test_compose_stop_grace_period_outlasts_the_proxys_shutdown(path):
-    for proxy in proxies(path):
+    found = proxies(path)
+    assert found
+    for proxy in found:
         period = seconds(proxy.spec.get("stop_grace_period", f"{DOCKER_STOP_TIMEOUT:g}s"))
         assert period > proxy.grace + CLOSE_SECONDS, proxy.name
 
