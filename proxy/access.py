@@ -57,4 +57,6 @@ class AccessPolicy:
 
 
 def _digest(key: str) -> bytes:
-    return hashlib.sha256(key.encode()).digest()
+    # surrogateescape: a presented key with bytes that are not UTF-8 (aiohttp decodes header
+    # bytes that way) is hashed as the bytes it came as, and simply matches no key.
+    return hashlib.sha256(key.encode("utf-8", "surrogateescape")).digest()

@@ -24,7 +24,7 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 
 from proxy.access import AccessPolicy
-from proxy.errors import ProxyError, error_response
+from proxy.errors import ProxyError, error_response, proxy_code
 from proxy.forward import Forwarder
 from proxy.handler import ApiHandler
 from proxy.health import healthz, readyz
@@ -51,7 +51,7 @@ async def _json_http_errors(request: web.Request, handler: Handler) -> web.Strea
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
-        return error_response(exc.status, f"980{exc.status}", exc.reason)
+        return error_response(exc.status, proxy_code(exc.status), exc.reason)
 
 
 async def _api(request: web.Request) -> web.StreamResponse:

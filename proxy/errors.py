@@ -24,15 +24,22 @@ internal path or a stack trace.
 
 from __future__ import annotations
 
-from typing import ClassVar
+from collections.abc import Mapping
+from typing import Any, ClassVar
 
-import orjson
 from aiohttp import web
+
+from proxy import protocol
+
+
+def proxy_code(status: int) -> str:
+    """The proxy's own ret_code for an answer of HTTP `status`: 980 + the status."""
+    return f"980{status}"
 
 
 class ProxyError(Exception):
     status: ClassVar[int] = 500
-    code: ClassVar[str] = "980500"
+    code: ClassVar[str] = proxy_code(500)  # derived from `status` for every subclass
     # The request body may be left unread: the connection cannot carry another request.
     closes_connection: bool = False
 
@@ -49,6 +56,10 @@ class ProxyError(Exception):
         if closes_connection is not None:
             self.closes_connection = closes_connection
 
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        cls.code = proxy_code(cls.status)
+
     def to_response(self) -> web.Response:
         response = error_response(self.status, self.ret_code, self.message)
         if self.closes_connection:
@@ -58,17 +69,14 @@ class ProxyError(Exception):
 
 class BadRequest(ProxyError):
     status = 400
-    code = "980400"
 
 
 class NotProxied(ProxyError):
     status = 404
-    code = "980404"
 
 
 class Unauthorized(ProxyError):
     status = 401
-    code = "980401"
 
     def to_response(self) -> web.Response:
         response = super().to_response()
@@ -78,64 +86,60 @@ class Unauthorized(ProxyError):
 
 class Forbidden(ProxyError):
     status = 403
-    code = "980403"
 
 
 class ClientTimeout(ProxyError):
     status = 408
-    code = "980408"
     closes_connection = True
 
 
 class ExpectationFailed(ProxyError):
     status = 417
-    code = "980417"
 
 
 class ClientGone(ProxyError):
     status = 499  # nginx's convention for "client closed request": only ever in the log
-    code = "980499"
     closes_connection = True
 
 
 class BodyTooLarge(ProxyError):
     status = 413
-    code = "980413"
     closes_connection = True
 
 
 class UpstreamUnreachable(ProxyError):
     status = 502
-    code = "980502"
 
 
 class Overloaded(ProxyError):
     status = 503
-    code = "980503"
 
 
 class UpstreamTimeout(ProxyError):
     status = 504
-    code = "980504"
 
 
 class TokenUnavailable(ProxyError):
     """No valid token could be obtained; ret_code is get_token's own code when it answered one."""
 
     status = 502
-    code = "980502"
 
 
 class NotReady(ProxyError):
     status = 503
-    code = "980503"
 
 
 class InternalError(ProxyError):
     status = 500
-    code = "980500"
+
+
+def sobot_response(
+    ret_code: str, ret_msg: str, item: Mapping[str, Any] | None = None, *, status: int = 200
+) -> web.Response:
+    """An answer in Sobot's shape (protocol.answer), as the proxy and the fake Sobot make one."""
+    body = protocol.answer(ret_code, ret_msg, item)
+    return web.Response(status=status, body=body, content_type="application/json")
 
 
 def error_response(status: int, ret_code: str, message: str) -> web.Response:
-    body = orjson.dumps({"ret_code": ret_code, "ret_msg": message})
-    return web.Response(status=status, body=body, content_type="application/json")
+    return sobot_response(ret_code, message, status=status)

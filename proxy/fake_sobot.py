@@ -1,7 +1,8 @@
 """A fake Sobot upstream that speaks the protocol faithfully, for tests, demos and development.
 
-- `GET /api/get_token` checks appid (900004 if unknown), create_time (900003 if more than 300 s
-  from this clock) and sign (900003), then issues a NEW token that invalidates the previous one.
+- `GET /api/get_token` checks appid (900004 if unknown, whatever the rest), create_time (900003
+  if more than 300 s from this clock) and sign (900003), with the proxy's own check
+  (protocol.check_token_request), then issues a NEW token that invalidates the previous one.
 - Every other `/api/...` path checks the `token` header (900001 when empty, 900002 when not the
   current token or expired) and answers like the echo: what arrived, so a demo shows it. The
   token value itself is never echoed, only whether it was valid and which one it was. The body
@@ -19,6 +20,9 @@
     download=N         a 200 of N bytes of `download_bytes(N)`, streamed (`download_sha256(N)`)
     slow-download=N    the same without Content-Length (chunked)
     delay=S            wait S seconds (a float), then answer normally
+    gbk-filename       a 200 download of 1024 bytes named in GBK bytes (GBK_DISPOSITION, not
+                       UTF-8, as Sobot's exports are), written raw; `gbk-filename=TYPE` sends
+                       Content-Type TYPE instead of application/vnd.ms-excel
 - Controls under `/_fake/` (never under /api/, so never reachable through the proxy):
     GET  /_fake/stats                       counters
     POST /_fake/expire                      expire the current token now
@@ -44,7 +48,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
-import hmac
 import math
 import socket
 import ssl
@@ -55,12 +58,14 @@ from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Final
+from urllib.parse import unquote
 
 import orjson
 from aiohttp import web
 from multidict import CIMultiDict
 
 from proxy import protocol
+from proxy.errors import sobot_response
 
 ECHOED_BODY_LIMIT: Final = 4096  # larger bodies are echoed as size and sha256 only
 KEPT_BODY_LIMIT: Final = 1024 * 1024
@@ -73,8 +78,13 @@ _SIMPLE_FAULTS: Final = frozenset(
 )
 _FAULT_HELP: Final = (
     f"unknown {FAULT_HEADER} value; expected one of html502, truncate, reset, stall, drop, early, "
-    "stall-body, download=N, slow-download=N (N bytes), delay=S (S seconds)"
+    "stall-body, download=N, slow-download=N (N bytes), delay=S (S seconds), gbk-filename, "
+    "gbk-filename=TYPE (a Content-Type)"
 )
+# "报表.xls" in GBK: bytes that are not UTF-8, which every header writer must pass on untouched.
+GBK_DISPOSITION: Final = b'Content-Disposition: attachment; filename="\xb1\xa8\xb1\xed.xls"'
+# The same name in UTF-8, in a header of its own beside it.
+UTF8_NAME: Final = "X-File-Name: 报表.xls".encode()
 BAD_GATEWAY_PAGE: Final = (
     "<html>\r\n<head><title>502 Bad Gateway</title></head>\r\n<body>\r\n"
     "<center><h1>502 Bad Gateway</h1></center>\r\n<hr><center>nginx</center>\r\n"
@@ -131,7 +141,9 @@ class Stats:
     renewals_before_expiry: int = 0  # get_token calls made while the previous token was valid
     open_requests: int = 0  # /api/ handlers running now (a gauge: reset() keeps it)
     cancelled_requests: int = 0  # /api/ handlers that ended cancelled: their client went away
-    outside_api_calls: int = 0  # requests for any path outside /api/ and /_fake/: a proxy bug
+    # Requests for a path outside /api/ and /_fake/, as a Java servlet container would resolve
+    # it (servlet_path): a proxy bug.
+    outside_api_calls: int = 0
 
     def as_dict(self) -> dict[str, int]:
         return {name: getattr(self, name) for name in self.__slots__}
@@ -150,6 +162,7 @@ class _Fault:
     kind: str
     size: int = 0
     seconds: float = 0.0
+    content_type: str = ""
 
 
 @dataclass(slots=True)
@@ -329,19 +342,11 @@ class FakeSobot:
                     state.get_token_failure = None
             return await self._failed_get_token(request, mode)
 
-        query = request.query
-        appid, create_time, sign = (query.get(k, "") for k in ("appid", "create_time", "sign"))
-        if appid != self.appid:
-            return _answer(protocol.NO_API_CONFIGURATION, "no API configuration for the company")
-        try:
-            skew = abs(int(create_time) - self._wall_clock())
-        except ValueError:
-            return _answer(protocol.SIGNATURE_ERROR, "create_time is not a timestamp")
-        if skew > protocol.MAX_CLOCK_SKEW:
-            return _answer(protocol.SIGNATURE_ERROR, "create_time is too far from now")
-        expected = protocol.make_sign(appid, create_time, self._app_key)
-        if not hmac.compare_digest(sign.encode(), expected.encode()):
-            return _answer(protocol.SIGNATURE_ERROR, "signature error")
+        ret_code = protocol.check_token_request(
+            request.query, appid=self.appid, app_key=self._app_key, now=self._wall_clock()
+        )
+        if ret_code != protocol.OK:
+            return sobot_response(ret_code, protocol.RET_CODE_MEANINGS[ret_code])
 
         if state.token is not None and self._clock() < state.expires_at:
             self.stats.renewals_before_expiry += 1
@@ -354,7 +359,9 @@ class FakeSobot:
         self.stats.tokens_issued += 1
         lifetime = state.lifetime
         expires_in = str(int(lifetime)) if lifetime == int(lifetime) else str(lifetime)
-        return _answer(protocol.OK, "Success", {"token": state.token, "expires_in": expires_in})
+        return sobot_response(
+            protocol.OK, "Success", {"token": state.token, "expires_in": expires_in}
+        )
 
     async def _failed_get_token(self, request: web.Request, mode: str) -> web.StreamResponse:
         if mode == "malformed":
@@ -367,7 +374,7 @@ class FakeSobot:
             if request.transport is not None:
                 request.transport.abort()
             return web.Response()  # never sent: the connection is gone
-        return _answer(mode, protocol.RET_CODE_MEANINGS.get(mode, "error"))
+        return sobot_response(mode, protocol.RET_CODE_MEANINGS.get(mode, "error"))
 
     async def _api(self, request: web.Request) -> web.StreamResponse:
         self.stats.open_requests += 1
@@ -386,6 +393,9 @@ class FakeSobot:
     async def _answer_api(self, request: web.Request) -> web.StreamResponse:
         self.stats.api_calls += 1
         self._api_progress.set()
+        if not servlet_path(request.raw_path).startswith("/api/"):
+            # aiohttp routed it here, but Sobot's servlet container would serve something else.
+            self.stats.outside_api_calls += 1
         # Streamed, so a GiB upload costs a GiB of hashing, not of memory.
         digest = hashlib.sha256()
         size = 0
@@ -430,10 +440,10 @@ class FakeSobot:
             return web.Response(status=script.status, body=script.body, headers=script.headers)
         if token_state == "missing":
             self.stats.token_rejections += 1
-            return _answer(protocol.TOKEN_EMPTY, "token is empty")
+            return sobot_response(protocol.TOKEN_EMPTY, "token is empty")
         if token_state == "expired":
             self.stats.token_rejections += 1
-            return _answer(protocol.TOKEN_EXPIRED, "token has expired, obtain a new one")
+            return sobot_response(protocol.TOKEN_EXPIRED, "token has expired, obtain a new one")
         fault_value = request.headers.get(FAULT_HEADER)
         if fault_value is not None:
             try:
@@ -443,7 +453,7 @@ class FakeSobot:
             answer = await self._apply_fault(request, fault)
             if answer is not None:
                 return answer
-        return _answer(protocol.OK, "success", _echo(received))
+        return sobot_response(protocol.OK, "success", _echo(received))
 
     async def _apply_fault(self, request: web.Request, fault: _Fault) -> web.StreamResponse | None:
         """Answer as `fault` says; None: answer normally after all (delay)."""
@@ -451,6 +461,20 @@ class FakeSobot:
             return web.Response(status=502, text=BAD_GATEWAY_PAGE, content_type="text/html")
         if fault.kind == "early":
             return None  # the echo, without the body
+        if fault.kind == "gbk-filename":
+            # aiohttp cannot write header bytes that are not UTF-8, so the answer is written raw.
+            body = _DOWNLOAD_BLOCK[:PARTIAL_SENT]
+            head = (
+                f"HTTP/1.1 200 OK\r\nContent-Type: {fault.content_type}\r\n".encode()
+                + GBK_DISPOSITION
+                + b"\r\n"
+                + UTF8_NAME
+                + f"\r\nContent-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode()
+            )
+            if request.transport is not None:
+                request.transport.write(head + body)
+            _drop(request, reset=False)  # a clean close, after what was written
+            return web.Response(status=503)  # never sent: the connection is gone
         if fault.kind == "drop":
             _drop(request, reset=False)
             return web.Response(status=503)  # never sent: the connection is gone
@@ -520,6 +544,22 @@ class FakeSobot:
         return web.json_response({"ok": True})
 
 
+def servlet_path(raw_target: str) -> str:
+    """The path of a request target as a Java servlet container (Tomcat, Jetty, Spring: what
+    Sobot runs on) resolves it: each segment's `;parameters` dropped, percent-decoding, a
+    backslash taken for a slash, then dot segments resolved."""
+    resolved: list[str] = []
+    for raw_segment in raw_target.partition("?")[0].split("/"):
+        decoded = unquote(raw_segment.partition(";")[0]).replace("\\", "/")
+        for segment in decoded.split("/"):
+            if segment == "..":
+                if len(resolved) > 1:
+                    resolved.pop()
+            elif segment != ".":
+                resolved.append(segment)
+    return "/".join(resolved)
+
+
 def _parse_fault(value: str) -> _Fault:
     kind, has_argument, argument = value.strip().partition("=")
     if not has_argument and kind in _SIMPLE_FAULTS:
@@ -529,6 +569,11 @@ def _parse_fault(value: str) -> _Fault:
         if size < 0:
             raise ValueError(value)
         return _Fault(kind, size=size)
+    if kind == "gbk-filename":
+        content_type = argument.strip() if has_argument else "application/vnd.ms-excel"
+        if not content_type.isascii() or not content_type.isprintable():
+            raise ValueError(value)
+        return _Fault(kind, content_type=content_type)
     if has_argument and kind == "delay":
         seconds = float(argument)
         if not 0 <= seconds < math.inf:
@@ -552,21 +597,14 @@ def _drop(request: web.Request, *, reset: bool) -> None:
     transport.abort()
 
 
-def _answer(ret_code: str, ret_msg: str, item: dict[str, Any] | None = None) -> web.Response:
-    body: dict[str, Any] = {"ret_code": ret_code, "ret_msg": ret_msg}
-    if item is not None:
-        body["item"] = item
-    return web.Response(body=orjson.dumps(body), content_type="application/json")
-
-
 def _echo(received: Received) -> dict[str, Any]:
     echo: dict[str, Any] = {
         "method": received.method,
-        "path": received.path,
-        "query": received.query,
+        "path": _printable(received.path),
+        "query": _printable(received.query),
         # The token is a credential: say which one arrived, never its value.
         "headers": [
-            [name, value]
+            [name, _printable(value)]
             for name, value in received.headers.items()
             if name.lower() != protocol.TOKEN_HEADER
         ],
@@ -577,3 +615,8 @@ def _echo(received: Received) -> dict[str, Any]:
     if received.body is not None and received.body_size <= ECHOED_BODY_LIMIT:
         echo["body"] = received.body.decode("utf-8", "replace")
     return echo
+
+
+def _printable(text: str) -> str:
+    """`text` for JSON: bytes that were not UTF-8 (decoded with surrogateescape) as \\xNN."""
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")

@@ -5,7 +5,8 @@ proxy injected: the token is replaced (see tokens.py) and the identical request 
 Nothing else is ever retried.
 
 Answers are inspected only when they may carry a Sobot return code and are small enough to read
-whole (INSPECT_LIMIT); everything else streams through to the client.
+whole (INSPECT_LIMIT); everything else streams through to the client. Either way their heads go
+out as Sobot's bytes (exact_head.py).
 
 The exchange itself goes through upstream.Client (pooled keep-alive connections on httptools);
 its errors are translated to the client's here, in _upstream_error.
@@ -40,7 +41,8 @@ from proxy.errors import (
     UpstreamTimeout,
     UpstreamUnreachable,
 )
-from proxy.headers import downstream_headers, upstream_headers
+from proxy.exact_head import ExactHeadResponse, ExactHeadStreamResponse
+from proxy.headers import UpstreamHeaders, downstream_headers
 from proxy.request_id import HEADER as REQUEST_ID_HEADER
 from proxy.request_log import RequestRecord
 from proxy.settings import Settings
@@ -81,7 +83,10 @@ class Forwarder:
         self._read_timeout = settings.upstream_timeout
         self._connect_timeout = settings.connect_timeout
         self._max_body = settings.max_body
-        self._consume_authorization = bool(settings.client_keys)
+        self._upstream_headers = UpstreamHeaders(
+            consume_authorization=bool(settings.client_keys),
+            forwarding=settings.forwarded_headers,
+        )
         self._temp_dir = settings.temp_dir
         # One slot per connection to Sobot, held for a whole exchange; up to max_queue more
         # requests wait for one, and any beyond that are refused.
@@ -126,13 +131,7 @@ class Forwarder:
         record: RequestRecord,
     ) -> web.StreamResponse:
         target = self._prefix + target  # as the client sent it: already encoded
-        headers = upstream_headers(
-            request.headers,
-            client_ip=request.remote,
-            scheme=request.scheme,
-            consume_authorization=self._consume_authorization,
-            request_id=record.request_id,
-        )
+        headers = self._upstream_headers.of(request, record.request_id)
         if request.content_length is not None and body is not None:
             headers[hdrs.CONTENT_LENGTH] = str(request.content_length)
         token = await self._tokens.get()
@@ -240,11 +239,11 @@ class Forwarder:
         if request.method == hdrs.METH_HEAD and sobot.content_length is not None:
             # A HEAD answer has no body but tells the length a GET would have.
             headers[hdrs.CONTENT_LENGTH] = str(sobot.content_length)
-            response = web.StreamResponse(status=sobot.status, headers=headers)
+            response = ExactHeadStreamResponse(status=sobot.status, headers=headers)
             await response.prepare(request)
             await response.write_eof()
             return response
-        return web.Response(status=sobot.status, body=answer.body, headers=headers)
+        return ExactHeadResponse(status=sobot.status, body=answer.body, headers=headers)
 
     async def _stream(
         self,
@@ -256,7 +255,7 @@ class Forwarder:
         sobot = answer.response
         if sobot.content_length is not None:
             headers[hdrs.CONTENT_LENGTH] = str(sobot.content_length)
-        response = web.StreamResponse(status=sobot.status, headers=headers)
+        response = ExactHeadStreamResponse(status=sobot.status, headers=headers)
         try:
             await response.prepare(request)
             chunk = answer.body  # what inspection already read, if anything

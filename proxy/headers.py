@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Final
 
-from aiohttp import hdrs
+from aiohttp import hdrs, web
 from multidict import CIMultiDict, CIMultiDictProxy, istr
 
 from proxy.protocol import TOKEN_HEADER
@@ -27,18 +27,28 @@ HOP_BY_HOP: Final = frozenset(
 )
 
 # Also not copied upstream: Host and Content-Length are set for the upstream request itself,
-# the client's token is replaced by the managed one, X-Forwarded-* and X-Request-Id are set
-# below. Expect was answered by the proxy's own server, which has the body by the time it
-# forwards it.
+# the client's token is replaced by the managed one and X-Request-Id by the request's id. Expect
+# was answered by the proxy's own server, which has the body by the time it forwards it.
 _NOT_COPIED_UPSTREAM: Final = HOP_BY_HOP | {
     istr(hdrs.HOST),
     istr(hdrs.CONTENT_LENGTH),
     istr(hdrs.EXPECT),
     istr(TOKEN_HEADER),
-    istr(hdrs.X_FORWARDED_FOR),
-    istr(hdrs.X_FORWARDED_PROTO),
     istr(REQUEST_ID_HEADER),
 }
+# Addresses of callers, and of the proxies before them. Sobot is a third party: they reach it
+# only when the operator asks for forwarding headers (Settings.forwarded_headers), and then the
+# proxy sets X-Forwarded-For and -Proto itself.
+FORWARDING: Final = frozenset(
+    istr(name)
+    for name in (
+        hdrs.FORWARDED,
+        hdrs.X_FORWARDED_FOR,
+        hdrs.X_FORWARDED_HOST,
+        hdrs.X_FORWARDED_PROTO,
+        "X-Real-IP",
+    )
+)
 # Content-Length is set by the server from the body it sends.
 _NOT_COPIED_DOWNSTREAM: Final = HOP_BY_HOP | {istr(hdrs.CONTENT_LENGTH)}
 
@@ -62,27 +72,33 @@ def _copy(headers: CIMultiDictProxy[str], dropped: frozenset[istr]) -> CIMultiDi
     return out
 
 
-# With client keys on, Authorization carries the proxy's own credential: consumed, not forwarded.
-_NOT_COPIED_UPSTREAM_AUTHENTICATED: Final = _NOT_COPIED_UPSTREAM | {istr(hdrs.AUTHORIZATION)}
+class UpstreamHeaders:
+    """The headers of the requests to Sobot, under rules fixed at start-up."""
 
+    __slots__ = ("_dropped", "_forwarding")
 
-def upstream_headers(
-    headers: CIMultiDictProxy[str],
-    *,
-    client_ip: str | None,
-    scheme: str,
-    consume_authorization: bool,
-    request_id: str,
-) -> CIMultiDict[str]:
-    """The client's end-to-end headers plus X-Forwarded-For / -Proto and the request's id;
-    the token is set later."""
-    dropped = _NOT_COPIED_UPSTREAM_AUTHENTICATED if consume_authorization else _NOT_COPIED_UPSTREAM
-    out = _copy(headers, dropped)
-    forwarded_for = ", ".join([*headers.getall(hdrs.X_FORWARDED_FOR, ()), client_ip or "unknown"])
-    out[hdrs.X_FORWARDED_FOR] = forwarded_for
-    out[hdrs.X_FORWARDED_PROTO] = scheme
-    out[REQUEST_ID_HEADER] = request_id
-    return out
+    def __init__(self, *, consume_authorization: bool, forwarding: bool) -> None:
+        """`consume_authorization`: Authorization carries the proxy's own client key (client
+        keys are on), so it is not forwarded. `forwarding`: send X-Forwarded-For / -Proto."""
+        dropped = set(_NOT_COPIED_UPSTREAM | FORWARDING)
+        if consume_authorization:
+            dropped.add(istr(hdrs.AUTHORIZATION))
+        if forwarding:  # the client's own X-Forwarded-For is kept, the caller appended to it
+            dropped -= {istr(hdrs.FORWARDED), istr(hdrs.X_FORWARDED_HOST), istr("X-Real-IP")}
+        self._dropped = frozenset(dropped)
+        self._forwarding = forwarding
+
+    def of(self, request: web.BaseRequest, request_id: str) -> CIMultiDict[str]:
+        """The client's end-to-end headers, the request's id, and X-Forwarded-For / -Proto when
+        forwarding; the token is set later."""
+        headers = request.headers
+        out = _copy(headers, self._dropped)
+        if self._forwarding:
+            chain = [*headers.getall(hdrs.X_FORWARDED_FOR, ()), request.remote or "unknown"]
+            out[hdrs.X_FORWARDED_FOR] = ", ".join(chain)
+            out[hdrs.X_FORWARDED_PROTO] = request.scheme
+        out[REQUEST_ID_HEADER] = request_id
+        return out
 
 
 def downstream_headers(headers: CIMultiDictProxy[str]) -> CIMultiDict[str]:

@@ -18,7 +18,7 @@ import re
 import sys
 import time
 from collections import deque
-from collections.abc import Iterable, MutableMapping
+from collections.abc import Iterable, Mapping, MutableMapping
 from typing import Any, BinaryIO, Final, TextIO, cast
 
 import orjson
@@ -96,7 +96,23 @@ class _UtcTimestamp:
 
 def _orjson_bytes(_logger: Any, _method: str, event_dict: MutableMapping[str, Any]) -> bytes:
     # default=str: an unexpected value type becomes text rather than losing the line.
-    return orjson.dumps(event_dict, default=str)
+    try:
+        return orjson.dumps(event_dict, default=str)
+    except TypeError:
+        # Text with lone surrogates: bytes a client sent that are not UTF-8 (aiohttp decodes
+        # with surrogateescape), which orjson refuses. Rare, so only then is every value mended.
+        return orjson.dumps(_without_surrogates(event_dict), default=str)
+
+
+def _without_surrogates(value: Any) -> Any:
+    """`value` with every string's undecodable bytes shown as `\\xNN` escapes."""
+    if isinstance(value, str):
+        return value.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    if isinstance(value, Mapping):
+        return {_without_surrogates(k): _without_surrogates(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_without_surrogates(item) for item in value]
+    return value
 
 
 class _ScrubbedOutput:
@@ -114,7 +130,8 @@ class _ScrubbedOutput:
         self._flush_pending = False
 
     def write(self, data: bytes | str) -> None:
-        raw = data.encode() if isinstance(data, str) else data
+        # backslashreplace: a console line may quote a client's bytes that are not UTF-8.
+        raw = data.encode("utf-8", "backslashreplace") if isinstance(data, str) else data
         self._out.write(self._secrets.scrub(raw))
 
     def flush(self) -> None:
@@ -175,7 +192,7 @@ def _route_standard_logging(out: _ScrubbedOutput, shared: list[Any], fmt: str, l
 
     def render(_logger: Any, _method: str, event_dict: MutableMapping[str, Any]) -> str:
         if fmt == "json":
-            return orjson.dumps(event_dict, default=str).decode()
+            return _orjson_bytes(_logger, _method, event_dict).decode()
         return str(structlog.dev.ConsoleRenderer(colors=False)(_logger, _method, event_dict))
 
     handler = logging.StreamHandler(cast(TextIO, out))

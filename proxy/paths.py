@@ -3,9 +3,10 @@
 Only origin-form targets under /api/ are forwarded. Leading repeated slashes count as one
 (a public PHP SDK for Sobot sends `//api/ws/5/ticket/...`). Anything that could make the path
 mean something else upstream is rejected with 400 rather than normalised, because a normalised
-path is not what the client asked for: dot segments (`.`, `..`, also percent-encoded), encoded
-slashes or backslashes (`%2f`, `%5c`), raw backslashes and empty segments inside the path. The
-query string is passed on byte for byte.
+path is not what the client asked for: dot segments (`.`, `..`, also percent-encoded, also with
+`;parameters` such as `..;x=1`), encoded slashes or backslashes (`%2f`, `%5c`), raw backslashes,
+empty segments inside the path, and raw bytes outside ASCII anywhere in the target. The query
+string is passed on byte for byte.
 """
 
 from __future__ import annotations
@@ -27,6 +28,9 @@ def split_target(raw_target: str) -> tuple[str, str]:
     """
     if not raw_target.startswith("/"):
         raise BadRequest("only origin-form request targets such as /api/... are accepted")
+    if not raw_target.isascii():
+        # RFC 3986 allows none; aiohttp's C parser refuses them, its pure-Python one does not.
+        raise BadRequest("bytes outside ASCII in a request target must be percent-encoded")
     path, mark, query = raw_target.partition("?")
     path = "/" + path.lstrip("/")
     if not path.startswith(API_PREFIX):
@@ -38,7 +42,9 @@ def split_target(raw_target: str) -> tuple[str, str]:
                 continue  # a trailing slash is part of some APIs' paths
             raise BadRequest("empty path segments are not forwarded")
         decoded = unquote(segment)
-        if decoded in (".", "..") or "/" in decoded or "\\" in decoded:
+        # Java servlet containers (Tomcat, Jetty, Spring) drop a segment's `;parameters` before
+        # they resolve dot segments: upstream, `..;x=1` is `..`.
+        if decoded.partition(";")[0] in (".", "..") or "/" in decoded or "\\" in decoded:
             raise BadRequest("dot segments, encoded slashes and backslashes are not forwarded")
     return path, mark + query
 

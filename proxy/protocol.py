@@ -6,6 +6,8 @@ See ../shared/reference/sobot-protocol.md and the vendor's "API Call Instruction
 from __future__ import annotations
 
 import hashlib
+import hmac
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -45,9 +47,51 @@ CONFIGURATION_ERRORS: Final = frozenset(
 TOKEN_REJECTED: Final = frozenset({TOKEN_EXPIRED, TOKEN_EMPTY})
 
 
+# A create_time longer than this is no Unix time in seconds (12 digits reach the year 33658).
+_MAX_TIME_DIGITS: Final = 12
+
+
 def make_sign(appid: str, create_time: str, app_key: str) -> str:
     """Lowercase hex md5(appid + create_time + app_key): plain concatenation, as Sobot signs."""
-    return hashlib.md5((appid + create_time + app_key).encode()).hexdigest()
+    return hashlib.md5(_exact(appid + create_time + app_key)).hexdigest()
+
+
+def check_token_request(query: Mapping[str, str], *, appid: str, app_key: str, now: float) -> str:
+    """The code Sobot answers a get_token query with: OK, or what is wrong with it.
+
+    An appid it has no API configuration for is 900004, whatever the sign and time; for the
+    configured appid, a create_time that is not a decimal Unix time within MAX_CLOCK_SKEW of
+    `now`, or a wrong sign, is 900003. Any text a client sends is safe here: bytes that are not
+    UTF-8 (decoded with surrogateescape), huge or signed numbers, NaN, non-ASCII digits.
+    """
+    # Compared in constant time: neither the appid nor the sign shows in the timing.
+    if not hmac.compare_digest(_exact(query.get("appid", "")), _exact(appid)):
+        return NO_API_CONFIGURATION
+    create_time = query.get("create_time", "")
+    # ASCII digits only: int() would also take "+1", " 1", "1_0" and other scripts' digits.
+    if not (create_time.isascii() and create_time.isdigit()):
+        return SIGNATURE_ERROR
+    if len(create_time) > _MAX_TIME_DIGITS or abs(int(create_time) - now) > MAX_CLOCK_SKEW:
+        # As Sobot does; it also keeps a captured signature from being usable for long.
+        return SIGNATURE_ERROR
+    expected = make_sign(appid, create_time, app_key)
+    if not hmac.compare_digest(_exact(query.get("sign", "").lower()), expected.encode()):
+        return SIGNATURE_ERROR
+    return OK
+
+
+def _exact(text: str) -> bytes:
+    """`text` as the bytes it came as: a client's bytes that are not UTF-8 arrive as lone
+    surrogates (aiohttp decodes with surrogateescape), which plain encode() refuses."""
+    return text.encode("utf-8", "surrogateescape")
+
+
+def answer(ret_code: str, ret_msg: str, item: Mapping[str, Any] | None = None) -> bytes:
+    """A body in Sobot's answer shape: `ret_code`, `ret_msg`, and `item` when there is one."""
+    body: dict[str, Any] = {"ret_code": ret_code, "ret_msg": ret_msg}
+    if item is not None:
+        body["item"] = item
+    return orjson.dumps(body)
 
 
 def describe(ret_code: str) -> str:

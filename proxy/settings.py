@@ -45,6 +45,7 @@ class Settings:
     metrics_routes: tuple[str, ...] = ()  # path prefixes that group requests in the metrics
     ca_bundle: str | None = None  # None: the system's trusted CAs
     allow_insecure_upstream: bool = False
+    forwarded_headers: bool = False  # X-Forwarded-For / -Proto to Sobot
     token_store: str = field(default="memory", repr=False)  # "memory" or a redis(s):// URL
     token_store_password: str | None = field(default=None, repr=False)
     workers: int = 1
@@ -398,6 +399,16 @@ OPTIONS: Final = (
         _boolean,
         False,
         "allow a plain-http base URL that is not on this host",
+        switch=True,
+    ),
+    Option(
+        "forwarded_headers",
+        "SOBOT_FORWARDED_HEADERS",
+        "--forwarded-headers",
+        _boolean,
+        False,
+        "send Sobot X-Forwarded-For (the caller's address) and X-Forwarded-Proto; "
+        "off: those and any Forwarded, X-Forwarded-* or X-Real-IP a client sent are dropped",
         switch=True,
     ),
     Option(

@@ -72,7 +72,6 @@ async def test_end_to_end_headers_are_forwarded_and_hop_by_hop_dropped(proxy, fa
         ("Proxy-Authorization", "Basic c2VjcmV0"),
         ("Proxy-Authenticate", "Basic"),
         ("token", "a-token-the-client-brought"),
-        ("X-Forwarded-For", "203.0.113.9"),
     ]
     response = await proxy.post("/api/echo", data=b"{}", headers=headers)
     assert response.status == 200
@@ -96,8 +95,53 @@ async def test_end_to_end_headers_are_forwarded_and_hop_by_hop_dropped(proxy, fa
     assert len(received.headers.getall("token")) == 1
     assert received.token_state == "valid"
     assert received.headers["Host"] == fake.url.removeprefix("http://")
-    assert received.headers["X-Forwarded-For"] == "203.0.113.9, 127.0.0.1"
-    assert received.headers["X-Forwarded-Proto"] == "http"
+
+
+FORWARDING_HEADERS = [
+    ("Forwarded", "for=203.0.113.9;proto=https"),
+    ("X-Forwarded-For", "203.0.113.9"),
+    ("X-Forwarded-Host", "app.internal"),
+    ("X-Forwarded-Proto", "https"),
+    ("X-Real-IP", "203.0.113.9"),
+]
+
+
+async def test_by_default_sobot_learns_no_callers_address(proxy, fake: FakeSobot):
+    """Sobot is a third party: neither the caller's address nor one a client passed on."""
+    response = await proxy.get("/api/echo", headers=FORWARDING_HEADERS)
+    assert response.status == 200
+    received = fake.received[-1].headers
+    for name, _ in FORWARDING_HEADERS:
+        assert name not in received, name
+
+
+async def test_forwarded_headers_on_tell_sobot_the_callers_address(make_proxy, fake: FakeSobot):
+    proxy = await make_proxy(forwarded_headers=True)
+    response = await proxy.get("/api/echo", headers=FORWARDING_HEADERS)
+    assert response.status == 200
+    received = fake.received[-1].headers
+    assert received["X-Forwarded-For"] == "203.0.113.9, 127.0.0.1"  # the chain, the caller last
+    assert received["X-Forwarded-Proto"] == "http"  # how the caller reached the proxy
+    assert received["Forwarded"] == "for=203.0.113.9;proto=https"
+    assert received["X-Forwarded-Host"] == "app.internal"
+    assert received["X-Real-IP"] == "203.0.113.9"
+    bare = await proxy.get("/api/echo")
+    assert bare.status == 200
+    assert fake.received[-1].headers["X-Forwarded-For"] == "127.0.0.1"
+
+
+async def test_header_bytes_that_are_not_utf8_reach_sobot_byte_exact(proxy, fake: FakeSobot):
+    """A client's GBK bytes (aiohttp decodes them with surrogateescape) go out as they came."""
+    gbk = b"\xb1\xa8\xb1\xed.xls"  # "报表.xls" in GBK
+    answer = await send_raw(
+        proxy,
+        b"GET /api/echo HTTP/1.1\r\nHost: p\r\nConnection: close\r\nX-File: " + gbk + b"\r\n"
+        b"X-Utf8: \xe6\x8a\xa5\r\n\r\n",
+    )
+    assert answer.startswith(b"HTTP/1.1 200")
+    received = fake.received[-1].headers
+    assert received["X-File"].encode("utf-8", "surrogateescape") == gbk
+    assert received["X-Utf8"].encode("utf-8", "surrogateescape") == b"\xe6\x8a\xa5"
 
 
 async def test_no_headers_are_invented_for_the_upstream(proxy, fake: FakeSobot):
@@ -108,7 +152,7 @@ async def test_no_headers_are_invented_for_the_upstream(proxy, fake: FakeSobot):
     )
     assert head.startswith(b"HTTP/1.1 200")
     names = {name.lower() for name in fake.received[-1].headers}
-    assert names == {"host", "token", "x-forwarded-for", "x-forwarded-proto", "x-request-id"}
+    assert names == {"host", "token", "x-request-id"}
 
 
 async def test_answer_status_headers_and_body_come_back_unchanged(proxy, fake: FakeSobot):

@@ -16,14 +16,40 @@ from proxy.protocol import make_sign
 from tests.processes import STACK_APP_KEY, STACK_APPID, Stack, http_get, stack
 
 URL_CHARS = string.ascii_letters + string.digits + "-._~!$&'()*+,;=:@/%\\"
-PIECES = ["..", ".", "%2e", "%2E", "%2f", "%2F", "%5c", "%00", "%25", "//", "api", "get_token", "/"]
+PIECES = [
+    "..",
+    ".",
+    "%2e",
+    "%2E",
+    "%2f",
+    "%2F",
+    "%5c",
+    "%00",
+    "%25",
+    "//",
+    "api",
+    "get_token",
+    "/",
+    # A Java servlet container drops `;parameters`, then resolves dot segments.
+    "..;",
+    "..;x=1",
+    ".;",
+    "%2e%2e;",
+    "%2E.;jsessionid=1",
+]
 HEADER_NAME = st.text(string.ascii_letters + string.digits + "-_", min_size=1, max_size=20)
-HEADER_VALUE = st.text(string.printable.strip("\r\n\x0b\x0c") + " ", max_size=60)
+# Printable ASCII, text beyond it (sent as UTF-8) and raw bytes that are not UTF-8 (written as
+# the surrogates that surrogateescape turns back into those bytes).
+HEADER_VALUE = st.text(
+    string.printable.strip("\r\n\x0b\x0c") + " " + "é中" + "\udcb1\udca8\udcff", max_size=60
+)
 
 
 @st.composite
 def targets(draw: st.DrawFn) -> str:
-    parts = draw(st.lists(st.one_of(st.sampled_from(PIECES), st.text(URL_CHARS, max_size=8))))
+    # Short paths: each refused segment hides the rest, so long ones test little more.
+    segment = st.one_of(st.sampled_from(PIECES), st.text(URL_CHARS, max_size=8))
+    parts = draw(st.lists(segment, max_size=5))
     prefix = draw(st.sampled_from(["/", "//", "/api/", "//api/", "/api", "/API/", ""]))
     path = prefix + "/".join(parts)
     query = draw(st.one_of(st.none(), st.text(URL_CHARS + "?=&", max_size=30)))
@@ -71,9 +97,62 @@ def test_no_input_gets_a_500_a_forward_outside_api_or_a_secret(
 ):
     lines = [f"{method} {target} HTTP/1.1", "Host: proxy", "Connection: close"]
     lines += [f"{name}: {value}" for name, value in headers if name.lower() != "content-length"]
-    answer = exchange(running.proxy_url, ("\r\n".join(lines) + "\r\n\r\n").encode())
+    head = ("\r\n".join(lines) + "\r\n\r\n").encode("utf-8", "surrogateescape")
+    outside_before = running.fake_stats()["outside_api_calls"]
+    answer = exchange(running.proxy_url, head)
     status = answer.split(b" ", 2)[1] if answer else b"(closed)"
     assert status != b"500", answer[:300]
     assert STACK_APP_KEY.encode() not in answer
     assert managed_token(running.proxy_url).encode() not in answer
-    assert running.fake_stats()["outside_api_calls"] == 0
+    # Outside /api/ as Sobot's servlet container would resolve the path (FakeSobot.servlet_path).
+    assert running.fake_stats()["outside_api_calls"] == outside_before
+
+
+# aiohttp's pure-Python parser (AIOHTTP_NO_EXTENSIONS=1) lets through bytes its C parser refuses.
+CLIENT_KEY = "hostile-client-key-0123456789"
+_KEY = f"Authorization: Bearer {CLIENT_KEY}\r\n".encode()
+_NOW = str(int(time.time())).encode()
+RAW_INPUTS = [
+    # (request head without its final CRLF, status, ret_code)
+    (b"GET /api/\xff HTTP/1.1\r\n" + _KEY, b"400", b"980400"),
+    (
+        b"GET /api/get_token?appid=\xff&create_time=" + _NOW + b"&sign=x HTTP/1.1\r\n" + _KEY,
+        b"400",
+        b"980400",
+    ),
+    (b"GET /\xff HTTP/1.1\r\n" + _KEY, b"400", b"980400"),
+    (b"GET /api/echo HTTP/1.1\r\nAuthorization: Bearer \xff\r\n", b"401", b"980401"),
+    (b"GET /metrics HTTP/1.1\r\nAuthorization: Bearer \xb1\xa8\r\n", b"401", b"980401"),
+    (
+        b"GET /api/echo HTTP/1.1\r\nX-Thing: \xb1\xa8\r\nX-Request-Id: \xff\r\n" + _KEY,
+        b"200",
+        b"000000",
+    ),
+    (
+        b"GET /api/get_token?appid="
+        + STACK_APPID.encode()
+        + b"&create_time=1"
+        + b"0" * 309
+        + b"&sign=x HTTP/1.1\r\n"
+        + _KEY,
+        b"200",
+        b"900003",
+    ),
+]
+
+
+@pytest.fixture(scope="module")
+def pure_python(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    directory = tmp_path_factory.mktemp("pure-python")
+    with stack(directory, AIOHTTP_NO_EXTENSIONS="1", SOBOT_PROXY_CLIENT_KEYS=CLIENT_KEY) as s:
+        yield s
+
+
+@pytest.mark.parametrize(("head", "status", "ret_code"), RAW_INPUTS, ids=range(len(RAW_INPUTS)))
+def test_raw_bytes_get_a_json_4xx_or_sobots_code_in_pure_python_mode(
+    pure_python: Stack, head: bytes, status: bytes, ret_code: bytes
+):
+    answer = exchange(pure_python.proxy_url, head + b"Host: p\r\nConnection: close\r\n\r\n")
+    # A crash anywhere (the log line included: it is written before the answer) is a 500.
+    assert answer.split(b" ", 2)[1] == status, answer[:300]
+    assert b'"ret_code":"' + ret_code + b'"' in answer
