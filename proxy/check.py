@@ -46,7 +46,14 @@ from proxy.errors import BadRequest, NotProxied, TokenUnavailable
 from proxy.logs import Secrets
 from proxy.paths import is_get_token, split_target
 from proxy.settings import MIB, OPTIONS, REGIONS, Origin, Provenance, Settings, is_loopback
-from proxy.store import StoredToken, StoreUnavailable, TokenStore, describe_store, make_store
+from proxy.store import (
+    RenewalBusy,
+    StoredToken,
+    StoreUnavailable,
+    TokenStore,
+    describe_store,
+    make_store,
+)
 from proxy.token_source import SobotTokenSource
 
 EXIT_OK: Final = 0
@@ -280,8 +287,8 @@ async def _prove(
                 f"the token store {describe_store(settings.token_store)} cannot be reached ({exc})"
             )
             return EXIT_REFUSED
-        except TokenUnavailable as exc:
-            report.line(exc.message)
+        except (TokenUnavailable, RenewalBusy) as exc:
+            report.line(str(exc))
             return EXIT_REFUSED
 
 

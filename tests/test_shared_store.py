@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
+from collections.abc import AsyncIterator
 
+import pytest
 import redis.asyncio as aioredis
 
 from proxy.fake_sobot import FakeSobot
@@ -167,3 +170,74 @@ async def test_an_early_renewal_waits_for_redis_while_the_token_is_still_good(
 
     await eventually(renewed_together)
     assert fake.stats.token_rejections == 0
+
+
+class LyingPeer:
+    """Something that is not Redis on the Redis port: it answers every line it receives with
+    the same bytes, and counts the connections made to it."""
+
+    def __init__(self, answer: bytes) -> None:
+        self.answer = answer
+        self.connections = 0
+        self.url = ""
+
+    async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        try:
+            while await reader.readline():
+                writer.write(self.answer)
+                await writer.drain()
+        except ConnectionError:
+            pass  # the client gave up on us: what it should do
+        finally:
+            writer.close()
+
+
+@contextlib.asynccontextmanager
+async def lying_peer(answer: bytes) -> AsyncIterator[LyingPeer]:
+    peer = LyingPeer(answer)
+    server = await asyncio.start_server(peer.serve, "127.0.0.1", 0)
+    peer.url = f"redis://127.0.0.1:{server.sockets[0].getsockname()[1]}/0"
+    try:
+        yield peer
+    finally:
+        server.close()
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        # redis-py's handshake then raises AttributeError, outside RedisError.
+        b"+OK\r\n",
+        # Not RESP at all: an HTTP server on the port.
+        b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n",
+    ],
+    ids=["ok-to-everything", "not-resp"],
+)
+async def test_a_store_that_answers_garbage_is_a_store_that_is_down(
+    make_proxy, fake: FakeSobot, logs: CapturedLogs, answer: bytes
+):
+    """Whatever the store raises, the proxy works alone, as with a Redis that is down: ready
+    with its own token, requests answered, the outage logged once, not at every retry."""
+    async with lying_peer(answer) as peer:
+        proxy = await make_proxy(token_store=peer.url)
+
+        async def ready() -> bool:
+            return (await proxy.get("/readyz")).status == 200
+
+        await eventually(ready)
+        assert fake.stats.get_token_calls == 1  # its own token
+        async with asyncio.timeout(10):
+            responses = await asyncio.gather(*(proxy.get("/api/echo") for _ in range(20)))
+            answers = [(r.status, (await r.json())["ret_code"]) for r in responses]
+        assert answers == [(200, "000000")] * 20
+
+        async def retried_a_few_times() -> bool:
+            return peer.connections >= 5  # the first look, the watcher, and its retries
+
+        await eventually(retried_a_few_times)
+    assert len(logs.events("token_store_unavailable")) == 1
+    assert len(logs.events("token_renewing_alone")) == 1
+    assert logs.events("token_store_available") == []
+    assert [e["event"] for e in logs.events() if e["level"] in ("error", "critical")] == []
+    assert [e["event"] for e in logs.events() if "exception" in e] == []
