@@ -40,7 +40,7 @@ from proxy import protocol
 from proxy.errors import TokenUnavailable
 from proxy.logs import Secrets
 from proxy.store import MemoryTokenStore, RenewalBusy, StoredToken, StoreUnavailable, TokenStore
-from proxy.token_source import TokenSource
+from proxy.token_source import GetTokenFailed, TokenSource
 
 # Renew at no earlier than this fraction of a token's life, whatever the margin.
 LATEST_RENEWAL_FRACTION: Final = 0.9
@@ -264,8 +264,8 @@ class TokenManager:
         issued_at = self._wall_clock()
         try:
             issued = await self._source.fetch()
-        except TokenUnavailable:
-            raise
+        except GetTokenFailed as exc:
+            raise TokenUnavailable(str(exc), ret_code=exc.ret_code) from None
         except Exception as exc:
             # A bug, not Sobot: log it; the backoff and the refresher carry on as for a failure.
             self._log.exception("get_token_internal_error")

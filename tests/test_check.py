@@ -4,18 +4,18 @@ from __future__ import annotations
 
 import asyncio
 import re
+import ssl
 import sys
 import time
 from dataclasses import dataclass
 
-import aiohttp
 import pytest
 
 from proxy.fake_sobot import FakeSobot
 from proxy.logs import Secrets, get_logger
-from proxy.settings import OPTIONS, SECRETS
+from proxy.settings import OPTIONS, SECRETS, Settings
 from proxy.store import RedisTokenStore, StoredToken
-from proxy.token_source import SobotTokenSource
+from proxy.token_source import token_client, token_source
 from tests.conftest import APP_KEY, APPID
 from tests.processes import EXIT_TIMEOUT, HEX32, command_env, run_command
 
@@ -357,7 +357,7 @@ async def test_online_with_an_unreachable_upstream_exits_1(tmp_path):
     result = await check_async(tmp_path, "--online", "--rotate-token", **env)
     assert result.status == 1, result.output
     assert online_lines(result) == [
-        "online: could not reach Sobot's get_token (ClientConnectorError)"
+        "online: could not reach Sobot's get_token (cannot connect to 127.0.0.1:9)"
     ]
     assert_no_secret(result)
 
@@ -365,17 +365,12 @@ async def test_online_with_an_unreachable_upstream_exits_1(tmp_path):
 async def store_a_token(fake: FakeSobot, redis_url: str) -> StoredToken:
     """What a running replica does: fetch a token from the fake and store it in Redis."""
     store = RedisTokenStore(redis_url, appid=APPID, password=None, lease=5, log=get_logger())
-    async with aiohttp.ClientSession() as session:
-        source = SobotTokenSource(
-            session,
-            base_url=fake.url,
-            appid=APPID,
-            app_key=APP_KEY,
-            timeout=5,
-            log=get_logger(),
-            secrets=Secrets(),
-        )
-        issued = await source.fetch()
+    settings = Settings(appid=APPID, app_key=APP_KEY, base_url=fake.url)
+    client = token_client(settings, ssl.create_default_context())
+    try:
+        issued = await token_source(settings, client, log=get_logger(), secrets=Secrets()).fetch()
+    finally:
+        await client.close()
     token = StoredToken(issued.value, time.time(), issued.lifetime)
     try:
         await store.save(token)
