@@ -16,7 +16,7 @@ from proxy.logs import Secrets, get_logger
 from proxy.settings import OPTIONS, SECRETS, Settings
 from proxy.store import RedisTokenStore, StoredToken
 from proxy.token_source import token_client, token_source
-from tests.conftest import APP_KEY, APPID
+from tests.conftest import APP_KEY, APPID, lying_peer
 from tests.processes import EXIT_TIMEOUT, HEX32, command_env, run_command
 
 PREFIX = "sobot-proxy: configuration error: "
@@ -461,6 +461,19 @@ async def test_online_with_an_unreachable_store_exits_1(tmp_path, fake):
     assert online_lines(result)[0].startswith(
         "online: the token store redis://127.0.0.1:9/0 cannot be reached ("
     )
+    assert fake.stats.get_token_calls == 0
+
+
+async def test_online_with_something_else_on_the_store_port_exits_1(tmp_path, fake):
+    """Not Redis (a peer that answers +OK to everything): as unreachable, not a traceback."""
+    async with lying_peer(b"+OK\r\n") as peer:
+        env = online_env(fake, SOBOT_TOKEN_STORE=peer.url)
+        result = await check_async(tmp_path, "--online", "--rotate-token", **env)
+    assert result.status == 1, result.output
+    assert online_lines(result) == [
+        f"online: the token store {peer.url} cannot be reached (AttributeError)"
+    ]
+    assert "Traceback" not in result.output
     assert fake.stats.get_token_calls == 0
 
 

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
-from collections.abc import AsyncIterator
 
 import pytest
 import redis.asyncio as aioredis
@@ -13,7 +11,14 @@ import redis.asyncio as aioredis
 from proxy.fake_sobot import FakeSobot
 from proxy.logs import get_logger
 from proxy.store import RedisTokenStore, StoredToken
-from tests.conftest import APPID, CapturedLogs, RedisServer, eventually, tokens_of
+from tests.conftest import (
+    APPID,
+    CapturedLogs,
+    RedisServer,
+    eventually,
+    lying_peer,
+    tokens_of,
+)
 
 
 async def same_token(*proxies) -> bool:
@@ -170,38 +175,6 @@ async def test_an_early_renewal_waits_for_redis_while_the_token_is_still_good(
 
     await eventually(renewed_together)
     assert fake.stats.token_rejections == 0
-
-
-class LyingPeer:
-    """Something that is not Redis on the Redis port: it answers every line it receives with
-    the same bytes, and counts the connections made to it."""
-
-    def __init__(self, answer: bytes) -> None:
-        self.answer = answer
-        self.connections = 0
-        self.url = ""
-
-    async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.connections += 1
-        try:
-            while await reader.readline():
-                writer.write(self.answer)
-                await writer.drain()
-        except ConnectionError:
-            pass  # the client gave up on us: what it should do
-        finally:
-            writer.close()
-
-
-@contextlib.asynccontextmanager
-async def lying_peer(answer: bytes) -> AsyncIterator[LyingPeer]:
-    peer = LyingPeer(answer)
-    server = await asyncio.start_server(peer.serve, "127.0.0.1", 0)
-    peer.url = f"redis://127.0.0.1:{server.sockets[0].getsockname()[1]}/0"
-    try:
-        yield peer
-    finally:
-        server.close()
 
 
 @pytest.mark.parametrize(

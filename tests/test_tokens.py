@@ -14,7 +14,7 @@ from proxy.logs import get_logger
 from proxy.protocol import IssuedToken
 from proxy.token_source import GetTokenFailed
 from proxy.tokens import Backoff, TokenManager
-from tests.conftest import CapturedLogs, eventually
+from tests.conftest import CapturedLogs, blackhole, eventually
 
 
 class Clock:
@@ -308,6 +308,28 @@ async def test_a_get_token_that_stalls_fails_within_the_read_timeout(make_proxy,
         "ret_msg": "could not reach Sobot's get_token (no answer within 1.0 s)",
     }
     assert 1.0 <= elapsed < 2.5  # the read timeout, and not the 6 s of connect + read
+
+
+async def test_a_get_token_that_cannot_connect_fails_after_the_connect_timeout(make_proxy):
+    loop = asyncio.get_running_loop()
+    with blackhole() as port:
+        started = loop.time()
+        proxy = await make_proxy(
+            base_url=f"http://127.0.0.1:{port}",
+            connect_timeout=0.5,
+            upstream_timeout=5.0,
+            backoff=Backoff(first=60, cap=60),
+        )
+        async with asyncio.timeout(10):
+            response = await proxy.get("/api/echo")
+            answer = await response.json()
+        elapsed = loop.time() - started
+    assert response.status == 502
+    assert answer == {
+        "ret_code": "980502",
+        "ret_msg": f"could not reach Sobot's get_token (no connection to 127.0.0.1:{port} in time)",
+    }
+    assert 0.5 <= elapsed < 2.5  # the connect timeout, and not the 5.5 s of connect + read
 
 
 async def test_get_token_is_never_resent_on_a_kept_alive_connection_that_drops(
