@@ -7,9 +7,9 @@
         /api/...                   forwarded with the managed token (forward.py)
         anything else              404, never forwarded
 
-The upstream client (forwarding), the get_token ClientSession, the token manager and its
-background refresher are opened at start-up and closed at shutdown through cleanup_ctx; request
-handlers reach them through typed AppKeys.
+The upstream clients (one for forwarding, a small one of get_token's own), the token store, the
+token manager and its background refresher are opened at start-up and closed at shutdown through
+cleanup_ctx; request handlers reach them through typed AppKeys.
 """
 
 from __future__ import annotations
@@ -19,7 +19,6 @@ from collections.abc import AsyncIterator
 from typing import Final
 from urllib.parse import urlsplit
 
-import aiohttp
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
@@ -33,7 +32,7 @@ from proxy.logs import Secrets, get_logger
 from proxy.metrics import CONTENT_TYPE, Metrics
 from proxy.settings import Settings
 from proxy.store import make_store
-from proxy.token_source import SobotTokenSource
+from proxy.token_source import token_client, token_source
 from proxy.tokens import Backoff, TokenManager
 from proxy.upstream import Client
 
@@ -73,24 +72,6 @@ def upstream_client(settings: Settings, tls: ssl.SSLContext) -> Client:
     )
 
 
-def upstream_session(tls: ssl.SSLContext, *, connections: int) -> aiohttp.ClientSession:
-    """A client session to Sobot, as a proxy needs it (get_token, and `check --online`)."""
-    session = aiohttp.ClientSession(
-        # TLS is always verified: against the configured CA bundle, or the system's CAs.
-        connector=aiohttp.TCPConnector(limit=connections, ttl_dns_cache=300, ssl=tls),
-        # Bodies pass through as the upstream encoded them, Content-Encoding and all.
-        auto_decompress=False,
-        # A proxy for many clients must not keep one client's cookies for the next.
-        cookie_jar=aiohttp.DummyCookieJar(),
-        trust_env=False,
-    )
-    # aiohttp resends an idempotent request once when a kept-alive connection fails, but the
-    # request may already have reached Sobot: only the 900002 replay may send it twice. There
-    # is no public switch for this (aiohttp 3.10-3.14), hence the private attribute.
-    session._retry_connection = False
-    return session
-
-
 def make_app(
     settings: Settings,
     *,
@@ -116,13 +97,10 @@ def make_app(
         client = upstream_client(settings, tls)
         # get_token has connections of its own: a pool full of slow requests must never keep
         # the token from being renewed.
-        token_session = upstream_session(tls, connections=2)
-        source = SobotTokenSource(
-            token_session,
-            base_url=settings.base_url,
-            appid=settings.appid,
-            app_key=settings.app_key,
-            timeout=settings.connect_timeout + settings.upstream_timeout,
+        get_token_client = token_client(settings, tls)
+        source = token_source(
+            settings,
+            get_token_client,
             log=log,
             secrets=secrets,
             on_result=lambda result: metrics.get_token.labels(result).inc(),
@@ -163,7 +141,7 @@ def make_app(
                     await store.close()
                 finally:
                     await client.close()
-                    await token_session.close()
+                    await get_token_client.close()
 
     app.cleanup_ctx.append(lifetime)
     app.router.add_get("/healthz", healthz)

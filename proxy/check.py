@@ -36,18 +36,25 @@ from dataclasses import dataclass
 from typing import Final, TextIO
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
-import aiohttp
 import orjson
 import structlog
+from multidict import CIMultiDict
+from yarl import URL
 
-from proxy import protocol
-from proxy.app import upstream_session
-from proxy.errors import BadRequest, NotProxied, TokenUnavailable
+from proxy import protocol, upstream
+from proxy.errors import BadRequest, NotProxied
 from proxy.logs import Secrets
 from proxy.paths import is_get_token, split_target
 from proxy.settings import MIB, OPTIONS, REGIONS, Origin, Provenance, Settings, is_loopback
-from proxy.store import StoredToken, StoreUnavailable, TokenStore, describe_store, make_store
-from proxy.token_source import SobotTokenSource
+from proxy.store import (
+    RenewalBusy,
+    StoredToken,
+    StoreUnavailable,
+    TokenStore,
+    describe_store,
+    make_store,
+)
+from proxy.token_source import GetTokenFailed, token_client, token_source
 
 EXIT_OK: Final = 0
 EXIT_REFUSED: Final = 1
@@ -250,13 +257,13 @@ async def _prove(
     )
     tls = ssl.create_default_context(cafile=settings.ca_bundle)
     async with contextlib.AsyncExitStack() as resources:
-        session = upstream_session(tls, connections=2)
-        resources.push_async_callback(session.close)
+        client = token_client(settings, tls)
+        resources.push_async_callback(client.close)
         store: TokenStore | None = None
         if settings.token_store != "memory":
             store = make_store(settings, log=log)
             resources.push_async_callback(store.close)
-        prover = _Prover(settings, session, store, log, report, probe)
+        prover = _Prover(settings, client, store, log, report, probe)
         try:
             if store is not None:
                 found = await prover.shared_token()
@@ -280,8 +287,8 @@ async def _prove(
                 f"the token store {describe_store(settings.token_store)} cannot be reached ({exc})"
             )
             return EXIT_REFUSED
-        except TokenUnavailable as exc:
-            report.line(exc.message)
+        except (GetTokenFailed, RenewalBusy) as exc:
+            report.line(str(exc))
             return EXIT_REFUSED
 
 
@@ -304,14 +311,14 @@ class _Prover:
     def __init__(
         self,
         settings: Settings,
-        session: aiohttp.ClientSession,
+        client: upstream.Client,
         store: TokenStore | None,
         log: structlog.typing.FilteringBoundLogger,
         report: _Report,
         probe: str | None,
     ) -> None:
         self._settings = settings
-        self._session = session
+        self._client = client
         self._store = store
         self._log = log
         self._report = report
@@ -357,17 +364,9 @@ class _Prover:
 
     async def _fetch(self) -> StoredToken:
         settings = self._settings
-        source = SobotTokenSource(
-            self._session,
-            base_url=settings.base_url,
-            appid=settings.appid,
-            app_key=settings.app_key,
-            timeout=settings.connect_timeout + settings.upstream_timeout,
-            log=self._log,
-            secrets=Secrets(),
-        )
+        source = token_source(settings, self._client, log=self._log, secrets=Secrets())
         issued_at = time.time()
-        token = await source.fetch()  # TokenUnavailable says what Sobot answered, if it did
+        token = await source.fetch()  # GetTokenFailed says what Sobot answered, if it did
         self._report.line(
             f"get_token succeeded at {settings.base_url} for appid {settings.appid}: a token "
             f"valid for {token.lifetime:g} s was issued (not shown)"
@@ -385,20 +384,11 @@ class _Prover:
             )
             return EXIT_OK
         settings = self._settings
-        timeout = aiohttp.ClientTimeout(
-            total=settings.connect_timeout + settings.upstream_timeout,
-            sock_connect=settings.connect_timeout,
-        )
         try:
-            async with self._session.get(
-                settings.base_url + self._probe,
-                headers={protocol.TOKEN_HEADER: token.value},
-                timeout=timeout,
-                allow_redirects=False,
-            ) as response:
-                status = response.status
-                body = await response.content.read(PROBE_READ_LIMIT)
-        except (TimeoutError, aiohttp.ClientError) as exc:
+            # As get_token: the client's timeouts bound each wait, and this the whole call.
+            async with asyncio.timeout(settings.connect_timeout + settings.upstream_timeout):
+                status, body = await self._probe_exchange(token)
+        except (TimeoutError, upstream.ClientError) as exc:
             reason = "timed out" if isinstance(exc, TimeoutError) else type(exc).__name__
             self._report.line(f"GET {self._probe} could not reach Sobot ({reason})")
             return EXIT_REFUSED
@@ -419,3 +409,25 @@ class _Prover:
             return EXIT_REFUSED
         self._report.line(f"Sobot accepted {what}: GET {self._probe} answered {said}")
         return EXIT_OK
+
+    async def _probe_exchange(self, token: StoredToken) -> tuple[int, bytes]:
+        """GET the probe path with `token`: the status, and up to PROBE_READ_LIMIT bytes."""
+        assert self._probe is not None
+        base_url = self._settings.base_url
+        response = await self._client.request(
+            "GET",
+            upstream.Origin.of(base_url),
+            # Encoded as a URL, as aiohttp would: the flag may be typed with raw characters.
+            urlsplit(base_url).path + URL(self._probe).raw_path_qs,
+            CIMultiDict({protocol.TOKEN_HEADER: token.value}),
+        )
+        try:
+            body = bytearray()
+            while len(body) < PROBE_READ_LIMIT:
+                chunk = await response.read(PROBE_READ_LIMIT - len(body))
+                if not chunk:
+                    break
+                body += chunk
+            return response.status, bytes(body)
+        finally:
+            response.release()

@@ -14,6 +14,12 @@ their own would knock each other over. With a shared store they renew it togethe
 
 The token is stored in clear: protect Redis as you protect the app_key (a password, TLS with
 rediss://, a private network).
+
+Errors: whatever goes wrong in using a shared store, a Redis that is down or one that answers
+garbage (redis-py raises more than RedisError for that, e.g. AttributeError in its handshake), is
+StoreUnavailable, and the caller carries on alone. A renewal lock held by another replica for
+longer than its lease is RenewalBusy. An outage is logged once when it begins
+(`token_store_unavailable`) and once when the store works again (`token_store_available`).
 """
 
 from __future__ import annotations
@@ -30,10 +36,8 @@ from urllib.parse import urlsplit, urlunsplit
 
 import orjson
 import redis.asyncio as aioredis
-import redis.exceptions
 import structlog
 
-from proxy.errors import TokenUnavailable
 from proxy.settings import Settings
 
 POLL_INTERVAL: Final = 2.0
@@ -68,6 +72,22 @@ class StoredToken:
     def __repr__(self) -> str:  # the value is a credential
         return f"StoredToken(issued_at={self.issued_at}, lifetime={self.lifetime})"
 
+    def encode(self) -> bytes:
+        """The record both shared stores keep (and _SAVE_IF_NEWER reads `issued_at` from)."""
+        return orjson.dumps(
+            {"value": self.value, "issued_at": self.issued_at, "lifetime": self.lifetime}
+        )
+
+    @classmethod
+    def decode(cls, raw: bytes) -> StoredToken | None:
+        """The token `raw` records; None if it is not a record of ours (or of an incompatible
+        version): as if none were stored."""
+        try:
+            fields = orjson.loads(raw)
+            return cls(str(fields["value"]), float(fields["issued_at"]), float(fields["lifetime"]))
+        except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
+            return None
+
 
 SHARED_FILE: Final = "a file shared by the workers (no SOBOT_TOKEN_STORE)"
 
@@ -97,7 +117,7 @@ def make_store(
     if settings.token_store == "memory":
         if workers_directory is not None:
             return FileTokenStore(
-                workers_directory, lease=settings.renewal_lease, on_error=on_error
+                workers_directory, lease=settings.renewal_lease, log=log, on_error=on_error
             )
         return MemoryTokenStore()
     return RedisTokenStore(
@@ -111,18 +131,36 @@ def make_store(
 
 
 class StoreUnavailable(Exception):
-    """The shared store cannot be reached; the caller falls back to working alone."""
+    """The shared store cannot be used; the caller falls back to working alone."""
 
 
-class _Failures:
-    """A shared store's failures: counted, and turned into StoreUnavailable."""
+class RenewalBusy(Exception):
+    """Another holder of the renewal lock has not finished within the lock's lease."""
 
-    def __init__(self, on_error: Callable[[], None]) -> None:
+
+class _Availability:
+    """A shared store's failures: counted, turned into StoreUnavailable, and logged once per
+    outage, when it begins; the first success after it is logged too."""
+
+    def __init__(
+        self, log: structlog.typing.FilteringBoundLogger, on_error: Callable[[], None]
+    ) -> None:
+        self._log = log
         self._on_error = on_error
+        self._down = False
 
     def _unavailable(self, exc: Exception) -> StoreUnavailable:
         self._on_error()
-        return StoreUnavailable(type(exc).__name__)
+        reason = type(exc).__name__
+        if not self._down:
+            self._down = True
+            self._log.warning("token_store_unavailable", reason=reason)
+        return StoreUnavailable(reason)
+
+    def _available(self) -> None:
+        if self._down:
+            self._down = False
+            self._log.info("token_store_available")
 
 
 class TokenStore(Protocol):
@@ -135,7 +173,8 @@ class TokenStore(Protocol):
     def renewal_lock(self) -> contextlib.AbstractAsyncContextManager[None]: ...
 
     def changes(self) -> AsyncIterator[None]:
-        """Yields whenever the stored token may have changed (and now and then regardless)."""
+        """Yields whenever the stored token may have changed (and now and then regardless).
+        Never raises: a store that fails is retried until it works again."""
         ...
 
     async def close(self) -> None: ...
@@ -167,7 +206,7 @@ class MemoryTokenStore:
         pass
 
 
-class RedisTokenStore(_Failures):
+class RedisTokenStore(_Availability):
     shared = True
 
     def __init__(
@@ -180,7 +219,7 @@ class RedisTokenStore(_Failures):
         log: structlog.typing.FilteringBoundLogger,
         on_error: Callable[[], None] = lambda: None,
     ) -> None:
-        super().__init__(on_error)
+        super().__init__(log, on_error)
         # Short socket timeouts: the store is on the renewal path, never on a request's.
         self._redis = aioredis.Redis.from_url(
             url, password=password, socket_timeout=2.0, socket_connect_timeout=2.0
@@ -190,23 +229,17 @@ class RedisTokenStore(_Failures):
         self._lock_key = prefix + "renewal-lock"
         self._channel = prefix + "new-token"
         self._lease = lease
-        self._log = log
         self._save_if_newer = self._redis.register_script(_SAVE_IF_NEWER)
 
     async def load(self) -> StoredToken | None:
         try:
             raw = await self._redis.get(self._token_key)
-        except redis.exceptions.RedisError as exc:
+        except Exception as exc:  # not only RedisError: see the module docstring
             raise self._unavailable(exc) from exc
-        if raw is None:
+        self._available()
+        if not isinstance(raw, bytes):  # None; or anything else from a peer that is not Redis
             return None
-        try:
-            fields = orjson.loads(raw)
-            return StoredToken(
-                str(fields["value"]), float(fields["issued_at"]), float(fields["lifetime"])
-            )
-        except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
-            return None  # not ours, or from an incompatible version: as if there were none
+        return StoredToken.decode(raw)
 
     async def save(self, token: StoredToken) -> None:
         """Store `token` unless a newer one is stored already, and tell the others.
@@ -215,7 +248,6 @@ class RedisTokenStore(_Failures):
         over the one its successor stored. One script, so the check, the write and the message
         are a single step.
         """
-        record = {"value": token.value, "issued_at": token.issued_at, "lifetime": token.lifetime}
         # With what is left of its life, so Redis never hands out a dead token.
         left_ms = int((token.expires_at - time.time()) * 1000)
         if left_ms <= 0:
@@ -223,10 +255,11 @@ class RedisTokenStore(_Failures):
         try:
             await self._save_if_newer(
                 keys=[self._token_key, self._channel],
-                args=[orjson.dumps(record), repr(token.issued_at), left_ms],
+                args=[token.encode(), repr(token.issued_at), left_ms],
             )
-        except redis.exceptions.RedisError as exc:
+        except Exception as exc:
             raise self._unavailable(exc) from exc
+        self._available()
 
     @contextlib.asynccontextmanager
     async def renewal_lock(self) -> AsyncIterator[None]:
@@ -238,27 +271,27 @@ class RedisTokenStore(_Failures):
         )
         try:
             acquired = await lock.acquire()
-        except redis.exceptions.RedisError as exc:
+        except Exception as exc:
             raise self._unavailable(exc) from exc
+        self._available()
         if not acquired:
-            raise TokenUnavailable("another replica is renewing the token and has not finished")
+            raise RenewalBusy("another replica is renewing the token and has not finished")
         try:
             yield
         finally:
-            # Not ours any more if the lease ran out meanwhile: nothing to release then.
-            with contextlib.suppress(redis.exceptions.RedisError):
+            # Not ours any more if the lease ran out meanwhile (nothing to release then), or
+            # the store failed meanwhile: the lease ends the lock either way.
+            with contextlib.suppress(Exception):
                 await lock.release()
 
     async def changes(self) -> AsyncIterator[None]:
-        down = False
         delay = RECONNECT_DELAY
         while True:
             try:
                 async with self._redis.pubsub() as pubsub:
                     await pubsub.subscribe(self._channel)
-                    if down:
-                        self._log.info("token_store_available")
-                    down, delay = False, RECONNECT_DELAY
+                    # Subscribed; whether the store works is for the look that follows to say.
+                    delay = RECONNECT_DELAY
                     yield  # (re)connected: look now
                     while True:
                         # Bounded on our side too: a reconnect inside redis-py must not keep
@@ -269,11 +302,8 @@ class RedisTokenStore(_Failures):
                                     ignore_subscribe_messages=True, timeout=POLL_INTERVAL
                                 )
                         yield  # a message, or a poll's worth of time
-            except redis.exceptions.RedisError as exc:
-                self._on_error()
-                if not down:  # once when it goes, once when it is back: not every retry
-                    self._log.warning("token_store_unavailable", reason=type(exc).__name__)
-                down = True
+            except Exception as exc:  # not only RedisError: see the module docstring
+                self._unavailable(exc)  # logged once an outage, not at every retry
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, MAX_RECONNECT_DELAY)
 
@@ -281,7 +311,7 @@ class RedisTokenStore(_Failures):
         await self._redis.aclose()
 
 
-class FileTokenStore(_Failures):
+class FileTokenStore(_Availability):
     """Worker processes of one proxy on one host: a file for the token, an flock for renewal.
 
     The lock needs no lease: the kernel releases an flock when its holder dies. Changes are
@@ -292,9 +322,14 @@ class FileTokenStore(_Failures):
     WATCH_INTERVAL: Final = 0.25
 
     def __init__(
-        self, directory: str, *, lease: float, on_error: Callable[[], None] = lambda: None
+        self,
+        directory: str,
+        *,
+        lease: float,
+        log: structlog.typing.FilteringBoundLogger,
+        on_error: Callable[[], None] = lambda: None,
     ) -> None:
-        super().__init__(on_error)
+        super().__init__(log, on_error)
         self._token_path = os.path.join(directory, "token.json")
         self._lock_path = os.path.join(directory, "renewal.lock")
         self._lease = lease
@@ -303,28 +338,26 @@ class FileTokenStore(_Failures):
         try:
             # A few dozen bytes from a local file, on the renewal path only: not worth a thread.
             with open(self._token_path, "rb") as file:  # noqa: ASYNC230
-                fields = orjson.loads(file.read())
-            return StoredToken(
-                str(fields["value"]), float(fields["issued_at"]), float(fields["lifetime"])
-            )
+                raw = file.read()
         except FileNotFoundError:
+            self._available()
             return None
         except OSError as exc:
             raise self._unavailable(exc) from exc
-        except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
-            return None
+        self._available()
+        return StoredToken.decode(raw)
 
     async def save(self, token: StoredToken) -> None:
-        record = {"value": token.value, "issued_at": token.issued_at, "lifetime": token.lifetime}
         partial = f"{self._token_path}.{os.getpid()}"
         try:
             # Written whole, then renamed into place: a reader sees the old token or the new.
             descriptor = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
             with os.fdopen(descriptor, "wb") as file:
-                file.write(orjson.dumps(record))
+                file.write(token.encode())
             os.replace(partial, self._token_path)
         except OSError as exc:
             raise self._unavailable(exc) from exc
+        self._available()
 
     @contextlib.asynccontextmanager
     async def renewal_lock(self) -> AsyncIterator[None]:
@@ -340,7 +373,7 @@ class FileTokenStore(_Failures):
                     break
                 except BlockingIOError:
                     if asyncio.get_running_loop().time() > deadline:
-                        raise TokenUnavailable(
+                        raise RenewalBusy(
                             "another worker is renewing the token and has not finished"
                         ) from None
                     await asyncio.sleep(0.02)
@@ -355,6 +388,9 @@ class FileTokenStore(_Failures):
             try:
                 stamp: int | None = os.stat(self._token_path).st_mtime_ns
             except FileNotFoundError:
+                stamp = None
+            except OSError as exc:
+                self._unavailable(exc)
                 stamp = None
             if stamp != seen or quiet >= POLL_INTERVAL:
                 seen, quiet = stamp, 0.0

@@ -39,8 +39,8 @@ import structlog
 from proxy import protocol
 from proxy.errors import TokenUnavailable
 from proxy.logs import Secrets
-from proxy.store import MemoryTokenStore, StoredToken, StoreUnavailable, TokenStore
-from proxy.token_source import TokenSource
+from proxy.store import MemoryTokenStore, RenewalBusy, StoredToken, StoreUnavailable, TokenStore
+from proxy.token_source import GetTokenFailed, TokenSource
 
 # Renew at no earlier than this fraction of a token's life, whatever the margin.
 LATEST_RENEWAL_FRACTION: Final = 0.9
@@ -226,6 +226,8 @@ class TokenManager:
                 except StoreUnavailable as exc:
                     self._renewing_alone(exc)
                 return fresh
+        except RenewalBusy as exc:
+            raise TokenUnavailable(str(exc)) from None
         except StoreUnavailable as exc:
             current = self._cache.get(_KEY)
             held = self._held
@@ -247,7 +249,7 @@ class TokenManager:
     def _renewing_alone(self, exc: StoreUnavailable) -> None:
         self._unsaved = True
         self._log.warning(
-            "token_store_unavailable",
+            "token_renewing_alone",
             reason=str(exc),
             detail="renewing the token alone; the replicas agree on one again when it is back",
         )
@@ -262,8 +264,8 @@ class TokenManager:
         issued_at = self._wall_clock()
         try:
             issued = await self._source.fetch()
-        except TokenUnavailable:
-            raise
+        except GetTokenFailed as exc:
+            raise TokenUnavailable(str(exc), ret_code=exc.ret_code) from None
         except Exception as exc:
             # A bug, not Sobot: log it; the backoff and the refresher carry on as for a failure.
             self._log.exception("get_token_internal_error")
@@ -303,7 +305,7 @@ class TokenManager:
                     # The store came back empty (a restart without persistence): put the token
                     # everyone holds back, so the next replica to start adopts it.
                     await self._store.save(self._held)
-            except (StoreUnavailable, TokenUnavailable):
+            except (StoreUnavailable, RenewalBusy):
                 continue  # the store is down, or busy: the next change or poll tries again
             except Exception:
                 self._log.exception("token_watcher_error")  # a bug: keep watching regardless

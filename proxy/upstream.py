@@ -12,8 +12,8 @@ httptools) over the event loop's own transports.
     response.release()            # back to the pool if read whole and kept alive, else closed
 
 - A request is never sent twice: a kept-alive connection that turns out dead fails the request
-  (ServerDisconnected), as aiohttp does with `_retry_connection = False`. Only the forwarder's
-  900002 replay may send a request again.
+  (ServerDisconnected), where aiohttp's client would resend an idempotent one. Only the
+  forwarder's 900002 replay may send a request again (get_token is never resent).
 - Idle connections are reused last-in first-out, and closed after KEEPALIVE seconds idle (aiohttp's
   default): a connection the server is about to time out is the likeliest to die under a request.
 - The read timeout bounds every wait for bytes once the request is sent, as aiohttp's sock_read

@@ -198,3 +198,35 @@ def blackhole(port: int = 0) -> Iterator[int]:
                 with contextlib.suppress(BlockingIOError):
                     filler.connect(("127.0.0.1", port))
             yield port
+
+
+class LyingPeer:
+    """Something that is not Redis on the Redis port: it answers every line it receives with
+    the same bytes, and counts the connections made to it."""
+
+    def __init__(self, answer: bytes) -> None:
+        self.answer = answer
+        self.connections = 0
+        self.url = ""
+
+    async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        try:
+            while await reader.readline():
+                writer.write(self.answer)
+                await writer.drain()
+        except ConnectionError:
+            pass  # the client gave up on us: what it should do
+        finally:
+            writer.close()
+
+
+@contextlib.asynccontextmanager
+async def lying_peer(answer: bytes) -> AsyncIterator[LyingPeer]:
+    peer = LyingPeer(answer)
+    server = await asyncio.start_server(peer.serve, "127.0.0.1", 0)
+    peer.url = f"redis://127.0.0.1:{server.sockets[0].getsockname()[1]}/0"
+    try:
+        yield peer
+    finally:
+        server.close()

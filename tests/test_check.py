@@ -4,19 +4,19 @@ from __future__ import annotations
 
 import asyncio
 import re
+import ssl
 import sys
 import time
 from dataclasses import dataclass
 
-import aiohttp
 import pytest
 
 from proxy.fake_sobot import FakeSobot
 from proxy.logs import Secrets, get_logger
-from proxy.settings import OPTIONS, SECRETS
+from proxy.settings import OPTIONS, SECRETS, Settings
 from proxy.store import RedisTokenStore, StoredToken
-from proxy.token_source import SobotTokenSource
-from tests.conftest import APP_KEY, APPID
+from proxy.token_source import token_client, token_source
+from tests.conftest import APP_KEY, APPID, lying_peer
 from tests.processes import EXIT_TIMEOUT, HEX32, command_env, run_command
 
 PREFIX = "sobot-proxy: configuration error: "
@@ -357,7 +357,7 @@ async def test_online_with_an_unreachable_upstream_exits_1(tmp_path):
     result = await check_async(tmp_path, "--online", "--rotate-token", **env)
     assert result.status == 1, result.output
     assert online_lines(result) == [
-        "online: could not reach Sobot's get_token (ClientConnectorError)"
+        "online: could not reach Sobot's get_token (cannot connect to 127.0.0.1:9)"
     ]
     assert_no_secret(result)
 
@@ -365,17 +365,12 @@ async def test_online_with_an_unreachable_upstream_exits_1(tmp_path):
 async def store_a_token(fake: FakeSobot, redis_url: str) -> StoredToken:
     """What a running replica does: fetch a token from the fake and store it in Redis."""
     store = RedisTokenStore(redis_url, appid=APPID, password=None, lease=5, log=get_logger())
-    async with aiohttp.ClientSession() as session:
-        source = SobotTokenSource(
-            session,
-            base_url=fake.url,
-            appid=APPID,
-            app_key=APP_KEY,
-            timeout=5,
-            log=get_logger(),
-            secrets=Secrets(),
-        )
-        issued = await source.fetch()
+    settings = Settings(appid=APPID, app_key=APP_KEY, base_url=fake.url)
+    client = token_client(settings, ssl.create_default_context())
+    try:
+        issued = await token_source(settings, client, log=get_logger(), secrets=Secrets()).fetch()
+    finally:
+        await client.close()
     token = StoredToken(issued.value, time.time(), issued.lifetime)
     try:
         await store.save(token)
@@ -466,6 +461,19 @@ async def test_online_with_an_unreachable_store_exits_1(tmp_path, fake):
     assert online_lines(result)[0].startswith(
         "online: the token store redis://127.0.0.1:9/0 cannot be reached ("
     )
+    assert fake.stats.get_token_calls == 0
+
+
+async def test_online_with_something_else_on_the_store_port_exits_1(tmp_path, fake):
+    """Not Redis (a peer that answers +OK to everything): as unreachable, not a traceback."""
+    async with lying_peer(b"+OK\r\n") as peer:
+        env = online_env(fake, SOBOT_TOKEN_STORE=peer.url)
+        result = await check_async(tmp_path, "--online", "--rotate-token", **env)
+    assert result.status == 1, result.output
+    assert online_lines(result) == [
+        f"online: the token store {peer.url} cannot be reached (AttributeError)"
+    ]
+    assert "Traceback" not in result.output
     assert fake.stats.get_token_calls == 0
 
 

@@ -5,12 +5,20 @@ from __future__ import annotations
 import asyncio
 import time
 
+import pytest
 import redis.asyncio as aioredis
 
 from proxy.fake_sobot import FakeSobot
 from proxy.logs import get_logger
 from proxy.store import RedisTokenStore, StoredToken
-from tests.conftest import APPID, CapturedLogs, RedisServer, eventually, tokens_of
+from tests.conftest import (
+    APPID,
+    CapturedLogs,
+    RedisServer,
+    eventually,
+    lying_peer,
+    tokens_of,
+)
 
 
 async def same_token(*proxies) -> bool:
@@ -167,3 +175,42 @@ async def test_an_early_renewal_waits_for_redis_while_the_token_is_still_good(
 
     await eventually(renewed_together)
     assert fake.stats.token_rejections == 0
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        # redis-py's handshake then raises AttributeError, outside RedisError.
+        b"+OK\r\n",
+        # Not RESP at all: an HTTP server on the port.
+        b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n",
+    ],
+    ids=["ok-to-everything", "not-resp"],
+)
+async def test_a_store_that_answers_garbage_is_a_store_that_is_down(
+    make_proxy, fake: FakeSobot, logs: CapturedLogs, answer: bytes
+):
+    """Whatever the store raises, the proxy works alone, as with a Redis that is down: ready
+    with its own token, requests answered, the outage logged once, not at every retry."""
+    async with lying_peer(answer) as peer:
+        proxy = await make_proxy(token_store=peer.url)
+
+        async def ready() -> bool:
+            return (await proxy.get("/readyz")).status == 200
+
+        await eventually(ready)
+        assert fake.stats.get_token_calls == 1  # its own token
+        async with asyncio.timeout(10):
+            responses = await asyncio.gather(*(proxy.get("/api/echo") for _ in range(20)))
+            answers = [(r.status, (await r.json())["ret_code"]) for r in responses]
+        assert answers == [(200, "000000")] * 20
+
+        async def retried_a_few_times() -> bool:
+            return peer.connections >= 5  # the first look, the watcher, and its retries
+
+        await eventually(retried_a_few_times)
+    assert len(logs.events("token_store_unavailable")) == 1
+    assert len(logs.events("token_renewing_alone")) == 1
+    assert logs.events("token_store_available") == []
+    assert [e["event"] for e in logs.events() if e["level"] in ("error", "critical")] == []
+    assert [e["event"] for e in logs.events() if "exception" in e] == []

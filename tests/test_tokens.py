@@ -6,13 +6,15 @@ import asyncio
 import socket
 
 import pytest
+from aiohttp import web
 
 from proxy.errors import TokenUnavailable
 from proxy.fake_sobot import FakeSobot
 from proxy.logs import get_logger
 from proxy.protocol import IssuedToken
+from proxy.token_source import GetTokenFailed
 from proxy.tokens import Backoff, TokenManager
-from tests.conftest import CapturedLogs, eventually
+from tests.conftest import CapturedLogs, blackhole, eventually
 
 
 class Clock:
@@ -31,7 +33,7 @@ class GatedSource:
         self.calls = 0
         self.gate = asyncio.Event()
         self.gate.set()
-        self.failure: TokenUnavailable | None = None
+        self.failure: GetTokenFailed | None = None
 
     async def fetch(self) -> IssuedToken:
         self.calls += 1
@@ -93,7 +95,7 @@ async def test_a_cancelled_caller_does_not_cancel_the_shared_fetch():
 
 async def test_failures_back_off_exponentially_with_a_cap():
     clock, source = Clock(), GatedSource()
-    source.failure = TokenUnavailable("get_token answered 900003", ret_code="900003")
+    source.failure = GetTokenFailed("get_token answered 900003", ret_code="900003")
     tokens = manager(source, clock, backoff=Backoff(first=1, cap=4))
     delays = []
     for _ in range(5):
@@ -282,3 +284,88 @@ async def test_a_bug_in_fetching_is_a_failed_fetch_and_the_refresher_survives(
         await tokens.stop()
     assert source.calls == 2
     assert logs.events("get_token_internal_error")
+
+
+# -- get_token's own exchange ---------------------------------------------------------------------
+
+
+async def test_a_get_token_that_stalls_fails_within_the_read_timeout(make_proxy, fake: FakeSobot):
+    """The read timeout is the longest wait for the next bytes, for get_token too: a get_token
+    that connected and then stalled fails after it, not after connect + read timeout."""
+    fake.fail_get_token("stall", times=-1)
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    proxy = await make_proxy(
+        upstream_timeout=1.0, connect_timeout=5.0, backoff=Backoff(first=60, cap=60)
+    )
+    async with asyncio.timeout(10):
+        response = await proxy.get("/api/echo")
+        answer = await response.json()
+    elapsed = loop.time() - started
+    assert response.status == 502
+    assert answer == {
+        "ret_code": "980502",
+        "ret_msg": "could not reach Sobot's get_token (no answer within 1.0 s)",
+    }
+    assert 1.0 <= elapsed < 2.5  # the read timeout, and not the 6 s of connect + read
+
+
+async def test_a_get_token_that_cannot_connect_fails_after_the_connect_timeout(make_proxy):
+    loop = asyncio.get_running_loop()
+    with blackhole() as port:
+        started = loop.time()
+        proxy = await make_proxy(
+            base_url=f"http://127.0.0.1:{port}",
+            connect_timeout=0.5,
+            upstream_timeout=5.0,
+            backoff=Backoff(first=60, cap=60),
+        )
+        async with asyncio.timeout(10):
+            response = await proxy.get("/api/echo")
+            answer = await response.json()
+        elapsed = loop.time() - started
+    assert response.status == 502
+    assert answer == {
+        "ret_code": "980502",
+        "ret_msg": f"could not reach Sobot's get_token (no connection to 127.0.0.1:{port} in time)",
+    }
+    assert 0.5 <= elapsed < 2.5  # the connect timeout, and not the 5.5 s of connect + read
+
+
+async def test_get_token_is_never_resent_on_a_kept_alive_connection_that_drops(
+    make_proxy, aiohttp_server, logs: CapturedLogs
+):
+    """Every get_token rotates the token, and one whose connection dropped after it was sent
+    may have reached Sobot: it fails, and is never sent again (aiohttp's client would resend it
+    on a new connection)."""
+    arrivals: list[int] = []  # the proxy's port of each get_token's connection
+
+    async def get_token(request: web.Request) -> web.StreamResponse:
+        assert request.transport is not None
+        arrivals.append(request.transport.get_extra_info("peername")[1])
+        if len(arrivals) == 1:
+            item = {"token": "the-first-token", "expires_in": "86400"}
+            return web.json_response({"ret_code": "000000", "ret_msg": "ok", "item": item})
+        request.transport.abort()  # it arrived; the connection drops before an answer
+        return web.Response()
+
+    async def api(_request: web.Request) -> web.Response:
+        return web.json_response({"ret_code": "900002", "ret_msg": "token expired"})
+
+    sobot = web.Application()
+    sobot.router.add_get("/api/get_token", get_token)
+    sobot.router.add_route("*", "/api/{tail:.*}", api)
+    server = await aiohttp_server(sobot, access_log=None)  # its log would show the sign
+    proxy = await make_proxy(
+        base_url=f"http://127.0.0.1:{server.port}", backoff=Backoff(first=60, cap=60)
+    )
+    async with asyncio.timeout(10):
+        # Rejected: the proxy renews, on the connection its first get_token left open.
+        response = await proxy.get("/api/echo")
+        answer = await response.json()
+    assert response.status == 502
+    assert answer["ret_code"] == "980502"
+    assert answer["ret_msg"].startswith("could not reach Sobot's get_token (")
+    assert len(arrivals) == 2
+    assert arrivals[0] == arrivals[1]  # the kept-alive connection: where a resend would follow
+    assert b"get_token?" not in logs.raw  # the target carries the sign
