@@ -23,6 +23,7 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 
 from proxy.access import AccessPolicy
+from proxy.body import SpoolBudget
 from proxy.errors import ProxyError, error_response, proxy_code
 from proxy.forward import Forwarder
 from proxy.handler import ApiHandler
@@ -91,6 +92,7 @@ def make_app(
     metrics = Metrics(routes=settings.metrics_routes)
     app[ACCESS] = access
     app[METRICS] = metrics
+    metrics.spool_limit.set(settings.spool_limit)
 
     async def lifetime(app: web.Application) -> AsyncIterator[None]:
         tls = ssl.create_default_context(cafile=settings.ca_bundle)
@@ -123,7 +125,17 @@ def make_app(
         metrics.watch_token(tokens.expires_in)
         app[API] = ApiHandler(
             access=access,
-            forwarder=Forwarder(settings, client=client, tokens=tokens, log=log),
+            forwarder=Forwarder(
+                settings,
+                client=client,
+                tokens=tokens,
+                log=log,
+                spool=SpoolBudget(
+                    settings.spool_limit,
+                    max_body=settings.max_body,
+                    on_change=metrics.spool_reserved.set,
+                ),
+            ),
             local_token=LocalTokenEndpoint(
                 appid=settings.appid, app_key=settings.app_key, tokens=tokens
             ),

@@ -148,7 +148,7 @@ _EMPTY_MEANS: Final = {
 def _format(name: str, value: object) -> str:
     if name == "token_store":
         return mask_store_url(str(value))
-    if name == "max_body" and isinstance(value, int):
+    if name in ("max_body", "spool_limit") and isinstance(value, int):
         return _size(value)
     if value is None or value == ():
         return _EMPTY_MEANS.get(name, "not set")

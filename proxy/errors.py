@@ -11,9 +11,11 @@
     ├── BodyTooLarge        413     980413  a request body over the configured cap
     ├── UpstreamUnreachable 502     980502  cannot connect to Sobot, or it broke the exchange
     ├── Overloaded          503     980503  more requests waiting for Sobot than allowed
+    ├── SpoolFull           503     980503  no room left to keep another large request body
     ├── UpstreamTimeout     504     980504  Sobot did not answer within the timeout
     ├── TokenUnavailable    502     <get_token's code, or 980502>
     ├── NotReady            503     <get_token's code, or 980503>  /readyz with no valid token
+    ├── SpoolFailed         507     980507  keeping a request body on disk failed (disk full, ...)
     └── InternalError       500     980500  a bug in the proxy; details go to the log only
 
 Proxy codes are 98xxxx, where xxx is the HTTP status, so they never collide with Sobot's own
@@ -115,6 +117,13 @@ class Overloaded(ProxyError):
     status = 503
 
 
+class SpoolFull(ProxyError):
+    """Refused before the body is read: it would not fit in the room left for spooled bodies."""
+
+    status = 503
+    closes_connection = True  # the unread body is large: not worth reading to keep the connection
+
+
 class UpstreamTimeout(ProxyError):
     status = 504
 
@@ -127,6 +136,17 @@ class TokenUnavailable(ProxyError):
 
 class NotReady(ProxyError):
     status = 503
+
+
+class SpoolFailed(ProxyError):
+    """Writing the body's spool failed: the proxy's storage, not the client, is at fault."""
+
+    status = 507  # Insufficient Storage (RFC 4918, section 11.5)
+    closes_connection = True  # the rest of the body is left unread
+
+    def __init__(self, message: str, *, cause: OSError) -> None:
+        super().__init__(message)
+        self.cause = cause  # for the log only: it may name an internal path
 
 
 class InternalError(ProxyError):

@@ -15,6 +15,8 @@ its errors are translated to the client's here, in _upstream_error.
 from __future__ import annotations
 
 import asyncio
+import errno
+import tempfile
 import time
 import zlib
 from collections.abc import AsyncGenerator
@@ -30,7 +32,7 @@ from aiohttp.http_exceptions import HttpProcessingError
 from multidict import CIMultiDict
 
 from proxy import protocol, upstream
-from proxy.body import Deadline, ReplayableBody
+from proxy.body import NOTHING_RESERVED, Deadline, ReplayableBody, Reservation, SpoolBudget
 from proxy.errors import (
     BadRequest,
     BodyTooLarge,
@@ -38,6 +40,7 @@ from proxy.errors import (
     ClientTimeout,
     Overloaded,
     ProxyError,
+    SpoolFailed,
     UpstreamTimeout,
     UpstreamUnreachable,
 )
@@ -71,6 +74,7 @@ class Forwarder:
         client: upstream.Client,
         tokens: TokenManager,
         log: structlog.typing.FilteringBoundLogger,
+        spool: SpoolBudget | None = None,
     ) -> None:
         # The client has the connect and read timeouts. No overall limit: a large download may
         # take long, but it must keep moving. The wait for a free connection is the queue's
@@ -88,6 +92,7 @@ class Forwarder:
             forwarding=settings.forwarded_headers,
         )
         self._temp_dir = settings.temp_dir
+        self._spool = spool or SpoolBudget(settings.spool_limit, max_body=settings.max_body)
         # One slot per connection to Sobot, held for a whole exchange; up to max_queue more
         # requests wait for one, and any beyond that are refused.
         self._slots = asyncio.Semaphore(settings.upstream_connections)
@@ -103,18 +108,38 @@ class Forwarder:
         if request.content_length is not None and request.content_length > self._max_body:
             raise BodyTooLarge(f"request body over the limit of {self._max_body} bytes")
 
-    async def forward(
-        self, request: web.Request, path: str, query: str, record: RequestRecord
-    ) -> web.StreamResponse:
-        """Forward one request, noting in `record` what happened."""
+    def admit(self, request: web.BaseRequest) -> Reservation:
+        """Before the body is read: refuse (raise) a request that cannot be taken now, or
+        reserve the spool room its body may need. The caller releases the reservation."""
         self.check_capacity()
         self.check_declared_length(request)
+        if not request.body_exists:
+            return NOTHING_RESERVED
+        return self._spool.reserve(request.content_length)
+
+    async def forward(
+        self,
+        request: web.Request,
+        path: str,
+        query: str,
+        record: RequestRecord,
+        reserved: Reservation | None = None,
+    ) -> web.StreamResponse:
+        """Forward one request, noting in `record` what happened. `reserved`: the spool room
+        admit() gave it already (answering `Expect: 100-continue`); released here."""
+        if reserved is None:
+            reserved = self.admit(request)
+        else:
+            self.check_capacity()  # again: others may have come since the 100 Continue
         self._active += 1
         body = None
         try:
             if request.body_exists:
                 body = ReplayableBody(
-                    request.content, max_size=self._max_body, temp_dir=self._temp_dir
+                    request.content,
+                    max_size=self._max_body,
+                    temp_dir=self._temp_dir,
+                    reservation=reserved,
                 )
             async with self._slots:
                 return await self._forward(request, path + query, body, record)
@@ -122,6 +147,7 @@ class Forwarder:
             self._active -= 1
             if body is not None:
                 body.close()
+            reserved.release()
 
     async def _forward(
         self,
@@ -195,6 +221,8 @@ class Forwarder:
             # The client's side of the body explains a failure first: too large, malformed,
             # or stalled.
             if body is not None and body.error is not None:
+                if isinstance(body.error, SpoolFailed):
+                    self._log_spool_failure(body.error.cause)
                 raise _client_body_error(body.error) from None
             if body is not None and body.waiting_for_client and isinstance(exc, TimeoutError):
                 raise ClientTimeout("the client stopped sending its request body") from None
@@ -202,6 +230,17 @@ class Forwarder:
         finally:
             if body is not None:
                 body.deadline = None  # the answer has come: bytes still to send set no deadline
+
+    def _log_spool_failure(self, cause: OSError) -> None:
+        """The operator's side of a 507: what the disk said, never a byte of the body."""
+        self._log.error(
+            "spool_failed",
+            errno=errno.errorcode.get(cause.errno or 0, "unknown"),
+            reason=cause.strerror or type(cause).__name__,
+            temp_dir=self._temp_dir or tempfile.gettempdir(),
+            reserved_bytes=self._spool.reserved,
+            spool_limit=self._spool.limit,
+        )
 
     async def _inspect(self, response: upstream.Response) -> _Answer:
         """Read a small answer that may be JSON whole and find its ret_code."""

@@ -11,11 +11,14 @@ from __future__ import annotations
 
 import asyncio
 import time
+import weakref
+from typing import Final
 
 import structlog
 from aiohttp import HttpVersion11, hdrs, web
 
 from proxy.access import AccessPolicy
+from proxy.body import NOTHING_RESERVED, Reservation
 from proxy.errors import ExpectationFailed, InternalError, ProxyError
 from proxy.forward import Forwarder
 from proxy.local_token import LocalTokenEndpoint
@@ -24,6 +27,9 @@ from proxy.paths import is_get_token, split_target
 from proxy.request_id import HEADER as REQUEST_ID_HEADER
 from proxy.request_id import request_id_for
 from proxy.request_log import RequestRecord
+
+# The spool room reserved when `Expect: 100-continue` was answered, for handle() to take over.
+_RESERVED: Final = web.RequestKey("spool_reserved", Reservation)
 
 
 class ApiHandler:
@@ -69,13 +75,14 @@ class ApiHandler:
         """`Expect: 100-continue`: refuse before the client sends its body, or invite it."""
         started = time.perf_counter()
         record = RequestRecord(request.method, request.path, request_id_for(request.headers))
+        reserved = NOTHING_RESERVED
         try:
             path, _ = self._admit(request)
-            if not is_get_token(path):
-                self._forwarder.check_declared_length(request)
-                self._forwarder.check_capacity()
             if request.headers.get(hdrs.EXPECT, "").lower() != "100-continue":
                 raise ExpectationFailed("only `Expect: 100-continue` is understood")
+            if not is_get_token(path):
+                # Capacity, declared size and spool room: the refusal comes instead of the 100.
+                reserved = self._forwarder.admit(request)
         except ProxyError as exc:
             record.status, record.ret_code, record.error = exc.status, exc.ret_code, exc.message
             response = exc.to_response()
@@ -85,8 +92,19 @@ class ApiHandler:
                 self._finish(record, started)
             return response
         if request.version == HttpVersion11:
-            await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+            try:
+                await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+                # Drained here, where a cancellation releases the room: aiohttp's own drain
+                # before handle() then has nothing to wait for.
+                await request.writer.drain()
+            except BaseException:
+                reserved.release()
+                raise
             request.writer.output_size = 0  # the interim answer is not the answer
+        if reserved.size:
+            request[_RESERVED] = reserved
+            # Should handle() never run for this request, the room comes back with it.
+            weakref.finalize(request, reserved.release)
         return None
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
@@ -135,6 +153,7 @@ class ApiHandler:
 
     async def _respond(self, request: web.Request, record: RequestRecord) -> web.StreamResponse:
         """The answer to one request; what happened is noted in `record`."""
+        reserved = request.pop(_RESERVED, None) if hdrs.EXPECT in request.headers else None
         try:
             path, query = self._admit(request)
             record.path = path
@@ -142,7 +161,7 @@ class ApiHandler:
                 response, record.ret_code = await self._local_token.answer(request)
                 record.status = response.status
                 return response
-            return await self._forwarder.forward(request, path, query, record)
+            return await self._forwarder.forward(request, path, query, record, reserved)
         except ProxyError as exc:
             record.status, record.ret_code, record.error = exc.status, exc.ret_code, exc.message
             return exc.to_response()
@@ -153,6 +172,9 @@ class ApiHandler:
             error = InternalError("the proxy failed to handle the request; see its log")
             record.status, record.ret_code = error.status, error.ret_code
             return error.to_response()
+        finally:
+            if reserved is not None:
+                reserved.release()  # forward() has, unless it was never reached
 
     def _finish(self, record: RequestRecord, started: float) -> None:
         """The request's one log line and its metrics."""

@@ -117,6 +117,21 @@ class Metrics:
             multiprocess_mode="livesum",
             registry=registry,
         )
+        self.spool_reserved = Gauge(
+            "spool_reserved_bytes",
+            "Disk room reserved now for request bodies kept for the replay (SOBOT_SPOOL_LIMIT "
+            "bounds it)",
+            namespace=NAMESPACE,
+            multiprocess_mode="livesum",
+            registry=registry,
+        )
+        self.spool_limit = Gauge(
+            "spool_limit_bytes",
+            "The most disk room request bodies may take at once (SOBOT_SPOOL_LIMIT)",
+            namespace=NAMESPACE,
+            multiprocess_mode="livesum",  # each worker has its share
+            registry=registry,
+        )
         self.store_errors = Counter(
             "token_store_errors",
             "Times the shared token store (Redis, or the workers' file) could not be used",

@@ -17,6 +17,9 @@ from typing import Any, Final, NamedTuple
 from urllib.parse import urlsplit
 
 MIB: Final = 1024 * 1024
+# Request bodies up to this size are kept in memory for the replay; a larger one goes to disk
+# whole (body.py), so it needs room in the spool budget.
+BODY_IN_MEMORY: Final = MIB
 REGIONS: Final = {"sg": "https://sg.sobot.io", "us": "https://us.sobot.com"}
 LOG_LEVELS: Final = ("debug", "info", "warning", "error")
 LOG_FORMATS: Final = ("json", "console")
@@ -34,6 +37,7 @@ class Settings:
     connect_timeout: float = 5.0
     refresh_margin: float = 300.0
     max_body: int = 64 * MIB
+    spool_limit: int = 512 * MIB
     upstream_connections: int = 100
     max_queue: int = 1000
     shutdown_grace: float = 25.0
@@ -317,6 +321,15 @@ OPTIONS: Final = (
         _size,
         64 * MIB,
         "largest request body accepted (kept for the replay), e.g. 64MiB",
+    ),
+    Option(
+        "spool_limit",
+        "SOBOT_SPOOL_LIMIT",
+        "--spool-limit",
+        _size,
+        512 * MIB,
+        "room on disk for the request bodies being kept at once (each over 1 MiB, whole); "
+        "past it, 503 before the body is read",
     ),
     Option(
         "upstream_connections",
@@ -611,7 +624,7 @@ def load_with_provenance(
         token_store_password=password[0] if password else None,
         **values,
     )
-    problems = _unsafe_combinations(settings)
+    problems = _unsafe_combinations(settings) + _limits_that_conflict(settings)
     if problems:
         raise ConfigError(problems)
     config_file = flags.get("config") or env.get(CONFIG_ENV)
@@ -654,6 +667,25 @@ def _unsafe_combinations(settings: Settings) -> list[str]:
             "SOBOT_ALLOW_INSECURE_UPSTREAM=1 (--allow-insecure-upstream)"
         )
     return problems
+
+
+def spool_need(size: int) -> int:
+    """The spool room a body of `size` bytes takes: all of it on disk, or none in memory."""
+    return size if size > BODY_IN_MEMORY else 0
+
+
+def _limits_that_conflict(settings: Settings) -> list[str]:
+    """Limits that are each valid but together would refuse some request every time."""
+    # Each worker keeps its share of the budget (workers.py passes it on as --spool-limit).
+    share = settings.spool_limit // settings.workers
+    if spool_need(settings.max_body) <= share:
+        return []
+    per_worker = f" / {settings.workers} workers" if settings.workers > 1 else ""
+    return [
+        f"max_body ({settings.max_body} bytes) is over spool_limit ({settings.spool_limit} "
+        f"bytes{per_worker}): a body that large, or any chunked body, could never be admitted; "
+        "raise SOBOT_SPOOL_LIMIT (--spool-limit) or lower SOBOT_MAX_BODY (--max-body)"
+    ]
 
 
 def _mentioned(sources: tuple[_Source, ...], names: tuple[str, ...]) -> bool:

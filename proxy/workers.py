@@ -69,6 +69,10 @@ def supervise(
         "1",
         "--port",
         str(port),
+        # The budget is for the host's temporary directory, which the workers share: each
+        # keeps its share.
+        "--spool-limit",
+        str(settings.spool_limit // settings.workers),
     ]
     # The workers count their metrics into files here, summed by whichever one is scraped.
     metrics_directory = os.path.join(directory, "metrics")

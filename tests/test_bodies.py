@@ -6,6 +6,7 @@ import asyncio
 import hashlib
 import io
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -258,3 +259,131 @@ async def test_an_answer_that_comes_before_the_body_is_sent_is_relayed(make_prox
         answer = await response.json()
     assert answer["ret_code"] == "000000"
     assert answer["item"]["body_size"] == 0
+
+
+# --- the spool budget (SOBOT_SPOOL_LIMIT) ----------------------------------------------------
+
+MIB = 1024 * 1024
+
+
+async def spool_reserved(proxy) -> float:
+    page = await (await proxy.get("/metrics")).text()
+    found = re.search(r"^sobot_proxy_spool_reserved_bytes ([0-9.e+]+)$", page, re.M)
+    assert found is not None, page
+    return float(found.group(1))
+
+
+async def until_received(fake: FakeSobot, count: int) -> None:
+    """Until the fake has read `count` requests whole (it reads a body before recording it)."""
+    async with asyncio.timeout(10):
+        while len(fake.received) < count:  # noqa: ASYNC110 -- the fake has no event for this
+            await asyncio.sleep(0.01)
+
+
+async def test_a_chunked_body_reserves_max_body_until_it_is_in(
+    make_proxy, fake: FakeSobot, tmp_path
+):
+    proxy = await make_proxy(max_body=4 * MIB, spool_limit=4 * MIB, temp_dir=str(tmp_path))
+    await proxy.get("/api/echo")
+    fake.hold_answers()
+    chunked = asyncio.create_task(
+        proxy.post("/api/5/file/upload", data=chunks(os.urandom(2 * MIB)))
+    )
+    await until_received(fake, 2)
+    # All in: of the 4 MiB it reserved, it keeps what it put on disk.
+    assert await spool_reserved(proxy) == 2 * MIB
+    async with asyncio.timeout(10):
+        # Another chunked body might be 4 MiB: no room for that.
+        refused = await proxy.post("/api/5/file/upload", data=chunks(os.urandom(2 * MIB)))
+        assert refused.status == 503
+        assert (await refused.json())["ret_code"] == "980503"
+        # One that says it is 2 MiB fits beside the first.
+        declared = asyncio.create_task(
+            proxy.post("/api/5/file/upload", data=io.BytesIO(os.urandom(2 * MIB)))
+        )
+        await until_received(fake, 3)
+        assert await spool_reserved(proxy) == 4 * MIB
+        fake.release_answers()
+        assert [(await task).status for task in (chunked, declared)] == [200, 200]
+    assert await spool_reserved(proxy) == 0
+
+
+async def test_a_small_body_is_taken_when_the_spool_is_full(make_proxy, fake: FakeSobot, tmp_path):
+    """A body kept in memory needs no room on disk: a full spool does not refuse it."""
+    proxy = await make_proxy(max_body=2 * MIB, spool_limit=2 * MIB, temp_dir=str(tmp_path))
+    await proxy.get("/api/echo")
+    fake.hold_answers()
+    large = asyncio.create_task(
+        proxy.post("/api/5/file/upload", data=io.BytesIO(os.urandom(2 * MIB)))
+    )
+    await until_received(fake, 2)
+    small = asyncio.create_task(proxy.post("/api/5/user/save", data=os.urandom(MIB)))
+    await until_received(fake, 3)
+    fake.release_answers()
+    async with asyncio.timeout(10):
+        assert [(await task).status for task in (large, small)] == [200, 200]
+
+
+async def read_interim(reader: asyncio.StreamReader) -> bytes:
+    async with asyncio.timeout(10):
+        return await reader.readuntil(b"\r\n\r\n")
+
+
+async def test_the_room_given_at_100_continue_is_the_requests_own(
+    make_proxy, fake: FakeSobot, tmp_path
+):
+    """aiohttp hands the request its expect handler saw to the handler: the room reserved
+    there is used, not reserved twice (the budget here holds one body, not two)."""
+    proxy = await make_proxy(max_body=2 * MIB, spool_limit=2 * MIB, temp_dir=str(tmp_path))
+    await proxy.get("/api/echo")
+    head = (
+        b"POST /api/5/file/upload HTTP/1.1\r\nHost: p\r\nContent-Length: 2097152\r\n"
+        b"Expect: 100-continue\r\nConnection: close\r\n\r\n"
+    )
+    reader, writer = await asyncio.open_connection(proxy.host, proxy.port)
+    try:
+        writer.write(head)
+        assert await read_interim(reader) == b"HTTP/1.1 100 Continue\r\n\r\n"
+        # Its room is taken: the next one is refused instead of invited.
+        refused = await send_raw(proxy, head)
+        assert refused.startswith(b"HTTP/1.1 503")
+        assert b'"ret_code":"980503"' in refused
+        assert b"100 Continue" not in refused
+        body = os.urandom(2 * MIB)
+        writer.write(body)
+        async with asyncio.timeout(10):
+            answer = await reader.read()
+    finally:
+        writer.close()
+    assert answer.startswith(b"HTTP/1.1 200")
+    assert fake.received[-1].body_sha256 == hashlib.sha256(body).hexdigest()
+    assert await spool_reserved(proxy) == 0
+
+
+@pytest.mark.parametrize(
+    "request_head",
+    [
+        pytest.param(b"Content-Length: 3145728\r\n\r\n" + b"x" * 100, id="mid-body"),
+        pytest.param(b"Content-Length: 3145728\r\nExpect: 100-continue\r\n\r\n", id="after-100"),
+        pytest.param(b"Transfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n", id="chunked"),
+    ],
+)
+async def test_the_room_comes_back_when_the_client_goes_away(
+    make_proxy, fake: FakeSobot, tmp_path, request_head
+):
+    proxy = await make_proxy(max_body=3 * MIB, spool_limit=3 * MIB, temp_dir=str(tmp_path))
+    await proxy.get("/api/echo")
+    reader, writer = await asyncio.open_connection(proxy.host, proxy.port)
+    writer.write(b"POST /api/5/file/upload HTTP/1.1\r\nHost: p\r\n" + request_head)
+    await writer.drain()
+    async with asyncio.timeout(10):
+        if b"Expect" in request_head:
+            await read_interim(reader)
+        while await spool_reserved(proxy) != 3 * MIB:  # noqa: ASYNC110 -- no event for this
+            await asyncio.sleep(0.01)
+        writer.close()
+        while await spool_reserved(proxy):  # noqa: ASYNC110 -- no event for this
+            await asyncio.sleep(0.01)
+    # And it is all there for the next one.
+    response = await proxy.post("/api/5/file/upload", data=chunks(os.urandom(3 * MIB)))
+    assert response.status == 200

@@ -664,3 +664,21 @@ def test_compose_redis_proxies_share_one_token_through_the_redis_service():
         # A network in common with Redis.
         redis_networks = set(services[url.hostname].get("networks", ["default"]))
         assert redis_networks & set(proxy.spec.get("networks", ["default"])), proxy.name
+
+
+def test_kubernetes_temp_volume_holds_the_proxys_spool_limit(tmp_path):
+    """Spooled bodies in an emptyDir past its sizeLimit get the pod evicted: the limit the
+    proxy would load from its environment must fit the volume at SOBOT_TEMP_DIR, with room
+    to spare."""
+    (workload,) = kubernetes_workloads()
+    (proxy,) = proxies(KUBERNETES)
+    spec = pod_spec(workload)
+    assert spec is not None
+    mounts = [
+        m for m in proxy.spec["volumeMounts"] if m["mountPath"] == proxy.env["SOBOT_TEMP_DIR"]
+    ]
+    [volume] = [v for v in spec["volumes"] if v["name"] == mounts[0]["name"]]
+    env = {**proxy.env, "SOBOT_TEMP_DIR": str(tmp_path), "SOBOT_APP_KEY": "placeholder"}
+    del env["SOBOT_APP_KEY_FILE"]
+    spool_limit_mib = load_settings({}, env).spool_limit / 2**20
+    assert spool_limit_mib <= 0.75 * quantity_mib(volume["emptyDir"]["sizeLimit"])

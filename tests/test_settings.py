@@ -277,6 +277,22 @@ VALUE_ERRORS = [
     ({}, {"SOBOT_TOKEN_STORE": "redis://:pw@h/x"}, "SOBOT_TOKEN_STORE: names a database that"),
     ({}, {"SOBOT_MAX_BODY": "12kb"}, "SOBOT_MAX_BODY: '12kb' is not a size in bytes"),
     ({}, {"SOBOT_MAX_BODY": "0"}, "SOBOT_MAX_BODY: '0' is not a size in bytes"),
+    ({}, {"SOBOT_SPOOL_LIMIT": "lots"}, "SOBOT_SPOOL_LIMIT: 'lots' is not a size in bytes"),
+    (
+        {},
+        {"SOBOT_SPOOL_LIMIT": "32MiB"},
+        "max_body (67108864 bytes) is over spool_limit (33554432 bytes): a body that large",
+    ),
+    (
+        {"max_body": "2MiB", "spool_limit": "1MiB"},
+        {},
+        "max_body (2097152 bytes) is over spool_limit (1048576 bytes): a body that large",
+    ),
+    (
+        {"workers": "16"},
+        {},
+        "max_body (67108864 bytes) is over spool_limit (536870912 bytes / 16 workers)",
+    ),
     ({}, {"SOBOT_CONNECT_TIMEOUT": "0"}, "SOBOT_CONNECT_TIMEOUT: '0' is not a positive"),
     ({}, {"SOBOT_UPSTREAM_CONNECTIONS": "0"}, "SOBOT_UPSTREAM_CONNECTIONS: '0' is not a whole"),
     ({}, {"SOBOT_MAX_QUEUE": "-1"}, "SOBOT_MAX_QUEUE: '-1' is not a whole number of at least 0"),
@@ -426,7 +442,15 @@ def test_a_url_with_credentials_is_refused_without_repeating_it():
     [("1048576", 1 << 20), ("512KiB", 512 << 10), ("64MiB", 64 << 20), ("1g", 1 << 30)],
 )
 def test_sizes_take_binary_units(given, size):
-    assert load_settings({}, {**ENV, "SOBOT_MAX_BODY": given}).max_body == size
+    env = {**ENV, "SOBOT_MAX_BODY": given, "SOBOT_SPOOL_LIMIT": given}
+    settings = load_settings({}, env)
+    assert (settings.max_body, settings.spool_limit) == (size, size)
+
+
+def test_a_body_kept_in_memory_needs_no_spool_room():
+    """Bodies up to 1 MiB never touch the disk, so a spool limit below max_body is fine then."""
+    env = {**ENV, "SOBOT_MAX_BODY": "1MiB", "SOBOT_SPOOL_LIMIT": "1KiB"}
+    assert load_settings({}, env).spool_limit == 1024
 
 
 def test_client_keys_come_comma_separated_or_one_a_line_from_a_file(tmp_path):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import signal
 from collections import Counter
 from contextlib import ExitStack
@@ -14,6 +15,7 @@ import aiohttp
 import pytest
 
 from tests.processes import (
+    OPENER,
     Running,
     fake_sobot,
     fake_stats_of,
@@ -117,3 +119,22 @@ def test_a_supervisor_killed_outright_has_its_directory_removed_by_the_next(tmp_
         assert alive_directory.exists()  # its supervisor holds its lock
         assert alive.terminate() == 0
     assert not alive_directory.exists()  # removed by its own supervisor on the way out
+
+
+def test_workers_share_the_spool_limit_between_them(tmp_path):
+    """They spool into one temporary directory: each keeps its share of the limit, and
+    /metrics (summed over the workers) shows the limit as configured."""
+    with ExitStack() as stack:
+        _, fake_url = stack.enter_context(fake_sobot(tmp_path))
+        env = proxy_env(fake_url, SOBOT_SPOOL_LIMIT="256MiB", SOBOT_MAX_BODY="64MiB")
+        proxy = stack.enter_context(
+            running("serve", "--workers", "2", "--port", "0", cwd=tmp_path, env=env)
+        )
+        url = f"http://127.0.0.1:{proxy.wait_for_event('workers_started')['port']}"
+        proxy.wait_for_event("listening")
+        proxy.wait_for_event("listening")  # both are up
+        wait_until_ready(url)
+        with OPENER.open(f"{url}/metrics", timeout=5) as answer:
+            page = answer.read().decode()
+    [limit] = re.findall(r"^sobot_proxy_spool_limit_bytes ([0-9.e+]+)$", page, re.M)
+    assert float(limit) == 256 * 1024 * 1024
