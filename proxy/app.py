@@ -24,9 +24,10 @@ from aiohttp.typedefs import Handler
 
 from proxy.access import AccessPolicy
 from proxy.body import SpoolBudget
+from proxy.connections import ClientConnections
 from proxy.errors import ProxyError, error_response, proxy_code
 from proxy.forward import Forwarder
-from proxy.handler import ApiHandler
+from proxy.handler import ApiHandler, write_whole
 from proxy.health import healthz, readyz
 from proxy.local_token import LocalTokenEndpoint
 from proxy.logs import Secrets, get_logger
@@ -41,6 +42,7 @@ TOKENS: Final = web.AppKey("tokens", TokenManager)
 API: Final = web.AppKey("api", ApiHandler)
 ACCESS: Final = web.AppKey("access", AccessPolicy)
 METRICS: Final = web.AppKey("metrics", Metrics)
+CONNECTIONS: Final = web.AppKey("connections", ClientConnections)
 
 
 @web.middleware
@@ -79,9 +81,13 @@ def make_app(
     secrets: Secrets | None = None,
     backoff: Backoff | None = None,
     workers_directory: str | None = None,
+    open_files_limit: int | None = None,
 ) -> web.Application:
     """The proxy for `settings`; `secrets` is the logs' registry of values never to show;
-    `workers_directory`, in a worker of several, where the workers share their token."""
+    `workers_directory`, in a worker of several, where the workers share their token;
+    `open_files_limit`, the descriptor limit its client connections are counted against.
+
+    Its listening site takes the client connections' limits from `app[CONNECTIONS]`."""
     secrets = secrets if secrets is not None else Secrets()
     store_password = urlsplit(settings.token_store).password or settings.token_store_password
     for key in (settings.app_key, *settings.client_keys, store_password or ""):
@@ -93,6 +99,14 @@ def make_app(
     app[ACCESS] = access
     app[METRICS] = metrics
     metrics.spool_limit.set(settings.spool_limit)
+    app[CONNECTIONS] = ClientConnections(
+        header_timeout=settings.header_timeout,
+        # The read timeout, both ways: the longest wait for the client to take the next bytes.
+        send_timeout=settings.upstream_timeout,
+        log=log,
+        metrics=metrics,
+        open_files_limit=open_files_limit,
+    )
 
     async def lifetime(app: web.Application) -> AsyncIterator[None]:
         tls = ssl.create_default_context(cafile=settings.ca_bundle)
@@ -173,4 +187,6 @@ async def _metrics(request: web.Request) -> web.Response:
         request.app[ACCESS].authenticate(request.headers)
     except ProxyError as exc:
         return exc.to_response()
-    return web.Response(body=request.app[METRICS].page(), headers={"Content-Type": CONTENT_TYPE})
+    page = web.Response(body=request.app[METRICS].page(), headers={"Content-Type": CONTENT_TYPE})
+    await write_whole(request, page)  # a scraper's kept-alive connection keeps no page
+    return page

@@ -16,7 +16,8 @@ from typing import Final, NoReturn
 from aiohttp import web
 
 from proxy import __version__, check
-from proxy.app import API, TOKENS, make_app
+from proxy.app import API, CONNECTIONS, TOKENS, make_app
+from proxy.connections import raise_open_files_limit
 from proxy.fake_sobot import FakeSobot
 from proxy.logs import configure_logging, get_logger
 from proxy.server import run, serve
@@ -251,7 +252,13 @@ def _run_serve(
     workers_directory = environ.get(WORKERS_DIRECTORY_ENV)
     if workers_directory is not None:
         die_with_the_supervisor()
-    app = make_app(settings, secrets=secrets, workers_directory=workers_directory)
+    open_files_limit = raise_open_files_limit()
+    app = make_app(
+        settings,
+        secrets=secrets,
+        workers_directory=workers_directory,
+        open_files_limit=open_files_limit,
+    )
     if demo_socket is not None:
         app.cleanup_ctx.insert(0, _demo_upstream(demo_socket))
     token_store = describe_store(settings.token_store, workers_directory=workers_directory)
@@ -277,11 +284,13 @@ def _run_serve(
                 shutdown_grace=settings.shutdown_grace,
                 reuse_port=workers_directory is not None,
                 log=log,
+                connections=app[CONNECTIONS],
                 on_listening=on_listening,
                 drain=lambda grace: app[API].drain(grace),
                 busy=lambda: app[API].others_in_flight(),
                 upstream=settings.base_url,
                 token_store=token_store,
+                open_files_limit=open_files_limit,
                 demo=args.demo,
             )
         )

@@ -119,18 +119,26 @@ def _write(transport: asyncio.WriteTransport, parts: Sequence[bytes]) -> None:
 
 class CoalescedTransport(asyncio.Transport):
     """A server connection's transport whose writes go through a WriteCoalescer: what aiohttp's
-    request handler is given instead of the socket's own transport."""
+    request handler is given instead of the socket's own transport.
+
+    It counts the bytes written (`written`), so the connection's send watchdog can tell whether
+    the client took any; `cut_because` says why the proxy cut the connection, if it did."""
 
     def __init__(self, transport: asyncio.Transport, coalescer: WriteCoalescer) -> None:
         super().__init__()
         self._transport = transport
         self._coalescer = coalescer
+        self.written = 0
+        self.cut_because: str | None = None
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
+        self.written += len(data)
         self._coalescer.write_parts(self._transport, (data,))  # type: ignore[arg-type]
 
     def writelines(self, list_of_data: Iterable[bytes | bytearray | memoryview]) -> None:
-        self._coalescer.write_parts(self._transport, list(list_of_data))  # type: ignore[arg-type]
+        parts = list(list_of_data)
+        self.written += sum(map(len, parts))
+        self._coalescer.write_parts(self._transport, parts)  # type: ignore[arg-type]
 
     def write_eof(self) -> None:
         self._coalescer.flush(self._transport)
@@ -176,52 +184,3 @@ class CoalescedTransport(asyncio.Transport):
 
     def get_protocol(self) -> asyncio.BaseProtocol:
         return self._transport.get_protocol()
-
-
-class CoalescingProtocolFactory:
-    """Wraps a protocol factory (aiohttp's server): each connection's protocol is given a
-    CoalescedTransport, behind a protocol that flushes when the peer half-closes."""
-
-    def __init__(self, factory: Callable[[], asyncio.Protocol], coalescer: WriteCoalescer) -> None:
-        self._factory = factory
-        self._coalescer = coalescer
-
-    def __call__(self) -> asyncio.Protocol:
-        return _Flushing(self._factory(), self._coalescer)
-
-
-class _Flushing(asyncio.Protocol):
-    """The socket's protocol: passes every callback on, and sends what is gathered before a
-    half-close (the peer's EOF) makes the transport close itself, which would drop it."""
-
-    __slots__ = ("_coalescer", "_protocol", "_transport")
-
-    def __init__(self, protocol: asyncio.Protocol, coalescer: WriteCoalescer) -> None:
-        self._protocol = protocol
-        self._coalescer = coalescer
-        self._transport: asyncio.Transport | None = None
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        socket_transport: asyncio.Transport = transport  # type: ignore[assignment]
-        self._transport = socket_transport
-        self._protocol.connection_made(CoalescedTransport(socket_transport, self._coalescer))
-
-    def data_received(self, data: bytes) -> None:
-        self._protocol.data_received(data)
-
-    def eof_received(self) -> bool | None:
-        # A client may send its request and then half-close; its answer must still reach it.
-        if self._transport is not None:
-            self._coalescer.flush(self._transport)
-        return self._protocol.eof_received()
-
-    def pause_writing(self) -> None:
-        self._protocol.pause_writing()
-
-    def resume_writing(self) -> None:
-        self._protocol.resume_writing()
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        if self._transport is not None:
-            self._coalescer.discard(self._transport)
-        self._protocol.connection_lost(exc)

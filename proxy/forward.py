@@ -301,14 +301,9 @@ class Forwarder:
             while True:
                 try:
                     if chunk:
-                        # A client that stops reading must not hold a connection to Sobot.
-                        async with asyncio.timeout(self._read_timeout):
-                            await response.write(chunk)
-                except TimeoutError:
-                    record.error = "the client stopped reading the answer"
-                    if request.transport is not None:
-                        request.transport.abort()
-                    return response
+                        # A client that stops reading is cut by the send watchdog
+                        # (connections.py), which cancels this and lets Sobot's connection go.
+                        await response.write(chunk)
                 except (ConnectionError, aiohttp.ClientConnectionError):
                     record.error = "the client went away mid-answer"
                     return response

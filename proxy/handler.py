@@ -3,7 +3,8 @@ and the drain at shutdown.
 
     admission   client key (401), request target (400/404), allow-lists (403)
     dispatch    /api/get_token in any spelling -> answered locally; any other /api/ -> forwarded
-    answers     a ProxyError becomes its JSON answer; anything else a plain 500
+    answers     a ProxyError becomes its JSON answer; anything else a plain 500; every answer
+                is written here, and its body let go once written (write_whole)
     record      one log line and the metrics, with the request's id (request_id.py)
 """
 
@@ -19,6 +20,7 @@ from aiohttp import HttpVersion11, hdrs, web
 
 from proxy.access import AccessPolicy
 from proxy.body import NOTHING_RESERVED, Reservation
+from proxy.coalesce import CoalescedTransport
 from proxy.errors import ExpectationFailed, InternalError, ProxyError
 from proxy.forward import Forwarder
 from proxy.local_token import LocalTokenEndpoint
@@ -30,6 +32,20 @@ from proxy.request_log import RequestRecord
 
 # The spool room reserved when `Expect: 100-continue` was answered, for handle() to take over.
 _RESERVED: Final = web.RequestKey("spool_reserved", Reservation)
+
+
+async def write_whole(request: web.BaseRequest, response: web.StreamResponse) -> None:
+    """Write an answer that is not prepared yet, whole, and let go of its body.
+
+    aiohttp writes a returned answer after the handler and keeps it until the connection's next
+    request arrives: a kept-alive client that went quiet after a 1 MiB answer would pin that
+    MiB. Written here, the body goes as soon as the socket has taken it (a client that does not
+    take it is cut by the send watchdog, connections.py), and aiohttp finds the answer done.
+    """
+    await response.prepare(request)
+    await response.write_eof()
+    if isinstance(response, web.Response):
+        response.body = None
 
 
 class ApiHandler:
@@ -115,10 +131,6 @@ class ApiHandler:
         context = structlog.contextvars.bind_contextvars(request_id=record.request_id)
         try:
             response = await self._tracked(request, record, started)
-            if not response.prepared:
-                response.headers[REQUEST_ID_HEADER] = record.request_id
-                if self._draining:
-                    response.force_close()  # stopping: a kept-alive client must not send more
             self._finish(record, started)
             return response
         finally:
@@ -127,21 +139,32 @@ class ApiHandler:
     async def _tracked(
         self, request: web.Request, record: RequestRecord, started: float
     ) -> web.StreamResponse:
-        """The answer, with the request counted as in flight (for the drain and the metrics)
-        while it is worked on; a request cut short is logged here."""
+        """The answer, written, with the request counted as in flight (for the drain and the
+        metrics) while it is worked on; a request cut short is logged here."""
         task = asyncio.current_task()
         if task is not None:
             self._running.add(task)
             self._idle.clear()
         self._metrics.in_flight.inc()
+        transport = request.transport  # gone from the request once the connection is lost
         try:
-            return await self._respond(request, record)
+            response = await self._respond(request, record)
+            if not response.prepared:
+                response.headers[REQUEST_ID_HEADER] = record.request_id
+                if self._draining:
+                    response.force_close()  # stopping: a kept-alive client must not send more
+                try:
+                    await write_whole(request, response)
+                except ConnectionError:
+                    record.error = "the client went away before its answer was written"
+            return response
         except asyncio.CancelledError:
-            record.error = (
-                "cut: still running when the shutdown grace ran out"
-                if self._cutting
-                else "cancelled: the client went away"
-            )
+            if self._cutting:
+                record.error = "cut: still running when the shutdown grace ran out"
+            elif isinstance(transport, CoalescedTransport) and transport.cut_because:
+                record.error = transport.cut_because  # the proxy cut it (connections.py)
+            else:
+                record.error = "cancelled: the client went away"
             self._finish(record, started)
             raise
         finally:

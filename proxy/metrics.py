@@ -59,6 +59,8 @@ LATENCY_BUCKETS: Final = (
     60.0,
 )
 GET_TOKEN_RESULTS: Final = ("ok", "refused", "unreachable", "malformed")
+# Why the proxy closed a client connection itself (connections.py).
+CLIENT_TIMEOUTS: Final = ("header_nothing", "header_partial", "send")
 
 
 class Metrics:
@@ -138,8 +140,26 @@ class Metrics:
             namespace=NAMESPACE,
             registry=registry,
         )
+        self.client_connections = Gauge(
+            "client_connections",
+            "Client connections open now",
+            namespace=NAMESPACE,
+            multiprocess_mode="livesum",
+            registry=registry,
+        )
+        self.client_timeouts = Counter(
+            "client_timeouts",
+            "Client connections closed by the proxy, by kind: header_nothing (no request "
+            "within the header timeout), header_partial (a request head begun and not "
+            "finished in time), send (the client took none of its answer for the read timeout)",
+            ["kind"],
+            namespace=NAMESPACE,
+            registry=registry,
+        )
         for result in GET_TOKEN_RESULTS:
             self.get_token.labels(result)  # every result shows, at 0, from the start
+        for kind in CLIENT_TIMEOUTS:
+            self.client_timeouts.labels(kind)
         self.store_errors.inc(0)
         self._routes = tuple(sorted(routes, key=len, reverse=True))  # the longest prefix wins
         self._ret_codes: set[str] = set()

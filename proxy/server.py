@@ -14,14 +14,16 @@ import structlog
 from aiohttp import web
 from yarl import URL
 
-from proxy.coalesce import CoalescingProtocolFactory, WriteCoalescer
+from proxy.coalesce import WriteCoalescer
+from proxy.connections import ClientConnections
 
 # Once drained, closing the idle connections left is all aiohttp's shutdown has to do.
 DRAINED_CLOSE: Final = 1.0
 
 
 class CoalescingSite(web.BaseSite):
-    """A TCP site like aiohttp's TCPSite, whose connections write through a WriteCoalescer.
+    """A TCP site like aiohttp's TCPSite, whose connections write through a WriteCoalescer and
+    are held to the timeouts of `connections` (connections.py).
 
     aiohttp has no public way to wrap the protocol factory a site listens with, so this site
     creates its server itself and stores it in BaseSite's private `_server`, as TCPSite does:
@@ -38,6 +40,7 @@ class CoalescingSite(web.BaseSite):
         backlog: int,
         reuse_port: bool,
         coalescer: WriteCoalescer,
+        connections: ClientConnections,
     ) -> None:
         super().__init__(runner, backlog=backlog)
         self._factory = runner.server
@@ -45,6 +48,7 @@ class CoalescingSite(web.BaseSite):
         self._listen_backlog = backlog
         self._reuse_port = reuse_port
         self._coalescer = coalescer
+        self._connections = connections
 
     @property
     def name(self) -> str:
@@ -54,7 +58,7 @@ class CoalescingSite(web.BaseSite):
         await super().start()  # registers the site with its runner
         assert self._factory is not None  # the runner is set up
         self._server = await asyncio.get_running_loop().create_server(
-            CoalescingProtocolFactory(self._factory, self._coalescer),
+            self._connections.factory(self._factory, self._coalescer),
             self._host,
             self._port,
             backlog=self._listen_backlog,
@@ -81,6 +85,7 @@ async def serve(
     port: int,
     shutdown_grace: float,
     log: structlog.typing.FilteringBoundLogger,
+    connections: ClientConnections | None = None,
     reuse_port: bool = False,
     busy: Callable[[], bool] = lambda: False,
     on_listening: Callable[[str, int], Coroutine[Any, Any, None]] | None = None,
@@ -95,7 +100,8 @@ async def serve(
     Without `drain`, aiohttp's shutdown gets the grace period.
 
     While `busy()` (another request in flight), answers leave at the end of the event loop's
-    pass, together (coalesce.py).
+    pass, together (coalesce.py). Client connections are held to the timeouts of `connections`
+    (connections.py; by default a 10 s header timeout and a 30 s send timeout).
     """
     # Signals are taken from the start: a SIGTERM during start-up stops cleanly too.
     stop = asyncio.Event()
@@ -112,6 +118,8 @@ async def serve(
             backlog=1024,
             reuse_port=reuse_port,
             coalescer=WriteCoalescer(busy),
+            connections=connections
+            or ClientConnections(header_timeout=10, send_timeout=30, log=log),
         )
         await site.start()
     except OSError as exc:

@@ -35,6 +35,7 @@ class Settings:
     port: int = 8080
     upstream_timeout: float = 30.0
     connect_timeout: float = 5.0
+    header_timeout: float = 10.0
     refresh_margin: float = 300.0
     max_body: int = 64 * MIB
     spool_limit: int = 512 * MIB
@@ -305,6 +306,15 @@ OPTIONS: Final = (
         _positive_seconds,
         5.0,
         "seconds to wait for a connection to Sobot",
+    ),
+    Option(
+        "header_timeout",
+        "SOBOT_HEADER_TIMEOUT",
+        "--header-timeout",
+        _positive_seconds,
+        10.0,
+        "seconds a client has to send a request's head (request line and headers); "
+        "then its connection is closed",
     ),
     Option(
         "refresh_margin",

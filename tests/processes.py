@@ -78,7 +78,13 @@ def json_object(line: str) -> dict[str, Any] | None:
 class Running:
     """A started command whose stdout and stderr are drained by threads, line by line."""
 
-    def __init__(self, *args: str, cwd: Path, env: dict[str, str]) -> None:
+    def __init__(
+        self,
+        *args: str,
+        cwd: Path,
+        env: dict[str, str],
+        preexec_fn: Callable[[], None] | None = None,
+    ) -> None:
         self.process = subprocess.Popen(
             [sys.executable, "-m", "proxy", *args],
             stdin=subprocess.DEVNULL,
@@ -88,6 +94,7 @@ class Running:
             cwd=cwd,
             # Its own process group: close() can end it with every process it started.
             start_new_session=True,
+            preexec_fn=preexec_fn,  # e.g. resource limits for the child alone
         )
         self.stdout: list[str] = []
         self.stderr: list[str] = []
@@ -157,8 +164,15 @@ class Running:
 
 
 @contextmanager
-def running(*args: str, cwd: Path, env: dict[str, str] | None = None) -> Iterator[Running]:
-    command = Running(*args, cwd=cwd, env=command_env() if env is None else env)
+def running(
+    *args: str,
+    cwd: Path,
+    env: dict[str, str] | None = None,
+    preexec_fn: Callable[[], None] | None = None,
+) -> Iterator[Running]:
+    command = Running(
+        *args, cwd=cwd, env=command_env() if env is None else env, preexec_fn=preexec_fn
+    )
     try:
         yield command
     finally:
@@ -237,11 +251,14 @@ def proxy_env(fake_url: str, **settings: str) -> dict[str, str]:
 
 
 @contextmanager
-def stack(cwd: Path, **proxy_settings: str) -> Iterator[Stack]:
-    """A fake Sobot process and a proxy process in front of it, ready (a token is held)."""
+def stack(
+    cwd: Path, preexec_fn: Callable[[], None] | None = None, **proxy_settings: str
+) -> Iterator[Stack]:
+    """A fake Sobot process and a proxy process in front of it, ready (a token is held);
+    `preexec_fn` runs in the proxy's process before it starts (to set its limits)."""
     with fake_sobot(cwd) as (fake, fake_url):
         env = proxy_env(fake_url, **proxy_settings)
-        with running("serve", cwd=cwd, env=env) as proxy:
+        with running("serve", cwd=cwd, env=env, preexec_fn=preexec_fn) as proxy:
             proxy_url = f"http://127.0.0.1:{proxy.wait_for_event('listening')['port']}"
             wait_until_ready(proxy_url)
             yield Stack(fake, proxy, fake_url, proxy_url)

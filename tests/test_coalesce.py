@@ -16,8 +16,10 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from proxy.coalesce import LIMIT, CoalescedTransport, CoalescingProtocolFactory, WriteCoalescer
+from proxy.coalesce import LIMIT, CoalescedTransport, WriteCoalescer
+from proxy.connections import ClientConnections
 from proxy.handler import ApiHandler
+from proxy.logs import get_logger
 from proxy.server import CoalescingSite, make_runner
 from proxy.upstream import _Pool
 
@@ -179,6 +181,10 @@ async def test_upstream_requests_are_gathered_only_with_another_exchange_in_prog
     assert not pool.busy()  # an idle connection is not an exchange
 
 
+def _connections() -> ClientConnections:
+    return ClientConnections(header_timeout=10, send_timeout=30, log=get_logger())
+
+
 # --- the server's site --------------------------------------------------------------------------
 
 
@@ -186,7 +192,13 @@ async def _site(app: web.Application, busy: Callable[[], bool]) -> tuple[web.App
     runner = make_runner(app, shutdown_grace=1.0)
     await runner.setup()
     site = CoalescingSite(
-        runner, "127.0.0.1", 0, backlog=16, reuse_port=False, coalescer=WriteCoalescer(busy)
+        runner,
+        "127.0.0.1",
+        0,
+        backlog=16,
+        reuse_port=False,
+        coalescer=WriteCoalescer(busy),
+        connections=_connections(),
     )
     await site.start()
     return runner, runner.addresses[0][1]
@@ -256,7 +268,7 @@ async def test_what_is_gathered_leaves_when_the_client_half_closes() -> None:
     says so), so what was gathered must be in that buffer by then, not waiting for the pass."""
     ours, theirs = socket.socketpair()
     answering = _Answering()
-    protocol = CoalescingProtocolFactory(lambda: answering, WriteCoalescer(lambda: True))()
+    protocol = _connections().factory(lambda: answering, WriteCoalescer(lambda: True))()
     transport, _ = await asyncio.get_running_loop().create_connection(lambda: protocol, sock=ours)
     try:
         answering.transport.write(b"late answer")

@@ -10,9 +10,11 @@ from __future__ import annotations
 import asyncio
 import socket
 
+import structlog
 from aiohttp import web
 
 from proxy.coalesce import CoalescedTransport, WriteCoalescer
+from proxy.connections import ClientConnections
 from proxy.server import CoalescingSite, make_runner
 
 
@@ -31,6 +33,9 @@ async def _started() -> tuple[web.AppRunner, CoalescingSite]:
         backlog=16,
         reuse_port=False,
         coalescer=WriteCoalescer(lambda: False),
+        connections=ClientConnections(
+            header_timeout=5.0, send_timeout=5.0, log=structlog.get_logger()
+        ),
     )
     await site.start()
     return runner, site
