@@ -101,6 +101,7 @@ def make_app(
     metrics.spool_limit.set(settings.spool_limit)
     app[CONNECTIONS] = ClientConnections(
         header_timeout=settings.header_timeout,
+        keepalive_timeout=settings.keepalive_timeout,
         # The read timeout, both ways: the longest wait for the client to take the next bytes.
         send_timeout=settings.upstream_timeout,
         log=log,

@@ -16,7 +16,8 @@
 Where a head begins and ends is found by httptools (llhttp, which aiohttp's own parser is built
 on) fed the same bytes: it calls on_message_begin at a request's first byte and
 on_headers_complete at the end of its head, whatever came before it on the connection (bodies,
-pipelined requests). An idle kept-alive connection is aiohttp's keep-alive timeout's business.
+pipelined requests). An idle kept-alive connection is aiohttp's keep-alive timeout's business
+(`keepalive_timeout`, given to it by server.make_runner).
 
 Cheap on the hot path: one timer per connection, armed when it opens and re-armed lazily (a
 request only moves the deadline), and the send watchdog's timer only while a client is behind.
@@ -83,11 +84,14 @@ class ClientConnections:
         header_timeout: float,
         send_timeout: float,
         log: structlog.typing.FilteringBoundLogger,
+        keepalive_timeout: float = 75.0,
         metrics: Metrics | None = None,
         open_files_limit: int | None = None,
     ) -> None:
         self.header_timeout = header_timeout
         self.send_timeout = send_timeout
+        # Applied by aiohttp's request handler (server.make_runner): idle between requests.
+        self.keepalive_timeout = keepalive_timeout
         self.open = 0
         self._metrics = metrics
         self._warnings = Occurrences(log)

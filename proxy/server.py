@@ -66,10 +66,15 @@ class CoalescingSite(web.BaseSite):
         )
 
 
-def make_runner(app: web.Application, *, shutdown_grace: float) -> web.AppRunner:
-    """The runner for `app`: in-flight requests get `shutdown_grace` seconds when stopping."""
+def make_runner(
+    app: web.Application, *, shutdown_grace: float, keepalive_timeout: float = 75.0
+) -> web.AppRunner:
+    """The runner for `app`: in-flight requests get `shutdown_grace` seconds when stopping, and
+    a kept-alive connection idle for `keepalive_timeout` seconds is closed (nginx's default,
+    75 s; aiohttp's own is an hour, long enough for idle connections to use up descriptors)."""
     return web.AppRunner(
         app,
+        keepalive_timeout=keepalive_timeout,
         # Our own request line replaces aiohttp's access log (one line a request, not two).
         access_log=None,
         # A client that goes away cancels its request, and with it the upstream exchange.
@@ -101,14 +106,20 @@ async def serve(
 
     While `busy()` (another request in flight), answers leave at the end of the event loop's
     pass, together (coalesce.py). Client connections are held to the timeouts of `connections`
-    (connections.py; by default a 10 s header timeout and a 30 s send timeout).
+    (connections.py; by default a 10 s header timeout, a 30 s send timeout and a 75 s keep-alive
+    timeout).
     """
     # Signals are taken from the start: a SIGTERM during start-up stops cleanly too.
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
-    runner = make_runner(app, shutdown_grace=DRAINED_CLOSE if drain else shutdown_grace)
+    connections = connections or ClientConnections(header_timeout=10, send_timeout=30, log=log)
+    runner = make_runner(
+        app,
+        shutdown_grace=DRAINED_CLOSE if drain else shutdown_grace,
+        keepalive_timeout=connections.keepalive_timeout,
+    )
     await runner.setup()
     try:
         site = CoalescingSite(
@@ -118,8 +129,7 @@ async def serve(
             backlog=1024,
             reuse_port=reuse_port,
             coalescer=WriteCoalescer(busy),
-            connections=connections
-            or ClientConnections(header_timeout=10, send_timeout=30, log=log),
+            connections=connections,
         )
         await site.start()
     except OSError as exc:

@@ -36,6 +36,7 @@ class Settings:
     upstream_timeout: float = 30.0
     connect_timeout: float = 5.0
     header_timeout: float = 10.0
+    keepalive_timeout: float = 75.0
     refresh_margin: float = 300.0
     max_body: int = 64 * MIB
     spool_limit: int = 512 * MIB
@@ -315,6 +316,14 @@ OPTIONS: Final = (
         10.0,
         "seconds a client has to send a request's head (request line and headers); "
         "then its connection is closed",
+    ),
+    Option(
+        "keepalive_timeout",
+        "SOBOT_KEEPALIVE_TIMEOUT",
+        "--keepalive-timeout",
+        _positive_seconds,
+        75.0,
+        "seconds a kept-alive client connection may sit idle between requests; then it is closed",
     ),
     Option(
         "refresh_margin",

@@ -473,3 +473,19 @@ async def test_a_flood_of_one_kind_is_logged_once_then_counted(logs: CapturedLog
     await asyncio.sleep(0.2)  # two intervals pass, on purpose
     occurrences.warn("client_header_timeout", "header_nothing", client="127.0.0.2")
     assert logs.events("client_header_timeout")[-1]["client"] == "127.0.0.2"
+
+
+async def test_an_idle_kept_alive_connection_is_closed_after_the_keepalive_timeout(tmp_path):
+    """aiohttp's own keep-alive timeout is an hour: the proxy's is a setting (75 s by default)."""
+    with stack(tmp_path, SOBOT_KEEPALIVE_TIMEOUT="1") as running:
+        client = await connect(port_of(running))
+        try:
+            await send(client, b"GET /api/echo HTTP/1.1\r\nHost: proxy\r\n\r\n")
+            status, body = await answer(client)
+            assert status == 200, body
+            async with asyncio.timeout(BOUND):
+                await closed_by_peer(client)  # idle, and kept alive: closed by the proxy
+            assert await asyncio.get_running_loop().sock_recv(client, 1) == b""  # a clean FIN
+        finally:
+            client.close()
+        assert running.proxy_events("client_header_timeout") == []
