@@ -422,12 +422,6 @@ class _Prover:
             CIMultiDict({protocol.TOKEN_HEADER: token.value}),
         )
         try:
-            body = bytearray()
-            while len(body) < PROBE_READ_LIMIT:
-                chunk = await response.read(PROBE_READ_LIMIT - len(body))
-                if not chunk:
-                    break
-                body += chunk
-            return response.status, bytes(body)
+            return response.status, await response.read_up_to(PROBE_READ_LIMIT)
         finally:
             response.release()

@@ -252,19 +252,13 @@ class Forwarder:
         if not may_be_json or (length is not None and length > INSPECT_LIMIT):
             return _Answer(response, b"", complete=False, ret_code=None)
         try:
-            body = bytearray(await response.read(INSPECT_LIMIT + 1))
-            while len(body) <= INSPECT_LIMIT and not response.at_eof():
-                more = await response.read(INSPECT_LIMIT + 1 - len(body))
-                if not more:
-                    break
-                body += more
+            body = await response.read_up_to(INSPECT_LIMIT + 1)
         except (TimeoutError, upstream.ClientError) as exc:
             raise _upstream_error(exc) from None
         if len(body) > INSPECT_LIMIT:
-            return _Answer(response, bytes(body), complete=False, ret_code=None)
+            return _Answer(response, body, complete=False, ret_code=None)
         encoding = response.headers.get(hdrs.CONTENT_ENCODING, "identity")
-        whole = bytes(body)
-        return _Answer(response, whole, complete=True, ret_code=_ret_code(whole, encoding))
+        return _Answer(response, body, complete=True, ret_code=_ret_code(body, encoding))
 
     async def _relay(
         self, request: web.Request, answer: _Answer, record: RequestRecord

@@ -161,13 +161,7 @@ class SobotTokenSource:
         """Send get_token; its status and up to MAX_ANSWER + 1 bytes of its answer."""
         response = await self._client.request("GET", self._origin, target, self._headers)
         try:
-            body = bytearray()
-            while len(body) <= MAX_ANSWER:
-                chunk = await response.read(MAX_ANSWER + 1 - len(body))
-                if not chunk:
-                    break
-                body += chunk
-            return response.status, bytes(body)
+            return response.status, await response.read_up_to(MAX_ANSWER + 1)
         finally:
             response.release()
 

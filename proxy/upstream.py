@@ -8,7 +8,7 @@ httptools) over the event loop's own transports.
     client = Client(tls, connections=100, connect_timeout=5, read_timeout=30)
     response = await client.request("POST", Origin.of(url), "/api/x?a=1", headers, body)
     response.status, response.headers, response.content_length
-    await response.read(n) / await response.readany() / response.at_eof()
+    await response.read(n) / await response.read_up_to(n) / await response.readany()
     response.release()            # back to the pool if read whole and kept alive, else closed
 
 - A request is never sent twice: a kept-alive connection that turns out dead fails the request
@@ -560,6 +560,21 @@ class Response:
             parts.append(chunk)
             size += len(chunk)
         self._consumed(size)
+        return b"".join(parts)
+
+    async def read_up_to(self, n: int) -> bytes:
+        """The whole body if it is shorter than `n` bytes, else its first `n`: reads until either
+        (ask for one more than a limit to tell whether a body is over it)."""
+        first = await self.read(n)
+        if len(first) == n or not first or self.at_eof():
+            return first  # nearly always: a small answer comes in one piece
+        parts, size = [first], len(first)
+        while size < n:
+            chunk = await self.read(n - size)
+            if not chunk:
+                break
+            parts.append(chunk)
+            size += len(chunk)
         return b"".join(parts)
 
     async def readany(self) -> bytes:

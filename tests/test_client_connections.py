@@ -23,11 +23,9 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from proxy.app import CONNECTIONS, make_app
-from proxy.coalesce import WriteCoalescer
 from proxy.fake_sobot import FAULT_HEADER, FakeSobot
 from proxy.logs import get_logger
 from proxy.occurrences import Occurrences
-from proxy.server import CoalescingSite, make_runner
 from proxy.settings import Settings
 from tests.conftest import CapturedLogs, eventually
 from tests.processes import (
@@ -39,6 +37,7 @@ from tests.processes import (
     rss_bytes,
     stack,
 )
+from tests.sites import start_site
 
 MIB = 1024 * 1024
 HEADER_TIMEOUT = 1.0
@@ -398,20 +397,9 @@ async def test_a_kept_alive_client_does_not_keep_its_last_answer_in_memory(tmp_p
 async def site_proxy(settings: Settings, logs: CapturedLogs) -> AsyncIterator[int]:
     """The proxy app behind its real listening site (connections.py included); its port."""
     app = make_app(settings, secrets=logs.secrets)
-    runner = make_runner(app, shutdown_grace=1.0)
-    await runner.setup()
-    site = CoalescingSite(
-        runner,
-        "127.0.0.1",
-        0,
-        backlog=16,
-        reuse_port=False,
-        coalescer=WriteCoalescer(lambda: False),
-        connections=app[CONNECTIONS],
-    )
-    await site.start()
+    runner, _, port = await start_site(app, connections=app[CONNECTIONS])
     try:
-        yield runner.addresses[0][1]
+        yield port
     finally:
         await runner.cleanup()
 

@@ -20,8 +20,8 @@ from proxy.coalesce import LIMIT, CoalescedTransport, WriteCoalescer
 from proxy.connections import ClientConnections
 from proxy.handler import ApiHandler
 from proxy.logs import get_logger
-from proxy.server import CoalescingSite, make_runner
 from proxy.upstream import _Pool
+from tests.sites import start_site
 
 Pair = tuple[asyncio.Transport, socket.socket]
 
@@ -188,22 +188,6 @@ def _connections() -> ClientConnections:
 # --- the server's site --------------------------------------------------------------------------
 
 
-async def _site(app: web.Application, busy: Callable[[], bool]) -> tuple[web.AppRunner, int]:
-    runner = make_runner(app, shutdown_grace=1.0)
-    await runner.setup()
-    site = CoalescingSite(
-        runner,
-        "127.0.0.1",
-        0,
-        backlog=16,
-        reuse_port=False,
-        coalescer=WriteCoalescer(busy),
-        connections=_connections(),
-    )
-    await site.start()
-    return runner, runner.addresses[0][1]
-
-
 async def test_the_site_gives_aiohttp_coalesced_transports_and_answers_arrive_whole() -> None:
     """Many requests at once, with every answer gathered: each arrives whole, kept-alive or
     closing, small or streamed past the limit."""
@@ -230,7 +214,7 @@ async def test_the_site_gives_aiohttp_coalesced_transports_and_answers_arrive_wh
     app.router.add_get("/small", small)
     app.router.add_get("/closing", closing)
     app.router.add_get("/streamed", streamed)
-    runner, port = await _site(app, busy=lambda: True)
+    runner, _, port = await start_site(app, busy=lambda: True)
     base = f"http://127.0.0.1:{port}"
     try:
         async with asyncio.timeout(30), aiohttp.ClientSession() as session:

@@ -10,12 +10,11 @@ from __future__ import annotations
 import asyncio
 import socket
 
-import structlog
 from aiohttp import web
 
-from proxy.coalesce import CoalescedTransport, WriteCoalescer
-from proxy.connections import ClientConnections
-from proxy.server import CoalescingSite, make_runner
+from proxy.coalesce import CoalescedTransport
+from proxy.server import CoalescingSite
+from tests.sites import start_site
 
 
 async def _started() -> tuple[web.AppRunner, CoalescingSite]:
@@ -24,20 +23,7 @@ async def _started() -> tuple[web.AppRunner, CoalescingSite]:
 
     app = web.Application()
     app.router.add_get("/", hello)
-    runner = make_runner(app, shutdown_grace=1.0)
-    await runner.setup()
-    site = CoalescingSite(
-        runner,
-        "127.0.0.1",
-        0,
-        backlog=16,
-        reuse_port=False,
-        coalescer=WriteCoalescer(lambda: False),
-        connections=ClientConnections(
-            header_timeout=5.0, send_timeout=5.0, log=structlog.get_logger()
-        ),
-    )
-    await site.start()
+    runner, site, _ = await start_site(app)
     return runner, site
 
 

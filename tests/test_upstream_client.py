@@ -317,6 +317,32 @@ async def test_a_chunked_answer_is_decoded(client, serve):
     assert server.connections == 1
 
 
+@pytest.mark.parametrize(
+    ("limit", "expected"), [(4, b"hell"), (11, b"hello world"), (99, b"hello world")]
+)
+async def test_read_up_to_gathers_pieces_until_the_limit_or_the_end(client, serve, limit, expected):
+    """The body's first piece comes with the head, the rest once asked for: read_up_to waits for
+    more until it has `limit` bytes or the body has ended."""
+    rest_wanted = asyncio.Event()
+
+    async def in_two_pieces(peer: Peer) -> None:
+        await peer.request()
+        await peer.answer(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n")
+        await rest_wanted.wait()
+        await peer.answer(b"6\r\n world\r\n0\r\n\r\n")
+        await peer.reader.read()
+
+    server = await serve(in_two_pieces)
+    async with asyncio.timeout(10):
+        response = await client.request("GET", server.origin, "/", CIMultiDict())
+        try:
+            reading = asyncio.create_task(response.read_up_to(limit))
+            rest_wanted.set()  # sent once the first piece has been read
+            assert await reading == expected
+        finally:
+            response.release()
+
+
 async def test_an_answer_delimited_by_the_end_of_the_connection_is_read_whole(client, serve):
     answer = b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n\r\nuntil the end"
     server = await serve(answering(answer, close=True))
