@@ -1,8 +1,19 @@
-"""`python -m bench [--quick] [--json PATH]`: run every scenario, print the table, write JSON.
+"""`python -m bench [--quick] [--json PATH] [--baseline DIR]`: run every scenario, print the
+table, write JSON.
+
+`--baseline DIR` shows a change's before and after in one run: DIR is another checkout of
+sobot-proxy (an earlier commit) with its own virtualenv in DIR/.venv, for example
+
+    git worktree add --detach /tmp/base <commit>
+    python3 -m venv /tmp/base/.venv && /tmp/base/.venv/bin/pip install -e /tmp/base
+
+and its proxy runs in the throughput scenario beside this one, placed, interleaved and
+measured alike, with this one's req/s and CPU per request over its own.
 
 Exit status 0 when every scenario ran and every request succeeded, whether or not the targets
 are met (they are measurements, reported next to the targets); 1 when a scenario could not run
-or requests failed, since failed requests make the figures meaningless.
+or requests failed, since failed requests make the figures meaningless; 2 for a DIR that is not
+a checkout with a virtualenv.
 """
 
 from __future__ import annotations
@@ -24,7 +35,16 @@ from typing import Any
 from bench import scenarios
 from bench.load import write_script
 from bench.report import check_targets, render
-from bench.system import MIB, ROOT, UNPINNED, BenchError, pinned_placement, require_tools
+from bench.system import (
+    MIB,
+    ROOT,
+    UNPINNED,
+    BenchError,
+    Checkout,
+    baseline_checkout,
+    pinned_placement,
+    require_tools,
+)
 
 DEFAULT_JSON = ROOT / "bench" / "results" / "latest.json"
 
@@ -81,8 +101,9 @@ def _output(*argv: str) -> str:
     return text.splitlines()[0] if text else "unknown"
 
 
-def _commit() -> str:
-    """The commit measured, and whether the work tree differs from it (read-only git calls)."""
+def _commit(root: Path) -> str:
+    """The commit checked out in `root`, and whether its work tree differs from it (read-only
+    git calls)."""
     git = shutil.which("git")
     if git is None:
         return "unknown"
@@ -94,7 +115,7 @@ def _commit() -> str:
             text=True,
             timeout=10,
             check=True,
-            cwd=ROOT,
+            cwd=root,
         ).stdout.strip()
         changes = subprocess.run(  # noqa: S603
             [git, "status", "--porcelain", "--untracked-files=no"],
@@ -102,14 +123,14 @@ def _commit() -> str:
             text=True,
             timeout=10,
             check=True,
-            cwd=ROOT,
+            cwd=root,
         ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return "unknown"
     return f"{head} (with uncommitted changes)" if changes else head
 
 
-def _meta(plan: Plan, quick: bool) -> dict[str, Any]:
+def _meta(plan: Plan, quick: bool, baseline: Checkout | None) -> dict[str, Any]:
     cpu_model = "unknown"
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -118,11 +139,11 @@ def _meta(plan: Plan, quick: bool) -> dict[str, Any]:
                 break
     except OSError:
         pass
-    return {
+    meta: dict[str, Any] = {
         "started": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "command": os.environ.get("BENCH_COMMAND") or "python -m bench " + " ".join(sys.argv[1:]),
         "quick": quick,
-        "commit": _commit(),
+        "commit": _commit(ROOT),
         "cpus": len(os.sched_getaffinity(0)),
         "cpu_model": cpu_model,
         "python": platform.python_version(),
@@ -132,11 +153,14 @@ def _meta(plan: Plan, quick: bool) -> dict[str, Any]:
         "repeats": plan.repeats,
         "concurrencies": list(plan.concurrencies),
     }
+    if baseline is not None:  # absent without --baseline: the results are as they were
+        meta["baseline"] = {"path": str(baseline.root), "commit": _commit(baseline.root)}
+    return meta
 
 
-def run(plan: Plan, *, quick: bool, work: Path) -> dict[str, Any]:
+def run(plan: Plan, *, quick: bool, work: Path, baseline: Checkout | None) -> dict[str, Any]:
     script = write_script(work)
-    results: dict[str, Any] = {"meta": _meta(plan, quick), "throughput": {}}
+    results: dict[str, Any] = {"meta": _meta(plan, quick, baseline), "throughput": {}}
     placements = [p for p in (pinned_placement(), UNPINNED) if p is not None]
     for placement in placements:
         _progress(f"throughput, {placement.name}")
@@ -148,6 +172,7 @@ def run(plan: Plan, *, quick: bool, work: Path) -> dict[str, Any]:
             repeats=plan.repeats,
             warm_up=plan.warm_up,
             script=script,
+            baseline=baseline,
         )
     _progress("workers: 2 versus 1, unpinned")
     results["workers"] = scenarios.workers(
@@ -182,19 +207,36 @@ def _failed_requests(results: dict[str, Any]) -> int:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    # Raw: the docstring's command lines stay as written.
+    parser = argparse.ArgumentParser(
+        prog="python -m bench",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument(
         "--quick", action="store_true", help="every scenario, ~1 s each, small sizes"
     )
     parser.add_argument(
         "--json", type=Path, default=DEFAULT_JSON, help=f"results file (default {DEFAULT_JSON})"
     )
+    parser.add_argument(
+        "--baseline",
+        type=Path,
+        metavar="DIR",
+        help="also run DIR's proxy in the throughput scenario, for before/after figures: "
+        "DIR is another checkout with its own DIR/.venv (see above)",
+    )
     args = parser.parse_args()
     plan = QUICK if args.quick else FULL
     try:
+        baseline = baseline_checkout(args.baseline) if args.baseline else None
+    except BenchError as exc:
+        print(f"bench: {exc}", file=sys.stderr)
+        return 2
+    try:
         require_tools("nginx", "wrk")
         with tempfile.TemporaryDirectory(prefix="sobot-bench-") as work:
-            results = run(plan, quick=args.quick, work=Path(work))
+            results = run(plan, quick=args.quick, work=Path(work), baseline=baseline)
     except BenchError as exc:
         print(f"bench: {exc}", file=sys.stderr)
         return 1

@@ -6,7 +6,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Final
 
-from bench.scenarios import DIRECT, SETUPS, SOBOT
+from bench.scenarios import BASELINE, DIRECT, SOBOT
 
 REFERENCE_CONCURRENCY: Final = "16"
 
@@ -164,8 +164,7 @@ def _throughput_table(name: str, placement: dict[str, Any], meta: dict[str, Any]
         "|---:|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for concurrency, row in placement["concurrency"].items():
-        for setup in SETUPS:
-            f = row[setup]
+        for setup, f in row.items():
             added = setup != DIRECT
             lines.append(
                 f"| {concurrency} | {setup} | {_number(f['requests_per_s'])} "
@@ -175,23 +174,37 @@ def _throughput_table(name: str, placement: dict[str, Any], meta: dict[str, Any]
                 f"| {_number(f['throughput_vs_nginx'], 2) if added else '-'} "
                 f"| {_number(f.get('cpu_us_per_request'), 1)} |"
             )
-    runs = [
-        run for row in placement["concurrency"].values() for s in SETUPS for run in row[s]["runs"]
-    ]
-    lines.append(_noise(runs))
-    errors = sum(row[s]["errors"] for row in placement["concurrency"].values() for s in SETUPS)
+    setups = [figures for row in placement["concurrency"].values() for figures in row.values()]
+    lines.append(_noise([run for figures in setups for run in figures["runs"]]))
+    errors = sum(figures["errors"] for figures in setups)
     if errors:
         lines.append(f"WARNING: {errors} failed requests (non-2xx, socket errors, timeouts)")
     lines.append(
         f"sobot-proxy RSS after this load: {placement['sobot_proxy_rss_after_mib']:.1f} MiB"
     )
+    if "after_vs_baseline" in placement:
+        lines += [
+            "",
+            f"{SOBOT} against {BASELINE} (after / before)",
+            "",
+            "| c | req/s | CPU us/req |",
+            "|---:|---:|---:|",
+        ]
+        for concurrency, ratios in placement["after_vs_baseline"].items():
+            lines.append(
+                f"| {concurrency} | {_number(ratios['requests_per_s'], 2)} "
+                f"| {_number(ratios['cpu_us_per_request'], 2)} |"
+            )
     return lines
 
 
 def render(results: dict[str, Any]) -> str:
     meta = results["meta"]
-    lines = [
-        f"sobot-proxy benchmark, {meta['started']}, commit {meta['commit']}",
+    baseline = meta.get("baseline")  # only with --baseline
+    lines = [f"sobot-proxy benchmark, {meta['started']}, commit {meta['commit']}"]
+    if baseline:
+        lines.append(f"baseline: commit {baseline['commit']}, from {baseline['path']}")
+    lines += [
         f"{meta['cpus']} CPUs ({meta['cpu_model']}), Python {meta['python']}, "
         f"{meta['nginx']}, {meta['wrk']}",
         f"command: {meta['command']}",
@@ -201,6 +214,10 @@ def render(results: dict[str, Any]) -> str:
         "sobot-proxy = wrk -> sobot-proxy (JSON logs on, ret_code inspection on) -> upstream. "
         "+p50/+p99: over direct.",
     ]
+    if baseline:
+        lines.append(
+            f"{BASELINE} = the same, the baseline's code on its own virtualenv, on the same CPU."
+        )
     for name in ("pinned", "unpinned"):
         placement = results["throughput"].get(name)
         if placement:

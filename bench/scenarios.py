@@ -1,6 +1,7 @@
 """What is measured. Each scenario starts its own servers, returns plain data, and stops them.
 
-throughput   direct / nginx proxy / sobot-proxy at several concurrencies, on one placement
+throughput   direct / nginx proxy / sobot-proxy (/ a baseline checkout of it) at several
+             concurrencies, on one placement
 memory       idle RSS, and peak RSS while relaying a big download and a big upload
 real_client  new connection per call: to a TLS upstream ~20 ms away, versus through the proxy
 workers      --workers 2 versus 1, unpinned
@@ -25,8 +26,10 @@ from typing import Any, Final
 from bench.load import run_wrk
 from bench.system import (
     MIB,
+    THIS_CHECKOUT,
     UNPINNED,
     BenchError,
+    Checkout,
     CpuSnapshot,
     PeakRss,
     Placement,
@@ -53,7 +56,7 @@ from proxy.fake_sobot import FAULT_HEADER
 DIRECT: Final = "direct"
 NGINX: Final = "nginx proxy"
 SOBOT: Final = "sobot-proxy"
-SETUPS: Final = (DIRECT, NGINX, SOBOT)
+BASELINE: Final = "sobot-proxy baseline"  # another checkout's, with --baseline
 
 
 @dataclass(frozen=True, slots=True)
@@ -162,10 +165,12 @@ def throughput(
     repeats: int,
     warm_up: float,
     script: Path,
+    baseline: Checkout | None = None,
 ) -> dict[str, Any]:
-    """Direct, the nginx anchor and sobot-proxy, on one placement, interleaved.
+    """Direct, the nginx anchor and sobot-proxy, on one placement, interleaved; with
+    `baseline`, that checkout's sobot-proxy too, placed and measured as this one is.
 
-    All three run at once (an idle server costs nothing) and each repeat runs every setup at
+    All run at once (an idle server costs nothing) and each repeat runs every setup at
     every concurrency before the next repeat starts, so a burst of noise from the machine's
     neighbours lands on all of them alike instead of on one setup's figures.
     """
@@ -179,26 +184,32 @@ def throughput(
                 directory / "nginx-proxy", free_port(), upstream.port, cpus=placement.proxy
             ),
         )
-        sobot = _started(
-            servers,
-            start_sobot_proxy(
-                directory / "sobot-proxy",
-                free_port(),
-                f"http://127.0.0.1:{upstream.port}",
-                cpus=placement.proxy,
-            ),
-        )
+        checkouts = {SOBOT: THIS_CHECKOUT} | ({BASELINE: baseline} if baseline else {})
+        proxies = {
+            setup: _started(
+                servers,
+                start_sobot_proxy(
+                    directory / setup.replace(" ", "-"),
+                    free_port(),
+                    f"http://127.0.0.1:{upstream.port}",
+                    cpus=placement.proxy,
+                    name=setup.replace(" ", "-"),
+                    checkout=checkout,
+                ),
+            )
+            for setup, checkout in checkouts.items()
+        }
         targets = [
             Target(DIRECT, upstream.port, {"token": TOKEN}, None),
             Target(NGINX, nginx.port, {}, nginx.pid),
-            Target(SOBOT, sobot.port, {}, sobot.pid),
+            *(Target(setup, proxy.port, {}, proxy.pid) for setup, proxy in proxies.items()),
         ]
         _warm_up(targets, seconds=warm_up, script=script, cpus=placement.load)
         runs: dict[tuple[str, int], list[dict[str, Any]]] = {}
         for _repeat in range(repeats):
             for connections in concurrencies:
                 for target in targets:
-                    _truncate((upstream, nginx, sobot))
+                    _truncate((upstream, nginx, *proxies.values()))
                     runs.setdefault((target.name, connections), []).append(
                         _measure(
                             target,
@@ -208,18 +219,19 @@ def throughput(
                             cpus=placement.load,
                         )
                     )
-        rss_after = rss_bytes(sobot.pid)
+        rss_after = rss_bytes(proxies[SOBOT].pid)
     results: dict[str, Any] = {}
     for connections in concurrencies:
-        row = {name: _summary(runs[(name, connections)]) for name in SETUPS}
+        row = {t.name: _summary(runs[(t.name, connections)]) for t in targets}
         direct, anchor = row[DIRECT], row[NGINX]
-        for name in (NGINX, SOBOT):
-            figures = row[name]
+        for name, figures in row.items():
+            if name == DIRECT:
+                continue
             figures["added_p50_us"] = figures["p50_us"] - direct["p50_us"]
             figures["added_p99_us"] = figures["p99_us"] - direct["p99_us"]
             figures["throughput_vs_nginx"] = figures["requests_per_s"] / anchor["requests_per_s"]
         results[str(connections)] = row
-    return {
+    measured: dict[str, Any] = {
         "placement": {
             "load_generator_cpus": placement.load,
             "upstream_cpus": placement.upstream,
@@ -228,6 +240,19 @@ def throughput(
         "sobot_proxy_rss_after_mib": rss_after / MIB,
         "concurrency": results,
     }
+    if baseline is not None:
+        measured["after_vs_baseline"] = {
+            connections: {
+                key: _ratio(row[SOBOT][key], row[BASELINE][key])
+                for key in ("requests_per_s", "cpu_us_per_request")
+            }
+            for connections, row in results.items()
+        }
+    return measured
+
+
+def _ratio(after: float | None, before: float | None) -> float | None:
+    return after / before if after is not None and before else None
 
 
 def _started(stack: ExitStack, server: Server) -> Server:

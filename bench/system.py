@@ -85,6 +85,32 @@ def free_port() -> int:
         return port
 
 
+@dataclass(frozen=True, slots=True)
+class Checkout:
+    """A sobot-proxy source tree and the interpreter that runs its `python -m proxy`."""
+
+    root: Path
+    python: Path
+
+
+THIS_CHECKOUT: Final = Checkout(ROOT, Path(sys.executable))
+
+
+def baseline_checkout(directory: Path) -> Checkout:
+    """Another checkout of sobot-proxy to compare with, with its own `.venv`; BenchError if not."""
+    root = directory.resolve()
+    if not (root / "proxy").is_dir():
+        raise BenchError(f"--baseline {directory}: no proxy/ there, not a sobot-proxy checkout")
+    # Not resolved: a venv's python is a symlink, and only its own path finds the venv.
+    python = root / ".venv" / "bin" / "python"
+    if not os.access(python, os.X_OK):
+        raise BenchError(
+            f"--baseline {directory}: no .venv/bin/python there (make it: python3 -m venv "
+            f"{root}/.venv && {root}/.venv/bin/pip install -e {root})"
+        )
+    return Checkout(root, python)
+
+
 def child_env(**variables: str) -> dict[str, str]:
     env = {name: value for name, value in os.environ.items() if name in KEPT_ENV}
     return {**env, **variables}
@@ -100,6 +126,7 @@ class Process:
         *,
         log_path: Path,
         env: Mapping[str, str] | None = None,
+        cwd: Path = ROOT,
     ) -> None:
         self.name = name
         self.log_path = log_path
@@ -112,7 +139,7 @@ class Process:
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 env=dict(env) if env is not None else child_env(),
-                cwd=ROOT,
+                cwd=cwd,
                 start_new_session=True,  # stop() ends it with every process it started
             )
 
@@ -150,9 +177,9 @@ class Process:
             self.popen.wait(timeout=STOP_TIMEOUT)
 
 
-def python_module(module: str, *args: str) -> list[str]:
-    """The command running `python -m module` with this interpreter (the venv's)."""
-    return [sys.executable, "-m", module, *args]
+def python_module(module: str, *args: str, python: Path | None = None) -> list[str]:
+    """The command running `python -m module` with `python`, by default this interpreter."""
+    return [str(python or sys.executable), "-m", module, *args]
 
 
 # --- HTTP, small and dependency-free -------------------------------------------------------

@@ -20,7 +20,9 @@ from typing import Final
 
 from bench.system import (
     START_TIMEOUT,
+    THIS_CHECKOUT,
     BenchError,
+    Checkout,
     Process,
     child_env,
     on_cpus,
@@ -218,9 +220,10 @@ def start_sobot_proxy(
     cpus: str | None,
     workers: int = 1,
     name: str = "sobot-proxy",
+    checkout: Checkout = THIS_CHECKOUT,
     **settings: str,
 ) -> Server:
-    """`python -m proxy serve` with its production settings (JSON logs on), once ready."""
+    """`python -m proxy serve` from `checkout`, production settings (JSON logs on), once ready."""
     directory.mkdir(parents=True, exist_ok=True)
     env = child_env(
         SOBOT_APPID=APPID,
@@ -232,8 +235,10 @@ def start_sobot_proxy(
         SOBOT_LOG_LEVEL="info",
         **settings,
     )
-    argv = on_cpus(cpus, python_module("proxy", "serve"))
-    process = Process(name, argv, log_path=directory / f"{name}.log", env=env)
+    argv = on_cpus(cpus, python_module("proxy", "serve", python=checkout.python))
+    # `-m` puts the working directory first on sys.path: the checkout's own proxy/ runs,
+    # whatever its venv has installed.
+    process = Process(name, argv, log_path=directory / f"{name}.log", env=env, cwd=checkout.root)
     # Each worker binds the port itself: all of them, not just the first, must be listening.
     deadline = time.monotonic() + START_TIMEOUT
     while process.log_path.read_text(errors="replace").count('"event":"listening"') < workers:

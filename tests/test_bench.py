@@ -13,6 +13,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any, NamedTuple
 
 import pytest
 
@@ -26,15 +27,19 @@ def is_number(value) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
-@pytest.fixture(scope="module")
-def results(tmp_path_factory):
+class Run(NamedTuple):
+    results: dict[str, Any]  # the JSON written
+    table: str  # what was printed
+
+
+def quick_run(directory: Path, *options: str) -> Run:
     missing = [tool for tool in ("nginx", "wrk") if shutil.which(tool) is None]
     if missing:
         # Not a skip: a harness nobody runs rots. scripts/test installs them.
         pytest.fail(f"{', '.join(missing)} missing: `bash scripts/test` installs them")
-    path = tmp_path_factory.mktemp("bench") / "results.json"
+    path = directory / "results.json"
     done = subprocess.run(
-        [sys.executable, "-m", "bench", "--quick", "--json", str(path)],
+        [sys.executable, "-m", "bench", "--quick", "--json", str(path), *options],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -43,7 +48,39 @@ def results(tmp_path_factory):
     )
     assert done.returncode == 0, done.stdout + done.stderr
     assert "| target | measured | met |" in done.stdout  # the table was printed
-    return json.loads(path.read_text())
+    return Run(json.loads(path.read_text()), done.stdout)
+
+
+@pytest.fixture(scope="module")
+def plain_run(tmp_path_factory):
+    return quick_run(tmp_path_factory.mktemp("bench"))
+
+
+@pytest.fixture(scope="module")
+def results(plain_run):
+    return plain_run.results
+
+
+@pytest.fixture(scope="module")
+def baseline_dir(tmp_path_factory):
+    """This repository as its own baseline: same code, so only the harness is under test."""
+    if Path(sys.executable) == ROOT / ".venv" / "bin" / "python":
+        return ROOT
+    # Run by another interpreter: a checkout of the same code whose .venv/bin/python is this
+    # one. A wrapper, not a symlink: a venv's python started through a symlink elsewhere does
+    # not find its pyvenv.cfg, nor so its packages.
+    directory = tmp_path_factory.mktemp("baseline")
+    (directory / "proxy").symlink_to(ROOT / "proxy")
+    python = directory / ".venv" / "bin" / "python"
+    python.parent.mkdir(parents=True)
+    python.write_text(f'#!/bin/sh\nexec "{sys.executable}" "$@"\n')
+    python.chmod(0o755)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def baseline_run(tmp_path_factory, baseline_dir):
+    return quick_run(tmp_path_factory.mktemp("bench-baseline"), "--baseline", str(baseline_dir))
 
 
 def test_every_setup_and_concurrency_has_its_figures(results):
@@ -93,3 +130,60 @@ def test_every_target_is_reported_with_a_measurement(results):
         assert is_number(target["measured"]), target
         assert isinstance(target["met"], bool)
     assert results["meta"]["quick"] is True
+
+
+def test_without_a_baseline_there_is_none_in_results_or_table(plain_run):
+    assert "baseline" not in plain_run.results["meta"]
+    for placement in plain_run.results["throughput"].values():
+        assert "after_vs_baseline" not in placement
+    assert "baseline" not in plain_run.table
+
+
+def test_a_baseline_runs_beside_sobot_proxy_with_ratios(baseline_run, baseline_dir):
+    results, table = baseline_run
+    meta = results["meta"]
+    assert meta["baseline"]["path"] == str(baseline_dir.resolve())
+    if baseline_dir == ROOT:  # the same checkout: git reads the same commit
+        assert meta["baseline"]["commit"] == meta["commit"]
+    assert f"baseline: commit {meta['baseline']['commit']}, from {baseline_dir.resolve()}" in table
+    placements = results["throughput"]
+    assert placements  # at least the unpinned one
+    for placement in placements.values():
+        for row in placement["concurrency"].values():
+            assert list(row) == ["direct", "nginx proxy", "sobot-proxy", "sobot-proxy baseline"]
+            baseline = row["sobot-proxy baseline"]
+            assert baseline["requests"] > 0
+            assert baseline["errors"] == 0
+            for key in ("requests_per_s", "p50_us", "added_p50_us", "cpu_us_per_request"):
+                assert is_number(baseline[key]), key
+        ratios = placement["after_vs_baseline"]
+        assert set(ratios) == {"1", "16", "64"}
+        for per_concurrency in ratios.values():
+            assert set(per_concurrency) == {"requests_per_s", "cpu_us_per_request"}
+            assert all(is_number(ratio) for ratio in per_concurrency.values())
+    # Printed: the fourth row at each concurrency, and the ratios, for each placement.
+    for c in ("1", "16", "64"):
+        assert table.count(f"| {c} | sobot-proxy baseline | ") == len(placements)
+    assert table.count("sobot-proxy against sobot-proxy baseline (after / before)") == len(
+        placements
+    )
+    assert table.count("| c | req/s | CPU us/req |") == len(placements)
+
+
+@pytest.mark.parametrize("layout", ["empty", "no-venv"])
+def test_a_baseline_that_is_not_a_checkout_with_a_venv_is_refused(tmp_path, layout):
+    if layout == "no-venv":
+        (tmp_path / "proxy").mkdir()
+    done = subprocess.run(
+        [sys.executable, "-m", "bench", "--quick", "--baseline", str(tmp_path)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert done.returncode == 2
+    assert done.stdout == ""
+    expected = "no proxy/ there" if layout == "empty" else "no .venv/bin/python there"
+    assert done.stderr.startswith(f"bench: --baseline {tmp_path}: {expected}")
+    assert done.stderr.count("\n") == 1  # one line
