@@ -23,6 +23,9 @@
     gbk-filename       a 200 download of 1024 bytes named in GBK bytes (GBK_DISPOSITION, not
                        UTF-8, as Sobot's exports are), written raw; `gbk-filename=TYPE` sends
                        Content-Type TYPE instead of application/vnd.ms-excel
+    lowercase-headers  a 200 `{"ret_code":"000000"}`, chunked, as an HTTP/2 gateway writes it:
+                       every header name in lower case, hop-by-hop ones (`connection: close,
+                       x-hop`, `x-hop`, `keep-alive`, `proxy-authenticate`) among them; raw
 - Controls under `/_fake/` (never under /api/, so never reachable through the proxy):
     GET  /_fake/stats                       counters
     POST /_fake/expire                      expire the current token now
@@ -74,10 +77,11 @@ FAULT_HEADER: Final = "X-Fake-Fault"
 PARTIAL_LENGTH: Final = 2048  # what truncate, reset and stall-body announce...
 PARTIAL_SENT: Final = 1024  # ...and what they send
 _SIMPLE_FAULTS: Final = frozenset(
-    {"html502", "truncate", "reset", "stall", "stall-body", "drop", "early"}
+    {"html502", "truncate", "reset", "stall", "stall-body", "drop", "early", "lowercase-headers"}
 )
 _FAULT_HELP: Final = (
     f"unknown {FAULT_HEADER} value; expected one of html502, truncate, reset, stall, drop, early, "
+    "lowercase-headers, "
     "stall-body, download=N, slow-download=N (N bytes), delay=S (S seconds), gbk-filename, "
     "gbk-filename=TYPE (a Content-Type)"
 )
@@ -475,6 +479,17 @@ class FakeSobot:
                 request.transport.write(head + body)
             _drop(request, reset=False)  # a clean close, after what was written
             return web.Response(status=503)  # never sent: the connection is gone
+        if fault.kind == "lowercase-headers":
+            body = b'{"ret_code":"000000","ret_msg":"success"}'
+            head = (
+                b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n"
+                b"transfer-encoding: chunked\r\nconnection: close, x-hop\r\nx-hop: hop\r\n"
+                b"keep-alive: timeout=5\r\nproxy-authenticate: Basic\r\nx-kept: kept\r\n\r\n"
+            )
+            if request.transport is not None:
+                request.transport.write(head + b"%x\r\n%s\r\n0\r\n\r\n" % (len(body), body))
+            _drop(request, reset=False)  # as its `connection: close` says
+            return web.Response(status=503)  # never sent: the connection is gone
         if fault.kind == "drop":
             _drop(request, reset=False)
             return web.Response(status=503)  # never sent: the connection is gone
@@ -547,9 +562,9 @@ class FakeSobot:
 def servlet_path(raw_target: str) -> str:
     """The path of a request target as a Java servlet container (Tomcat, Jetty, Spring: what
     Sobot runs on) resolves it: each segment's `;parameters` dropped, percent-decoding, a
-    backslash taken for a slash, then dot segments resolved."""
+    backslash taken for a slash, then dot segments resolved; a `#` ends the path, as a fragment."""
     resolved: list[str] = []
-    for raw_segment in raw_target.partition("?")[0].split("/"):
+    for raw_segment in raw_target.partition("?")[0].partition("#")[0].split("/"):
         decoded = unquote(raw_segment.partition(";")[0]).replace("\\", "/")
         for segment in decoded.split("/"):
             if segment == "..":

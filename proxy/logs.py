@@ -210,14 +210,19 @@ def _route_standard_logging(out: _ScrubbedOutput, shared: list[Any], fmt: str, l
     root.setLevel(max(level, logging.INFO))  # libraries' debug chatter stays out
 
 
+_QUOTES_REQUEST: Final = re.compile(r"[:'\"/]")
+
+
 def _bad_requests_in_one_line(record: logging.LogRecord) -> bool:
     """A client that does not speak valid HTTP is refused by aiohttp's parser, which logs it as
     an error with a traceback quoting the request's bytes. That is the client's mistake, not
     ours: keep one warning line with the parser's reason, and none of the bytes."""
     exc = record.exc_info[1] if record.exc_info else None
     if isinstance(exc, HttpProcessingError) and record.name == "aiohttp.server":
-        # The reason alone: what follows its first colon quotes the request's bytes.
-        reason = str(exc.message).split(":", 1)[0].strip()
+        # The reason alone, cut where the parser starts quoting the request's bytes: at a colon
+        # or a quote (C parser, and most pure-Python messages), or a target's slash (the
+        # pure-Python parser's "invalid URL" names only the target).
+        reason = _QUOTES_REQUEST.split(str(exc.message), 1)[0].strip() or type(exc).__name__
         record.msg, record.args, record.exc_info, record.exc_text = (
             "bad_http_request",
             (),

@@ -387,3 +387,22 @@ async def test_targets_no_route_matches_get_a_json_404(proxy, fake: FakeSobot, t
     assert answer.startswith(b"HTTP/1.1 404 ")
     assert b'"ret_code":"980404"' in answer
     assert fake.stats.api_calls == 0
+
+
+async def test_header_rules_hold_whatever_the_case_of_sobots_header_names(proxy):
+    """An answer whose names are all lower case (as an HTTP/2 gateway writes them) loses its
+    hop-by-hop headers and is framed once, by the proxy: no `transfer-encoding: chunked` left
+    beside the Content-Length of a body the proxy read whole."""
+    answer = await send_raw(
+        proxy,
+        b"GET /api/echo HTTP/1.1\r\nHost: p\r\nX-Fake-Fault: lowercase-headers\r\n"
+        b"Connection: close\r\n\r\n",
+    )
+    head, _, body = answer.partition(b"\r\n\r\n")
+    names = [line.split(b":", 1)[0].lower() for line in head.split(b"\r\n")[1:]]
+    assert head.startswith(b"HTTP/1.1 200 ")
+    assert body == b'{"ret_code":"000000","ret_msg":"success"}'
+    assert names.count(b"content-length") == 1
+    for hop in (b"transfer-encoding", b"x-hop", b"keep-alive", b"proxy-authenticate"):
+        assert hop not in names, head
+    assert b"x-kept" in names

@@ -3,6 +3,7 @@ never forwards outside /api/, and never shows a secret (hypothesis, against real
 
 from __future__ import annotations
 
+import json
 import socket
 import string
 import time
@@ -15,7 +16,7 @@ from hypothesis import strategies as st
 from proxy.protocol import make_sign
 from tests.processes import STACK_APP_KEY, STACK_APPID, Stack, http_get, stack
 
-URL_CHARS = string.ascii_letters + string.digits + "-._~!$&'()*+,;=:@/%\\"
+URL_CHARS = string.ascii_letters + string.digits + "-._~!$&'()*+,;=:@/%\\#"
 PIECES = [
     "..",
     ".",
@@ -36,6 +37,11 @@ PIECES = [
     ".;",
     "%2e%2e;",
     "%2E.;jsessionid=1",
+    # A fragment would end the path upstream, after `..` too; control characters, encoded.
+    "..#",
+    "#",
+    "%09",
+    "%7f",
 ]
 HEADER_NAME = st.text(string.ascii_letters + string.digits + "-_", min_size=1, max_size=20)
 # Printable ASCII, text beyond it (sent as UTF-8) and raw bytes that are not UTF-8 (written as
@@ -156,3 +162,57 @@ def test_raw_bytes_get_a_json_4xx_or_sobots_code_in_pure_python_mode(
     # A crash anywhere (the log line included: it is written before the answer) is a 500.
     assert answer.split(b" ", 2)[1] == status, answer[:300]
     assert b'"ret_code":"' + ret_code + b'"' in answer
+
+
+def test_header_rules_hold_whatever_the_case_of_the_clients_header_names(pure_python: Stack):
+    """aiohttp's pure-Python parser keeps names as the client spelled them (its C parser gives
+    the well-known ones their usual spelling): every rule must hold in lower case too."""
+    head = (
+        b"POST /api/echo HTTP/1.1\r\nhost: evil.example\r\n"
+        + f"authorization: Bearer {CLIENT_KEY}\r\n".encode()
+        + b"transfer-encoding: chunked\r\nconnection: close, x-hop\r\nx-hop: hop\r\n"
+        b"proxy-connection: keep-alive\r\nx-forwarded-for: 10.1.2.3\r\nx-real-ip: 10.1.2.3\r\n"
+        b"forwarded: for=10.1.2.3\r\nx-kept: kept\r\n\r\n"
+    )
+    answer = exchange(pure_python.proxy_url, head + b"2\r\n{}\r\n0\r\n\r\n")
+    assert answer.startswith(b"HTTP/1.1 200 "), answer[:300]
+    echo = json.loads(answer.partition(b"\r\n\r\n")[2])["item"]
+    received = {name.lower(): value for name, value in echo["headers"]}
+    assert echo["body"] == "{}"
+    assert received["host"] != "evil.example"
+    assert received["x-kept"] == "kept"
+    for dropped in (
+        "authorization",
+        "x-hop",
+        "proxy-connection",
+        "x-forwarded-for",
+        "x-real-ip",
+        "forwarded",
+    ):
+        assert dropped not in received, received
+    assert CLIENT_KEY not in json.dumps(echo)
+
+
+@pytest.mark.parametrize(
+    "request_line",
+    [
+        b"GET /api/get_token?appid=a&sign=bad-http-secret-sign\tx HTTP/1.1",
+        b"GET /api/get_token?appid=a&sign=bad-http-secret-sign HTTP/1.1 x",
+    ],
+)
+def test_a_request_the_parser_refuses_is_logged_without_its_bytes(
+    pure_python: Stack, request_line: bytes
+):
+    """The pure-Python parser quotes the request in its messages, some without a colon first."""
+    refused_before = len(pure_python.proxy_events("bad_http_request"))
+    answer = exchange(pure_python.proxy_url, request_line + b"\r\nHost: p\r\n\r\n")
+    assert answer.split(b" ", 2)[1] == b"400", answer[:200]
+    # A later request's line is logged after the refusal's: once it is there, so is that one.
+    marker = f"/api/after-refusal-{time.monotonic_ns()}"
+    exchange(
+        pure_python.proxy_url,
+        f"GET {marker} HTTP/1.1\r\nHost: p\r\n".encode() + _KEY + b"Connection: close\r\n\r\n",
+    )
+    pure_python.proxy.wait_for_line(lambda line: marker in line, timeout=10)
+    assert len(pure_python.proxy_events("bad_http_request")) == refused_before + 1
+    assert "bad-http-secret-sign" not in pure_python.proxy.output

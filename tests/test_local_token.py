@@ -148,6 +148,9 @@ async def test_client_token_calls_are_logged_without_query(
         "/api/GET_TOKEN",
         "/api/get_token/",
         "//api/get_token",
+        "/api/get_token.json",  # Spring MVC's suffix patterns
+        "/api/get_token%20",  # white space trimmed by older Spring path matching
+        "/api/get_token;x/",
     ],
 )
 async def test_every_spelling_of_get_token_is_answered_locally(proxy, fake: FakeSobot, path):

@@ -172,6 +172,13 @@ TRAVERSALS = [
     ("/api/%2E.;jsessionid=1/admin", 400),
     ("/api/5/..;/..;/admin", 400),
     ("/api/..%3b/admin", 400),
+    # A `#` would end the path upstream (nginx resolves `/api/..#x` to `/`); never sent.
+    ("/api/..#/admin", 400),
+    ("/api/x/..#", 400),
+    ("/api/get_token#x", 400),
+    # Control characters, raw or encoded, never reach a path.
+    ("/api/..%00/admin", 400),
+    ("/api/%09../admin", 400),
     ("/api/5/%2fadmin", 400),
     ("/api/5/%2Fadmin", 400),
     ("/api/5/%5cadmin", 400),
