@@ -189,6 +189,11 @@ class ClientConnection(asyncio.Protocol):
         self._sent_mark = 0
         self._progress_at = 0.0
 
+    @property
+    def unsent(self) -> int:
+        """Bytes written for the client that wait in this process (the kernel has not taken)."""
+        return 0 if self._transport is None else self._transport.get_write_buffer_size()
+
     # -- the socket's callbacks, passed on to aiohttp's protocol ----------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -274,6 +279,12 @@ class ClientConnection(asyncio.Protocol):
             return
         if self._loop.time() < deadline:  # moved on by a later request: look again then
             self._head_timer = self._loop.call_at(deadline, self._check_head)
+            return
+        if not transport.is_reading():
+            # aiohttp stopped reading (requests queued behind a slow answer): the rest of the
+            # head waits in the kernel for us, not for the client. Its time starts again.
+            self._head_deadline = self._loop.time() + self._connections.header_timeout
+            self._head_timer = self._loop.call_at(self._head_deadline, self._check_head)
             return
         self._head_deadline = None
         kind = "header_partial" if self._head_started else "header_nothing"

@@ -54,6 +54,10 @@ from proxy.tokens import Token, TokenManager
 # Answers up to this size that may be JSON are read whole to find their ret_code. Sobot's
 # error answers are a few hundred bytes; a larger answer streams through uninspected.
 INSPECT_LIMIT: Final = 1024 * 1024
+# An answer read whole and larger than this goes to the client in pieces of this size (aiohttp
+# waits for the socket to drain every 64 KiB): a client that stops reading then holds the body
+# and a piece or two, not the body twice (ours, and a copy of its unsent rest in the transport).
+WRITE_PIECE: Final = 64 * 1024
 
 
 @dataclass(slots=True)
@@ -266,7 +270,7 @@ class Forwarder:
         sobot = answer.response
         headers = downstream_headers(sobot.headers)
         headers[REQUEST_ID_HEADER] = record.request_id
-        if not answer.complete:
+        if not answer.complete or len(answer.body) > WRITE_PIECE:
             return await self._stream(request, answer, headers, record)
         sobot.release()
         if request.method == hdrs.METH_HEAD and sobot.content_length is not None:
@@ -286,7 +290,9 @@ class Forwarder:
         record: RequestRecord,
     ) -> web.StreamResponse:
         sobot = answer.response
-        if sobot.content_length is not None:
+        if answer.complete:  # read whole: a HEAD answer never gets here
+            headers[hdrs.CONTENT_LENGTH] = str(len(answer.body))
+        elif sobot.content_length is not None:
             headers[hdrs.CONTENT_LENGTH] = str(sobot.content_length)
         response = ExactHeadStreamResponse(status=sobot.status, headers=headers)
         try:
@@ -294,13 +300,16 @@ class Forwarder:
             chunk = answer.body  # what inspection already read, if anything
             while True:
                 try:
-                    if chunk:
-                        # A client that stops reading is cut by the send watchdog
-                        # (connections.py), which cancels this and lets Sobot's connection go.
-                        await response.write(chunk)
+                    # A client that stops reading is cut by the send watchdog
+                    # (connections.py), which cancels this and lets Sobot's connection go.
+                    view = memoryview(chunk)
+                    for start in range(0, len(view), WRITE_PIECE):
+                        await response.write(view[start : start + WRITE_PIECE])
                 except (ConnectionError, aiohttp.ClientConnectionError):
                     record.error = "the client went away mid-answer"
                     return response
+                if answer.complete:
+                    break
                 try:
                     chunk = await sobot.readany()
                 except (TimeoutError, upstream.ClientError) as exc:
@@ -335,7 +344,15 @@ def _upstream_error(exc: BaseException) -> ProxyError:
     if isinstance(exc, TimeoutError):
         return UpstreamTimeout("Sobot did not answer in time")
     if isinstance(exc, upstream.ConnectError):
-        return UpstreamUnreachable(f"cannot connect to Sobot at {exc.host}:{exc.port}")
+        if exc.errno in (errno.EMFILE, errno.ENFILE):
+            # The proxy's own limit, not Sobot's fault: its clients hold every descriptor.
+            return Overloaded(
+                "the proxy has no file descriptors left to connect to Sobot (its open files "
+                "limit is reached); try again shortly, and see its log"
+            )
+        return UpstreamUnreachable(
+            f"cannot connect to Sobot at {exc.host}:{exc.port} ({exc.reason})"
+        )
     return UpstreamUnreachable(f"the exchange with Sobot failed ({type(exc).__name__})")
 
 

@@ -175,8 +175,8 @@ class SobotTokenSource:
 
 def _reason(exc: BaseException, deadline: float) -> str:
     """Why the exchange failed, in short, for the answer (the log has the whole message)."""
-    if isinstance(exc, upstream.ConnectError):
-        return f"cannot connect to {exc.host}:{exc.port}"
     if isinstance(exc, upstream.ClientError):
-        return str(exc)  # fixed phrases, and the read timeout's length
+        # Fixed phrases: the host, port and the system's reason for a connect error, the read
+        # timeout's length; never the target.
+        return str(exc)
     return f"no whole answer within {deadline:g} s"

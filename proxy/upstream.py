@@ -34,6 +34,7 @@ Errors:
 from __future__ import annotations
 
 import asyncio
+import os
 import ssl
 from collections import deque
 from collections.abc import AsyncIterator
@@ -65,10 +66,12 @@ class ClientError(Exception):
 
 
 class ConnectError(ClientError):
-    def __init__(self, host: str, port: int, reason: str) -> None:
+    def __init__(self, host: str, port: int, reason: str, *, errno: int | None = None) -> None:
         super().__init__(f"cannot connect to {host}:{port}: {reason}")
         self.host = host
         self.port = port
+        self.reason = reason
+        self.errno = errno  # the OSError's, when there was one
 
 
 class ConnectTimeout(ClientError, TimeoutError):
@@ -203,8 +206,20 @@ class Client:
         except TimeoutError:
             raise ConnectTimeout(f"no connection to {origin.authority} in time") from None
         except OSError as exc:  # refused, unreachable, name unknown, TLS (ssl.SSLError)
-            raise ConnectError(origin.host, origin.port, str(exc) or type(exc).__name__) from exc
+            raise ConnectError(
+                origin.host, origin.port, _connect_failure(exc), errno=exc.errno
+            ) from exc
         return conn
+
+
+def _connect_failure(exc: OSError) -> str:
+    """Why connecting failed, in the system's words: "Connection refused", "Too many open
+    files", a TLS verification failure; never more than the host and port already say."""
+    if isinstance(exc, ssl.SSLError):  # its errno is OpenSSL's, not the system's
+        return str(exc.reason or exc)
+    if exc.errno is not None and exc.errno > 0:  # (a name lookup's are negative)
+        return os.strerror(exc.errno)
+    return exc.strerror or str(exc) or type(exc).__name__
 
 
 def _head(

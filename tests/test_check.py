@@ -357,7 +357,8 @@ async def test_online_with_an_unreachable_upstream_exits_1(tmp_path):
     result = await check_async(tmp_path, "--online", "--rotate-token", **env)
     assert result.status == 1, result.output
     assert online_lines(result) == [
-        "online: could not reach Sobot's get_token (cannot connect to 127.0.0.1:9)"
+        "online: could not reach Sobot's get_token "
+        "(cannot connect to 127.0.0.1:9: Connection refused)"
     ]
     assert_no_secret(result)
 

@@ -19,11 +19,14 @@ import resource
 import select
 import socket
 import urllib.request
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from proxy.app import CONNECTIONS, make_app
+from proxy.coalesce import WriteCoalescer
+from proxy.connections import ClientConnection, ClientConnections
 from proxy.fake_sobot import FAULT_HEADER, FakeSobot
+from proxy.forward import WRITE_PIECE
 from proxy.logs import get_logger
 from proxy.occurrences import Occurrences
 from proxy.settings import Settings
@@ -189,6 +192,26 @@ async def test_a_well_behaved_kept_alive_client_is_not_affected(tmp_path):
         assert running.proxy_events("client_header_timeout") == []
 
 
+async def test_a_pipelining_client_is_not_cut_while_the_proxy_stops_reading(tmp_path):
+    """With 32 requests queued, aiohttp stops reading the socket: a head cut in two by a read
+    then waits on the proxy, not the client, and its time does not run meanwhile."""
+    count, padding = 100, "p" * 3000  # heads of ~3 KB: reads end in the middle of one
+    request = (
+        f"GET /api/echo HTTP/1.1\r\nHost: proxy\r\n{FAULT_HEADER}: delay=0.05\r\n"
+        f"X-Padding: {padding}\r\n\r\n"
+    ).encode()
+    with stack(tmp_path, SOBOT_HEADER_TIMEOUT=str(HEADER_TIMEOUT)) as running:
+        client = await connect(port_of(running))
+        try:
+            await send(client, request * count)  # 32 queued take 1.6 s: over the timeout
+            async with asyncio.timeout(BOUND * count * 0.05):
+                for _ in range(count):
+                    assert (await answer(client))[0] == 200
+        finally:
+            client.close()
+        assert running.proxy_events("client_header_timeout") == []
+
+
 async def test_open_client_connections_are_a_gauge_that_returns_to_its_base(tmp_path):
     with stack(tmp_path, SOBOT_HEADER_TIMEOUT=str(HEADER_TIMEOUT)) as running:
         base = await metric_of(running.proxy_url, CONNECTIONS_GAUGE)
@@ -249,6 +272,35 @@ async def test_at_the_descriptor_limit_probes_are_refused_until_the_header_timeo
         finally:
             for sock in idle:
                 sock.close()
+
+
+async def test_at_the_descriptor_limit_a_request_gets_503_that_names_the_limit(tmp_path):
+    """Clients hold every descriptor (idle and kept alive): the proxy cannot open a connection to
+    Sobot. Its own limit, not Sobot's failure: 503, saying so, and 200 once they are gone."""
+    limit = 64
+    with stack(tmp_path, preexec_fn=_limit_open_files(limit, limit)) as running:
+        pid = running.proxy.process.pid
+        caller = await connect(port_of(running))  # before the rest: it has its descriptor
+        idle: list[socket.socket] = []
+        try:
+            while await asyncio.to_thread(open_fds, pid) < limit and len(idle) < 2 * limit:
+                sock = await connect(port_of(running))
+                idle.append(sock)
+                with contextlib.suppress(OSError, AssertionError):  # refused: the limit
+                    await send(sock, b"GET /healthz HTTP/1.1\r\nHost: proxy\r\n\r\n")
+                    await answer(sock)
+            await send(caller, b"GET /api/echo HTTP/1.1\r\nHost: proxy\r\n\r\n")
+            status, body = await answer(caller)
+            assert status == 503, body
+            assert json.loads(body)["ret_code"] == "980503"
+            assert "file descriptors" in json.loads(body)["ret_msg"]
+        finally:
+            for sock in idle:
+                sock.close()
+        await eventually(lambda: asyncio.to_thread(lambda: open_fds(pid) < limit // 2))
+        await send(caller, b"GET /api/echo HTTP/1.1\r\nHost: proxy\r\n\r\n")
+        assert (await answer(caller))[0] == 200
+        caller.close()
 
 
 def test_the_soft_descriptor_limit_is_raised_to_the_hard_one_at_start_up(tmp_path):
@@ -427,6 +479,55 @@ async def test_a_client_that_stops_reading_a_download_frees_its_connection_to_so
     [line] = [e for e in logs.events("request") if e["path"] == "/api/file"]
     assert line["error"] == "the client stopped reading the answer"
     assert [e["kind"] for e in logs.events("client_send_timeout")] == ["send"]
+
+
+class _Recorded(ClientConnections):
+    """Client connections as the proxy makes them, each kept for the test to look at."""
+
+    def __init__(self) -> None:
+        super().__init__(header_timeout=10, send_timeout=30, log=get_logger())
+        self.made: list[ClientConnection] = []
+
+    def factory(
+        self, protocol_factory: Callable[[], asyncio.Protocol], coalescer: WriteCoalescer
+    ) -> Callable[[], asyncio.Protocol]:
+        make = super().factory(protocol_factory, coalescer)
+
+        def recorded() -> asyncio.Protocol:
+            connection = make()
+            assert isinstance(connection, ClientConnection)
+            self.made.append(connection)
+            return connection
+
+        return recorded
+
+
+async def test_a_client_that_stops_reading_a_large_answer_is_sent_it_a_piece_at_a_time(
+    settings: Settings, fake: FakeSobot, logs: CapturedLogs
+):
+    """An answer read whole (1 MB of JSON) goes to the socket a piece at a time, each once the
+    last have gone: a stalled client holds the body and a piece or two, not a second copy of
+    the body's unsent rest in the socket's buffer (forward.WRITE_PIECE)."""
+    fake.script(_big_json(1000 * 1000))
+    connections = _Recorded()
+    app = make_app(settings, secrets=logs.secrets)
+    runner, _, port = await start_site(app, connections=connections)
+    client = await connect(port, small_window=True)
+    try:
+        await send(client, b"GET /api/big HTTP/1.1\r\nHost: p\r\n\r\n")
+        [connection] = connections.made
+
+        async def writing() -> bool:
+            return connection.unsent > 0
+
+        async with asyncio.timeout(10):
+            await fake.wait_until_idle()
+            await eventually(writing, within=10)
+        # aiohttp waits for the socket to drain once over 64 KiB are written since it last did.
+        assert connection.unsent <= 2 * WRITE_PIECE
+    finally:
+        client.close()
+        await runner.cleanup()
 
 
 def _fields(settings: Settings) -> dict[str, Any]:
