@@ -122,12 +122,20 @@ class CoalescedTransport(asyncio.Transport):
     request handler is given instead of the socket's own transport.
 
     It counts the bytes written (`written`), so the connection's send watchdog can tell whether
-    the client took any; `cut_because` says why the proxy cut the connection, if it did."""
+    the client took any; `cut_because` says why the proxy cut the connection, if it did;
+    `on_close` hears a close or a half-close, once what was gathered has gone to the socket."""
 
-    def __init__(self, transport: asyncio.Transport, coalescer: WriteCoalescer) -> None:
+    def __init__(
+        self,
+        transport: asyncio.Transport,
+        coalescer: WriteCoalescer,
+        *,
+        on_close: Callable[[], None] = lambda: None,
+    ) -> None:
         super().__init__()
         self._transport = transport
         self._coalescer = coalescer
+        self._on_close = on_close
         self.written = 0
         self.cut_because: str | None = None
 
@@ -143,10 +151,12 @@ class CoalescedTransport(asyncio.Transport):
     def write_eof(self) -> None:
         self._coalescer.flush(self._transport)
         self._transport.write_eof()
+        self._on_close()
 
     def close(self) -> None:
         self._coalescer.flush(self._transport)  # a polite close sends what was written
         self._transport.close()
+        self._on_close()
 
     def abort(self) -> None:
         self._coalescer.discard(self._transport)

@@ -20,10 +20,12 @@ pipelined requests). An idle kept-alive connection is aiohttp's keep-alive timeo
 (`keepalive_timeout`, given to it by server.make_runner).
 
 Cheap on the hot path: one timer per connection, armed when it opens and re-armed lazily (a
-request only moves the deadline), and the send watchdog's timer only while a client is behind.
-The buffer's high-water mark is 0, so any byte the kernel did not take pauses the writer and
-arms the watchdog: no answer, however small, waits unwatched (a closing transport waits for its
-buffer to drain, for ever if nobody watches it).
+request only moves the deadline), and the send watchdog's timer only while a client is behind:
+when the socket's buffer passes its high-water mark (the writer pauses), or when the connection
+closes with bytes still unsent (a closing transport waits for its buffer to drain, for ever if
+nobody watches it), so no answer, however small, waits unwatched. The high-water mark stays
+the event loop's own: uvloop buffers every write until the end of its loop pass, so a mark of 0
+would pause and resume the writer (and aiohttp's drain) for every answer.
 """
 
 from __future__ import annotations
@@ -199,8 +201,9 @@ class ClientConnection(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         socket_transport: asyncio.Transport = transport  # type: ignore[assignment]
         self._transport = socket_transport
-        socket_transport.set_write_buffer_limits(high=0)
-        self._wrapped = CoalescedTransport(socket_transport, self._coalescer)
+        self._wrapped = CoalescedTransport(
+            socket_transport, self._coalescer, on_close=self._closing
+        )
         self._connections.opened()
         self._head_deadline = self._loop.time() + self._connections.header_timeout
         self._head_timer = self._loop.call_at(self._head_deadline, self._check_head)
@@ -219,11 +222,7 @@ class ClientConnection(asyncio.Protocol):
         return self._protocol.eof_received()
 
     def pause_writing(self) -> None:
-        self._paused = True
-        if self._send_timer is None:
-            self._sent_mark = self._sent()
-            self._progress_at = self._loop.time()
-            self._watch_sending()
+        self._start_watching()
         self._protocol.pause_writing()
 
     def resume_writing(self) -> None:
@@ -298,6 +297,20 @@ class ClientConnection(asyncio.Protocol):
         transport.close()
 
     # -- the send watchdog ------------------------------------------------------------------
+
+    def _start_watching(self) -> None:
+        """Bytes wait for the client: from now on it must take some within the timeout."""
+        self._paused = True
+        if self._send_timer is None:
+            self._sent_mark = self._sent()
+            self._progress_at = self._loop.time()
+            self._watch_sending()
+
+    def _closing(self) -> None:
+        """The connection closes (or half-closes) once the client has taken what is unsent,
+        however little: the client must take it in time, as if the writer had paused."""
+        if self.unsent:
+            self._start_watching()
 
     def _sent(self) -> int:
         """Bytes the client has taken so far: written, less what waits in the transport's
