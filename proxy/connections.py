@@ -155,6 +155,7 @@ class ClientConnection(asyncio.Protocol):
     """One client connection's socket protocol (see the module's docstring)."""
 
     __slots__ = (
+        "_closing_seen",
         "_coalescer",
         "_connections",
         "_head_deadline",
@@ -187,6 +188,7 @@ class ClientConnection(asyncio.Protocol):
         self._heads = 0  # request heads received whole
         self._head_timer: asyncio.TimerHandle | None = None
         self._paused = False
+        self._closing_seen = False
         self._send_timer: asyncio.TimerHandle | None = None
         self._sent_mark = 0
         self._progress_at = 0.0
@@ -226,7 +228,10 @@ class ClientConnection(asyncio.Protocol):
         self._protocol.pause_writing()
 
     def resume_writing(self) -> None:
-        self._paused = False  # the watchdog's timer lapses by itself
+        # The watchdog's timer lapses by itself; but a closing connection's last bytes must
+        # still go within the timeout, however the writer pauses and resumes meanwhile.
+        if not self._closing_seen:
+            self._paused = False
         self._protocol.resume_writing()
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -294,7 +299,8 @@ class ClientConnection(asyncio.Protocol):
             client=_client_address(transport),
             timeout_s=self._connections.header_timeout,
         )
-        transport.close()
+        # Through the wrapper: a tail of an earlier answer still unsent is then watched too.
+        (self._wrapped or transport).close()
 
     # -- the send watchdog ------------------------------------------------------------------
 
@@ -309,6 +315,7 @@ class ClientConnection(asyncio.Protocol):
     def _closing(self) -> None:
         """The connection closes (or half-closes) once the client has taken what is unsent,
         however little: the client must take it in time, as if the writer had paused."""
+        self._closing_seen = True
         if self.unsent:
             self._start_watching()
 

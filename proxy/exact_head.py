@@ -63,3 +63,32 @@ class ExactHeadStreamResponse(_ExactHead):
 
 class ExactHeadResponse(_ExactHead, web.Response):
     """A web.Response whose head goes out as the upstream's bytes."""
+
+
+# A body read whole and larger than this goes to the client in pieces of this size, each once
+# the socket has taken the last ones (aiohttp waits for it to drain every 64 KiB): a client that
+# stops reading then holds the body and a piece or two, not the body twice (ours, and a copy of
+# its unsent rest in the transport's buffer).
+WRITE_PIECE: Final = 64 * 1024
+
+
+async def write_in_pieces(response: web.StreamResponse, body: bytes) -> None:
+    view = memoryview(body)
+    for start in range(0, len(view), WRITE_PIECE):
+        await response.write(view[start : start + WRITE_PIECE])
+
+
+class PiecewiseResponse(ExactHeadStreamResponse):
+    """An answer read whole (larger than WRITE_PIECE), written a piece at a time by whoever
+    writes it (handler.write_whole: after the forwarder has let Sobot's connection go), and let
+    go of once written."""
+
+    def __init__(self, *, status: int, body: bytes, headers: CIMultiDict[str]) -> None:
+        super().__init__(status=status, headers=headers)
+        self.content_length = len(body)
+        self._unwritten = body
+
+    async def write_body(self) -> None:
+        """Write the body (once prepared); the answer keeps no reference to it afterwards."""
+        body, self._unwritten = self._unwritten, b""
+        await write_in_pieces(self, body)

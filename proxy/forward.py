@@ -44,7 +44,13 @@ from proxy.errors import (
     UpstreamTimeout,
     UpstreamUnreachable,
 )
-from proxy.exact_head import ExactHeadResponse, ExactHeadStreamResponse
+from proxy.exact_head import (
+    WRITE_PIECE,
+    ExactHeadResponse,
+    ExactHeadStreamResponse,
+    PiecewiseResponse,
+    write_in_pieces,
+)
 from proxy.headers import UpstreamHeaders, downstream_headers
 from proxy.request_id import HEADER as REQUEST_ID_HEADER
 from proxy.request_log import RequestRecord
@@ -54,10 +60,6 @@ from proxy.tokens import Token, TokenManager
 # Answers up to this size that may be JSON are read whole to find their ret_code. Sobot's
 # error answers are a few hundred bytes; a larger answer streams through uninspected.
 INSPECT_LIMIT: Final = 1024 * 1024
-# An answer read whole and larger than this goes to the client in pieces of this size (aiohttp
-# waits for the socket to drain every 64 KiB): a client that stops reading then holds the body
-# and a piece or two, not the body twice (ours, and a copy of its unsent rest in the transport).
-WRITE_PIECE: Final = 64 * 1024
 
 
 @dataclass(slots=True)
@@ -270,9 +272,9 @@ class Forwarder:
         sobot = answer.response
         headers = downstream_headers(sobot.headers)
         headers[REQUEST_ID_HEADER] = record.request_id
-        if not answer.complete or len(answer.body) > WRITE_PIECE:
+        if not answer.complete:
             return await self._stream(request, answer, headers, record)
-        sobot.release()
+        sobot.release()  # before the answer is written (by the handler): Sobot's slot is free
         if request.method == hdrs.METH_HEAD and sobot.content_length is not None:
             # A HEAD answer has no body but tells the length a GET would have.
             headers[hdrs.CONTENT_LENGTH] = str(sobot.content_length)
@@ -280,6 +282,8 @@ class Forwarder:
             await response.prepare(request)
             await response.write_eof()
             return response
+        if len(answer.body) > WRITE_PIECE:
+            return PiecewiseResponse(status=sobot.status, body=answer.body, headers=headers)
         return ExactHeadResponse(status=sobot.status, body=answer.body, headers=headers)
 
     async def _stream(
@@ -290,9 +294,7 @@ class Forwarder:
         record: RequestRecord,
     ) -> web.StreamResponse:
         sobot = answer.response
-        if answer.complete:  # read whole: a HEAD answer never gets here
-            headers[hdrs.CONTENT_LENGTH] = str(len(answer.body))
-        elif sobot.content_length is not None:
+        if sobot.content_length is not None:
             headers[hdrs.CONTENT_LENGTH] = str(sobot.content_length)
         response = ExactHeadStreamResponse(status=sobot.status, headers=headers)
         try:
@@ -302,14 +304,10 @@ class Forwarder:
                 try:
                     # A client that stops reading is cut by the send watchdog
                     # (connections.py), which cancels this and lets Sobot's connection go.
-                    view = memoryview(chunk)
-                    for start in range(0, len(view), WRITE_PIECE):
-                        await response.write(view[start : start + WRITE_PIECE])
+                    await write_in_pieces(response, chunk)
                 except (ConnectionError, aiohttp.ClientConnectionError):
                     record.error = "the client went away mid-answer"
                     return response
-                if answer.complete:
-                    break
                 try:
                     chunk = await sobot.readany()
                 except (TimeoutError, upstream.ClientError) as exc:

@@ -22,6 +22,7 @@ from proxy.access import AccessPolicy
 from proxy.body import NOTHING_RESERVED, Reservation
 from proxy.coalesce import CoalescedTransport
 from proxy.errors import ExpectationFailed, InternalError, ProxyError
+from proxy.exact_head import PiecewiseResponse
 from proxy.forward import Forwarder
 from proxy.local_token import LocalTokenEndpoint
 from proxy.metrics import Metrics
@@ -43,6 +44,8 @@ async def write_whole(request: web.BaseRequest, response: web.StreamResponse) ->
     take it is cut by the send watchdog, connections.py), and aiohttp finds the answer done.
     """
     await response.prepare(request)
+    if isinstance(response, PiecewiseResponse):
+        await response.write_body()
     await response.write_eof()
     if isinstance(response, web.Response):
         response.body = None

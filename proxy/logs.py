@@ -23,7 +23,7 @@ from typing import Any, BinaryIO, Final, TextIO, cast
 
 import orjson
 import structlog
-from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.http_exceptions import HttpProcessingError, InvalidURLError
 
 # Field names that could carry a credential; their values are masked whatever they are.
 SECRET_FIELDS: Final = frozenset({"token", "app_key", "sign", "authorization", "password"})
@@ -222,7 +222,11 @@ def _bad_requests_in_one_line(record: logging.LogRecord) -> bool:
         # The reason alone, cut where the parser starts quoting the request's bytes: at a colon
         # or a quote (C parser, and most pure-Python messages), or a target's slash (the
         # pure-Python parser's "invalid URL" names only the target).
-        reason = _QUOTES_REQUEST.split(str(exc.message), 1)[0].strip() or type(exc).__name__
+        reason = (
+            type(exc).__name__  # its message is the bare target
+            if isinstance(exc, InvalidURLError)
+            else _QUOTES_REQUEST.split(str(exc.message), 1)[0].strip() or type(exc).__name__
+        )
         record.msg, record.args, record.exc_info, record.exc_text = (
             "bad_http_request",
             (),

@@ -70,4 +70,7 @@ def is_get_token(path: str) -> bool:
     """
     segments = (unquote(segment.partition(";")[0]).strip() for segment in path.split("/"))
     spelled = "/".join(segments).rstrip("/").lower()
-    return spelled == GET_TOKEN_PATH or spelled.startswith(GET_TOKEN_PATH + ".")
+    if spelled == GET_TOKEN_PATH:
+        return True
+    suffix = spelled[len(GET_TOKEN_PATH) :]
+    return spelled.startswith(GET_TOKEN_PATH + ".") and "/" not in suffix

@@ -25,8 +25,8 @@ from typing import Any
 from proxy.app import CONNECTIONS, make_app
 from proxy.coalesce import WriteCoalescer
 from proxy.connections import ClientConnection, ClientConnections
+from proxy.exact_head import WRITE_PIECE
 from proxy.fake_sobot import FAULT_HEADER, FakeSobot
-from proxy.forward import WRITE_PIECE
 from proxy.logs import get_logger
 from proxy.occurrences import Occurrences
 from proxy.settings import Settings
@@ -346,10 +346,37 @@ async def test_clients_that_stop_reading_a_small_answer_are_cut_and_let_go(tmp_p
         assert logged_once["waiting_bytes"] > 0
 
 
+async def test_a_client_that_stops_reading_holds_no_connection_to_sobot(tmp_path):
+    """An answer read whole is written once Sobot's connection and slot are free again: with one
+    connection to Sobot and no queue, a client that stops reading a 1 MB answer must not make
+    the next request wait (503)."""
+    with stack(
+        tmp_path, SOBOT_UPSTREAM_CONNECTIONS="1", SOBOT_MAX_QUEUE="0", SOBOT_UPSTREAM_TIMEOUT="30"
+    ) as running:
+        script(running, _big_json(1000 * 1000), times=1)
+        stalled = await connect(port_of(running), small_window=True)
+        other = await connect(port_of(running))
+        try:
+            await send(stalled, b"GET /api/big HTTP/1.1\r\nHost: proxy\r\n\r\n")
+
+            async def answered() -> bool:
+                stats = await asyncio.to_thread(running.fake_stats)
+                return stats["api_calls"] == 1 and stats["open_requests"] == 0
+
+            await eventually(answered)
+            await send(other, b"GET /api/echo HTTP/1.1\r\nHost: proxy\r\n\r\n")
+            status, body = await answer(other)
+            assert status == 200, body
+        finally:
+            stalled.close()
+            other.close()
+
+
 async def test_a_closing_connection_whose_last_bytes_are_never_read_is_cut(tmp_path):
     """`Connection: close`: the answer's tail, however small, waits in the proxy until the
     client takes it, and a transport waits for that before it closes. Sizes around what the
-    kernel takes, so some tails are small: each must be watched (a high-water mark of 0)."""
+    kernel takes, so some tails are small: each must be watched (the watchdog is armed when the
+    connection closes with bytes unsent)."""
     sizes = range(60_000, 400_000, 20_000)
     with stack(tmp_path, SOBOT_UPSTREAM_TIMEOUT=str(READ_TIMEOUT)) as running:
         for size in sizes:
@@ -507,7 +534,7 @@ async def test_a_client_that_stops_reading_a_large_answer_is_sent_it_a_piece_at_
 ):
     """An answer read whole (1 MB of JSON) goes to the socket a piece at a time, each once the
     last have gone: a stalled client holds the body and a piece or two, not a second copy of
-    the body's unsent rest in the socket's buffer (forward.WRITE_PIECE)."""
+    the body's unsent rest in the socket's buffer (exact_head.WRITE_PIECE)."""
     fake.script(_big_json(1000 * 1000))
     connections = _Recorded()
     app = make_app(settings, secrets=logs.secrets)
@@ -578,3 +605,66 @@ async def test_an_idle_kept_alive_connection_is_closed_after_the_keepalive_timeo
         finally:
             client.close()
         assert running.proxy_events("client_header_timeout") == []
+
+
+# --- the send watchdog, in process on the stdlib loop -----------------------------------------
+
+
+class _Writer(asyncio.Protocol):
+    """What aiohttp is to a ClientConnection, reduced to what the watchdog sees."""
+
+    def __init__(self) -> None:
+        self.transport: asyncio.Transport | None = None
+        self.made = asyncio.Event()
+        self.paused = asyncio.Event()
+        self.resumed = asyncio.Event()
+        self.lost = asyncio.Event()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        self.made.set()
+
+    def pause_writing(self) -> None:
+        self.paused.set()
+
+    def resume_writing(self) -> None:
+        self.resumed.set()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lost.set()
+
+
+async def test_a_connection_closed_while_paused_is_watched_until_its_last_byte(logs):
+    """The writer pauses, the connection is closed, the client reads until the writer resumes
+    (the stdlib loop resumes below a low-water mark, with bytes still unsent) and then stops:
+    those last bytes are watched too, and the connection is cut."""
+    connections = ClientConnections(header_timeout=100, send_timeout=0.3, log=get_logger())
+    cut = 0
+    for size in range(512 * 1024, 1536 * 1024, 256 * 1024):
+        writer = _Writer()
+
+        def made(writer: _Writer = writer) -> asyncio.Protocol:
+            return writer
+
+        factory = connections.factory(made, WriteCoalescer(lambda: False))
+        server = await asyncio.get_running_loop().create_server(factory, "127.0.0.1", 0)
+        client = await connect(server.sockets[0].getsockname()[1], small_window=True)
+        try:
+            async with asyncio.timeout(10):
+                await writer.made.wait()
+                assert writer.transport is not None
+                writer.transport.write(b"x" * size)  # the stdlib loop pauses at once, if it does
+                if not writer.paused.is_set():
+                    continue  # the kernel took it all: nothing to watch
+                writer.transport.close()
+                while not writer.resumed.is_set() and not writer.lost.is_set():
+                    with contextlib.suppress(BlockingIOError):
+                        client.recv(3000)
+                    await asyncio.sleep(0.001)  # a reader that reads slowly, on purpose
+                await writer.lost.wait()  # the client reads no more: only the cut ends it
+            cut += 1
+        finally:
+            client.close()
+            server.close()
+    assert cut >= 3
+    assert connections.open == 0

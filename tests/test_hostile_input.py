@@ -198,6 +198,7 @@ def test_header_rules_hold_whatever_the_case_of_the_clients_header_names(pure_py
     [
         b"GET /api/get_token?appid=a&sign=bad-http-secret-sign\tx HTTP/1.1",
         b"GET /api/get_token?appid=a&sign=bad-http-secret-sign HTTP/1.1 x",
+        b"GET bad-http-secret-sign?x=1 HTTP/1.1",  # its message is the bare target
     ],
 )
 def test_a_request_the_parser_refuses_is_logged_without_its_bytes(
