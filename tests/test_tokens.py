@@ -289,6 +289,13 @@ async def test_a_bug_in_fetching_is_a_failed_fetch_and_the_refresher_survives(
 # -- get_token's own exchange ---------------------------------------------------------------------
 
 
+async def _echo(proxy) -> tuple[int, dict[str, str]]:
+    """GET /api/echo through the proxy: its status and JSON answer, within a bounded wait."""
+    async with asyncio.timeout(10):
+        response = await proxy.get("/api/echo")
+        return response.status, await response.json()
+
+
 async def test_a_get_token_that_stalls_fails_within_the_read_timeout(make_proxy, fake: FakeSobot):
     """The read timeout is the longest wait for the next bytes, for get_token too: a get_token
     that connected and then stalled fails after it, not after connect + read timeout."""
@@ -298,16 +305,15 @@ async def test_a_get_token_that_stalls_fails_within_the_read_timeout(make_proxy,
     proxy = await make_proxy(
         upstream_timeout=1.0, connect_timeout=5.0, backoff=Backoff(first=60, cap=60)
     )
-    async with asyncio.timeout(10):
-        response = await proxy.get("/api/echo")
-        answer = await response.json()
+    status, answer = await _echo(proxy)
     elapsed = loop.time() - started
-    assert response.status == 502
+    assert status == 502
+    # Said by the read timeout, not by the whole call's limit (connect + read, 6 s).
     assert answer == {
         "ret_code": "980502",
         "ret_msg": "could not reach Sobot's get_token (no answer within 1.0 s)",
     }
-    assert 1.0 <= elapsed < 2.5  # the read timeout, and not the 6 s of connect + read
+    assert 1.0 <= elapsed < 5.0
 
 
 async def test_a_get_token_that_cannot_connect_fails_after_the_connect_timeout(make_proxy):
@@ -320,16 +326,15 @@ async def test_a_get_token_that_cannot_connect_fails_after_the_connect_timeout(m
             upstream_timeout=5.0,
             backoff=Backoff(first=60, cap=60),
         )
-        async with asyncio.timeout(10):
-            response = await proxy.get("/api/echo")
-            answer = await response.json()
+        status, answer = await _echo(proxy)
         elapsed = loop.time() - started
-    assert response.status == 502
+    assert status == 502
+    # Said by the connect timeout, not by the whole call's limit (connect + read, 5.5 s).
     assert answer == {
         "ret_code": "980502",
         "ret_msg": f"could not reach Sobot's get_token (no connection to 127.0.0.1:{port} in time)",
     }
-    assert 0.5 <= elapsed < 2.5  # the connect timeout, and not the 5.5 s of connect + read
+    assert 0.5 <= elapsed < 5.0
 
 
 async def test_get_token_is_never_resent_on_a_kept_alive_connection_that_drops(
