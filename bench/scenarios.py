@@ -51,7 +51,7 @@ from bench.upstreams import (
     start_sobot_proxy,
     start_upstream,
 )
-from proxy.fake_sobot import FAULT_HEADER
+from proxy.testing.fake_sobot import FAULT_HEADER
 
 DIRECT: Final = "direct"
 NGINX: Final = "nginx proxy"

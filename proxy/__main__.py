@@ -1,5 +1,5 @@
 """`python -m proxy` is the same as the `sobot-proxy` command."""
 
-from proxy.cli import main
+from proxy.cli.main import main
 
 raise SystemExit(main())

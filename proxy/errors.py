@@ -31,7 +31,7 @@ from typing import Any, ClassVar
 
 from aiohttp import web
 
-from proxy import protocol
+from proxy.sobot import v5
 
 
 def proxy_code(status: int) -> str:
@@ -156,8 +156,8 @@ class InternalError(ProxyError):
 def sobot_response(
     ret_code: str, ret_msg: str, item: Mapping[str, Any] | None = None, *, status: int = 200
 ) -> web.Response:
-    """An answer in Sobot's shape (protocol.answer), as the proxy and the fake Sobot make one."""
-    body = protocol.answer(ret_code, ret_msg, item)
+    """An answer in Sobot's shape (v5.answer), as the proxy and the fake Sobot make one."""
+    body = v5.answer(ret_code, ret_msg, item)
     return web.Response(status=status, body=body, content_type="application/json")
 
 

@@ -19,11 +19,11 @@ import pytest
 from aiohttp.test_utils import TestClient
 from yarl import URL
 
-from proxy.app import TOKENS, make_app
-from proxy.fake_sobot import FakeSobot
+from proxy.config.settings import Settings
 from proxy.logs import Secrets, configure_logging
-from proxy.settings import Settings
-from proxy.tokens import Backoff, TokenManager
+from proxy.server.app import TOKENS, make_app
+from proxy.testing.fake_sobot import FakeSobot
+from proxy.tokens.manager import Backoff, TokenManager
 
 APPID = "test-appid"
 APP_KEY = "test-app-key-0123456789abcdef"

@@ -26,7 +26,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from proxy import protocol
+from proxy.sobot import v5
 
 START_TIMEOUT = 10.0  # for the command to start listening
 EXIT_TIMEOUT = 10.0  # for the command to exit, by itself or after SIGTERM
@@ -334,12 +334,12 @@ async def fake_stats_of(session: aiohttp.ClientSession, fake_url: str) -> dict[s
 async def token_served_by(session: aiohttp.ClientSession, url: str) -> str | None:
     """The token a proxy hands a client that signs its own get_token correctly."""
     create_time = str(int(time.time()))
-    sign = protocol.make_sign(STACK_APPID, create_time, STACK_APP_KEY)
+    sign = v5.make_sign(STACK_APPID, create_time, STACK_APP_KEY)
     query = {"appid": STACK_APPID, "create_time": create_time, "sign": sign}
     async with session.get(f"{url}/api/get_token", params=query) as answer:
         body = await answer.json(content_type=None)
     item = body.get("item") or {}
-    return item.get("token") if body.get("ret_code") == protocol.OK else None
+    return item.get("token") if body.get("ret_code") == v5.OK else None
 
 
 async def is_ready(session: aiohttp.ClientSession, url: str) -> bool:

@@ -8,9 +8,9 @@ from collections.abc import Callable
 from aiohttp import web
 
 from proxy.coalesce import WriteCoalescer
-from proxy.connections import ClientConnections
 from proxy.logs import get_logger
-from proxy.server import CoalescingSite, make_runner
+from proxy.server.connections import ClientConnections
+from proxy.server.listen import CoalescingSite, make_runner
 
 
 async def start_site(

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from proxy.fake_sobot import FAULT_HEADER, FakeSobot
+from proxy.testing.fake_sobot import FAULT_HEADER, FakeSobot
 from tests.conftest import send_raw
 
 

@@ -11,11 +11,11 @@ from dataclasses import dataclass
 
 import pytest
 
-from proxy.fake_sobot import FakeSobot
+from proxy.config.settings import OPTIONS, SECRETS, Settings
 from proxy.logs import Secrets, get_logger
-from proxy.settings import OPTIONS, SECRETS, Settings
-from proxy.store import RedisTokenStore, StoredToken
-from proxy.token_source import token_client, token_source
+from proxy.testing.fake_sobot import FakeSobot
+from proxy.tokens.source import token_client, token_source
+from proxy.tokens.store import RedisTokenStore, StoredToken
 from tests.conftest import APP_KEY, APPID, lying_peer
 from tests.processes import EXIT_TIMEOUT, HEX32, command_env, run_command
 
@@ -491,6 +491,6 @@ async def test_online_with_something_else_on_the_store_port_exits_1(tmp_path, fa
     ],
 )
 def test_a_redis_password_is_masked_wherever_redis_py_would_take_it(url, shown):
-    from proxy.check import mask_store_url
+    from proxy.cli.check import mask_store_url
 
     assert mask_store_url(url) == shown

@@ -5,7 +5,7 @@ import time
 
 import pytest
 
-from proxy.protocol import make_sign
+from proxy.sobot.v5 import make_sign
 from tests.processes import (
     HEX32,
     Running,

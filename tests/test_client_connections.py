@@ -22,14 +22,14 @@ import urllib.request
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
-from proxy.app import CONNECTIONS, make_app
 from proxy.coalesce import WriteCoalescer
-from proxy.connections import ClientConnection, ClientConnections
-from proxy.exact_head import WRITE_PIECE
-from proxy.fake_sobot import FAULT_HEADER, FakeSobot
+from proxy.config.settings import Settings
 from proxy.logs import get_logger
-from proxy.occurrences import Occurrences
-from proxy.settings import Settings
+from proxy.server.app import CONNECTIONS, make_app
+from proxy.server.connections import ClientConnection, ClientConnections
+from proxy.server.exact_head import WRITE_PIECE
+from proxy.server.occurrences import Occurrences
+from proxy.testing.fake_sobot import FAULT_HEADER, FakeSobot
 from tests.conftest import CapturedLogs, eventually
 from tests.processes import (
     HTTP_TIMEOUT,
@@ -165,7 +165,7 @@ async def test_slowloris_connections_are_closed_within_about_the_header_timeout(
         assert metric(page, timeouts("header_nothing")) == 1
         assert metric(page, timeouts("header_partial")) == 3
         assert metric(page, timeouts("send")) == 0
-        # Logged once per kind (a flood writes one line per kind a minute, occurrences.py).
+        # Logged once per kind (a flood writes one line per kind a minute, server/occurrences.py).
         logged = running.proxy_events("client_header_timeout")
         assert sorted((e["kind"], e["received"]) for e in logged) == [
             ("header_nothing", "nothing"),
@@ -477,7 +477,7 @@ async def test_a_kept_alive_client_does_not_keep_its_last_answer_in_memory(tmp_p
 
 @contextlib.asynccontextmanager
 async def site_proxy(settings: Settings, logs: CapturedLogs) -> AsyncIterator[int]:
-    """The proxy app behind its real listening site (connections.py included); its port."""
+    """The proxy app behind its real listening site (server/connections.py included); its port."""
     app = make_app(settings, secrets=logs.secrets)
     runner, _, port = await start_site(app, connections=app[CONNECTIONS])
     try:

@@ -17,10 +17,10 @@ import pytest
 from aiohttp import web
 
 from proxy.coalesce import LIMIT, CoalescedTransport, WriteCoalescer
-from proxy.connections import ClientConnections
-from proxy.handler import ApiHandler
 from proxy.logs import get_logger
-from proxy.upstream import _Pool
+from proxy.server.connections import ClientConnections
+from proxy.server.handler import ApiHandler
+from proxy.upstream.client import _Pool
 from tests.sites import start_site
 
 Pair = tuple[asyncio.Transport, socket.socket]

@@ -27,7 +27,7 @@ import pytest
 import yaml
 from aiohttp.test_utils import TestClient
 
-from proxy.settings import CONFIG_ENV, OPTIONS, SECRETS, Settings, load_settings
+from proxy.config.settings import CONFIG_ENV, OPTIONS, SECRETS, Settings, load_settings
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIG = ROOT / "config"

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from proxy.settings import CONFIG_ENV, OPTIONS, SECRETS, TOML_KEYS
+from proxy.config.settings import CONFIG_ENV, OPTIONS, SECRETS, TOML_KEYS
 
 ROOT = Path(__file__).resolve().parent.parent
 README = (ROOT / "README.md").read_text()

@@ -1,6 +1,6 @@
 """Answer heads reach the client as Sobot's bytes, with aiohttp's C writer and its pure-Python one.
 
-The first test pins the aiohttp behaviour exact_head.py relies on (a private method), so an
+The first test pins the aiohttp behaviour server/exact_head.py relies on (a private method), so an
 aiohttp upgrade that changes it fails here, not in production.
 """
 
@@ -14,8 +14,8 @@ import pytest
 from aiohttp import web
 from aiohttp.helpers import NO_EXTENSIONS
 
-from proxy.exact_head import ExactHeadResponse, ExactHeadStreamResponse
-from proxy.fake_sobot import GBK_DISPOSITION, PARTIAL_SENT, UTF8_NAME, FakeSobot
+from proxy.server.exact_head import ExactHeadResponse, ExactHeadStreamResponse
+from proxy.testing.fake_sobot import GBK_DISPOSITION, PARTIAL_SENT, UTF8_NAME, FakeSobot
 from tests.processes import stack
 from tests.test_hostile_input import exchange
 

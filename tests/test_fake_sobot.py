@@ -14,14 +14,14 @@ from collections.abc import AsyncIterator
 import aiohttp
 import pytest
 
-from proxy.fake_sobot import (
+from proxy.sobot.v5 import make_sign
+from proxy.testing.fake_sobot import (
     FAULT_HEADER,
     KEPT_BODY_LIMIT,
     FakeSobot,
     download_bytes,
     download_sha256,
 )
-from proxy.protocol import make_sign
 from tests.conftest import APP_KEY, APPID
 
 MiB = 1024 * 1024

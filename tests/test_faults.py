@@ -9,7 +9,7 @@ import socket
 import aiohttp
 import pytest
 
-from proxy.fake_sobot import FAULT_HEADER, FakeSobot, download_sha256
+from proxy.testing.fake_sobot import FAULT_HEADER, FakeSobot, download_sha256
 from tests.conftest import CapturedLogs, blackhole, tokens_of
 
 

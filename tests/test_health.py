@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import asyncio
 
-from proxy.fake_sobot import FakeSobot
-from proxy.tokens import Backoff
+from proxy.testing.fake_sobot import FakeSobot
+from proxy.tokens.manager import Backoff
 
 
 async def test_healthz_answers_alive(proxy, fake: FakeSobot):

@@ -13,7 +13,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from proxy.protocol import make_sign
+from proxy.sobot.v5 import make_sign
 from tests.processes import STACK_APP_KEY, STACK_APPID, Stack, http_get, stack
 
 URL_CHARS = string.ascii_letters + string.digits + "-._~!$&'()*+,;=:@/%\\#"

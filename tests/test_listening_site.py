@@ -13,7 +13,7 @@ import socket
 from aiohttp import web
 
 from proxy.coalesce import CoalescedTransport
-from proxy.server import CoalescingSite
+from proxy.server.listen import CoalescingSite
 from tests.sites import start_site
 
 

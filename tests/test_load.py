@@ -9,7 +9,7 @@ from collections import Counter
 
 import aiohttp
 
-from proxy.fake_sobot import FAULT_HEADER
+from proxy.testing.fake_sobot import FAULT_HEADER
 from tests.processes import EXIT_TIMEOUT, open_fds, rss_bytes, stack
 
 MIB = 1024 * 1024

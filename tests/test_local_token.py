@@ -6,8 +6,8 @@ import time
 
 import pytest
 
-from proxy.fake_sobot import FakeSobot
-from proxy.protocol import make_sign
+from proxy.sobot.v5 import make_sign
+from proxy.testing.fake_sobot import FakeSobot
 from tests.conftest import APP_KEY, APPID, CapturedLogs, exact_url, send_raw
 
 

@@ -6,7 +6,7 @@ import hashlib
 import json
 import urllib.request
 
-from proxy.fake_sobot import FAULT_HEADER, download_sha256
+from proxy.testing.fake_sobot import FAULT_HEADER, download_sha256
 from tests.processes import OPENER, PeakRss, rss_bytes, stack
 
 MIB = 1024 * 1024

@@ -14,9 +14,9 @@ from aiohttp.test_utils import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 
-from proxy.fake_sobot import FAULT_HEADER, FakeSobot
-from proxy.metrics import MAX_RET_CODES
-from proxy.tokens import Backoff
+from proxy.server.metrics import MAX_RET_CODES
+from proxy.testing.fake_sobot import FAULT_HEADER, FakeSobot
+from proxy.tokens.manager import Backoff
 from tests.conftest import RedisServer, eventually, send_raw
 from tests.processes import fake_sobot, proxy_env, rss_bytes, running, stack, wait_until_ready
 

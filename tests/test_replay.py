@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from proxy.fake_sobot import FakeSobot
+from proxy.testing.fake_sobot import FakeSobot
 from tests.conftest import CapturedLogs, tokens_of
 
 

@@ -10,7 +10,7 @@ import uuid
 import aiohttp
 import pytest
 
-from proxy.fake_sobot import FAULT_HEADER, FakeSobot
+from proxy.testing.fake_sobot import FAULT_HEADER, FakeSobot
 from tests.conftest import CapturedLogs, eventually, send_raw
 
 HEADER = "X-Request-Id"

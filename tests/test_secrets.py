@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import time
 
-from proxy.fake_sobot import FakeSobot
-from proxy.protocol import make_sign
-from proxy.tokens import Backoff
+from proxy.sobot.v5 import make_sign
+from proxy.testing.fake_sobot import FakeSobot
+from proxy.tokens.manager import Backoff
 from tests.conftest import APP_KEY, APPID, CapturedLogs, tokens_of
 
 
@@ -88,7 +88,7 @@ async def test_every_failure_path_keeps_the_app_key_and_token_out_of_all_output(
         raise RuntimeError(f"{APP_KEY} {token} {client_key}")
 
     with monkeypatch.context() as patched:
-        patched.setattr("proxy.forward.Forwarder.forward", crash)
+        patched.setattr("proxy.server.forward.Forwarder.forward", crash)
         await call()
     await fake.stop()  # the upstream goes down
     await call()

@@ -8,10 +8,10 @@ import ssl
 import pytest
 import trustme
 
-from proxy.fake_sobot import FakeSobot
-from proxy.forward import Forwarder
-from proxy.protocol import make_sign
-from proxy.tokens import Backoff
+from proxy.server.forward import Forwarder
+from proxy.sobot.v5 import make_sign
+from proxy.testing.fake_sobot import FakeSobot
+from proxy.tokens.manager import Backoff
 from tests.conftest import APP_KEY, APPID, CapturedLogs, exact_url, send_raw
 
 KEYS = ("client-key-one-0123456789", "client-key-two-0123456789")

@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from proxy.settings import ConfigError, Settings, load_settings
+from proxy.config.settings import ConfigError, Settings, load_settings
 
 APP_KEY = "settings-test-app-key"
 # Enough to start: every test changes only what it is about.

@@ -8,9 +8,9 @@ import time
 import pytest
 import redis.asyncio as aioredis
 
-from proxy.fake_sobot import FakeSobot
 from proxy.logs import get_logger
-from proxy.store import RedisTokenStore, StoredToken
+from proxy.testing.fake_sobot import FakeSobot
+from proxy.tokens.store import RedisTokenStore, StoredToken
 from tests.conftest import (
     APPID,
     CapturedLogs,

@@ -11,7 +11,7 @@ import urllib.request
 
 import pytest
 
-from proxy.fake_sobot import FAULT_HEADER
+from proxy.testing.fake_sobot import FAULT_HEADER
 from tests.processes import EXIT_TIMEOUT, OPENER, Stack, stack
 
 

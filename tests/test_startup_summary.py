@@ -10,11 +10,11 @@ import urllib.parse
 import urllib.request
 from typing import Any
 
-from proxy.fake_sobot import FakeSobot
+from proxy.cli.startup import announce
+from proxy.config.settings import Settings
 from proxy.logs import get_logger
-from proxy.settings import Settings
-from proxy.startup import announce
-from proxy.store import describe_store
+from proxy.testing.fake_sobot import FakeSobot
+from proxy.tokens.store import describe_store
 from tests.conftest import CapturedLogs, tokens_of
 from tests.processes import (
     HEX32,

@@ -9,11 +9,11 @@ import pytest
 from aiohttp import web
 
 from proxy.errors import TokenUnavailable
-from proxy.fake_sobot import FakeSobot
 from proxy.logs import get_logger
-from proxy.protocol import IssuedToken
-from proxy.token_source import GetTokenFailed
-from proxy.tokens import Backoff, TokenManager
+from proxy.sobot.credential import IssuedToken
+from proxy.testing.fake_sobot import FakeSobot
+from proxy.tokens.manager import Backoff, TokenManager
+from proxy.tokens.source import GetTokenFailed
 from tests.conftest import CapturedLogs, blackhole, eventually
 
 

@@ -19,8 +19,8 @@ import trustme
 from multidict import CIMultiDict
 
 from proxy import upstream
-from proxy.fake_sobot import FAULT_HEADER, FakeSobot, download_sha256
-from proxy.protocol import make_sign
+from proxy.sobot.v5 import make_sign
+from proxy.testing.fake_sobot import FAULT_HEADER, FakeSobot, download_sha256
 from proxy.upstream import Client, Origin
 from tests.conftest import APP_KEY, APPID, blackhole
 

@@ -1,0 +1,223 @@
+"""Every request under the catch-all route: admission, dispatch, error answers, the log line,
+and the drain at shutdown.
+
+    admission   client key (401), request target (400/404), allow-lists (403)
+    dispatch    /api/get_token in any spelling -> answered locally; any other /api/ -> forwarded
+    answers     a ProxyError becomes its JSON answer; anything else a plain 500; every answer
+                is written here, and its body let go once written (write_whole)
+    record      one log line and the metrics, with the request's id (server/request_id.py)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import weakref
+from typing import Final
+
+import structlog
+from aiohttp import HttpVersion11, hdrs, web
+
+from proxy.coalesce import CoalescedTransport
+from proxy.errors import ExpectationFailed, InternalError, ProxyError
+from proxy.server.access import AccessPolicy
+from proxy.server.body import NOTHING_RESERVED, Reservation
+from proxy.server.exact_head import PiecewiseResponse
+from proxy.server.forward import Forwarder
+from proxy.server.local_token import LocalTokenEndpoint
+from proxy.server.metrics import Metrics
+from proxy.server.paths import is_get_token, split_target
+from proxy.server.request_id import HEADER as REQUEST_ID_HEADER
+from proxy.server.request_id import request_id_for
+from proxy.server.request_log import RequestRecord
+
+# The spool room reserved when `Expect: 100-continue` was answered, for handle() to take over.
+_RESERVED: Final = web.RequestKey("spool_reserved", Reservation)
+
+
+async def write_whole(request: web.BaseRequest, response: web.StreamResponse) -> None:
+    """Write an answer that is not prepared yet, whole, and let go of its body.
+
+    aiohttp writes a returned answer after the handler and keeps it until the connection's next
+    request arrives: a kept-alive client that went quiet after a 1 MiB answer would pin that
+    MiB. Written here, the body goes as soon as the socket has taken it (a client that does not
+    take it is cut by the send watchdog, server/connections.py), and aiohttp finds the answer done.
+    """
+    await response.prepare(request)
+    if isinstance(response, PiecewiseResponse):
+        await response.write_body()
+    await response.write_eof()
+    if isinstance(response, web.Response):
+        response.body = None
+
+
+class ApiHandler:
+    def __init__(
+        self,
+        *,
+        access: AccessPolicy,
+        forwarder: Forwarder,
+        local_token: LocalTokenEndpoint,
+        metrics: Metrics,
+        log: structlog.typing.FilteringBoundLogger,
+    ) -> None:
+        self._access = access
+        self._forwarder = forwarder
+        self._local_token = local_token
+        self._metrics = metrics
+        self._log = log
+        self._running: set[asyncio.Task[object]] = set()
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._draining = False
+        self._cutting = False
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._running)
+
+    def others_in_flight(self) -> bool:
+        """Whether a request other than the current task's is in flight: then the current
+        one's writes can wait for the end of the loop's pass, to leave with theirs."""
+        running = self._running
+        return len(running) > (1 if asyncio.current_task() in running else 0)
+
+    def _admit(self, request: web.BaseRequest) -> tuple[str, str]:
+        """The (path, query) to serve, once the request may be served at all."""
+        # Authentication comes first, so a caller without a key learns nothing else.
+        self._access.authenticate(request.headers)
+        path, query = split_target(request.raw_path)
+        self._access.authorize(request.method, path)
+        return path, query
+
+    async def expect(self, request: web.Request) -> web.StreamResponse | None:
+        """`Expect: 100-continue`: refuse before the client sends its body, or invite it."""
+        started = time.perf_counter()
+        record = RequestRecord(request.method, request.path, request_id_for(request.headers))
+        reserved = NOTHING_RESERVED
+        try:
+            path, _ = self._admit(request)
+            if request.headers.get(hdrs.EXPECT, "").lower() != "100-continue":
+                raise ExpectationFailed("only `Expect: 100-continue` is understood")
+            if not is_get_token(path):
+                # Capacity, declared size and spool room: the refusal comes instead of the 100.
+                reserved = self._forwarder.admit(request)
+        except ProxyError as exc:
+            record.status, record.ret_code, record.error = exc.status, exc.ret_code, exc.message
+            response = exc.to_response()
+            response.headers[REQUEST_ID_HEADER] = record.request_id
+            response.force_close()  # the body was never invited: it cannot follow on this one
+            with structlog.contextvars.bound_contextvars(request_id=record.request_id):
+                self._finish(record, started)
+            return response
+        if request.version == HttpVersion11:
+            try:
+                await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+                # Drained here, where a cancellation releases the room: aiohttp's own drain
+                # before handle() then has nothing to wait for.
+                await request.writer.drain()
+            except BaseException:
+                reserved.release()
+                raise
+            request.writer.output_size = 0  # the interim answer is not the answer
+        if reserved.size:
+            request[_RESERVED] = reserved
+            # Should handle() never run for this request, the room comes back with it.
+            weakref.finalize(request, reserved.release)
+        return None
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        started = time.perf_counter()
+        record = RequestRecord(request.method, request.path, request_id_for(request.headers))
+        # Every line logged while this request is handled carries its id. Reset at the end:
+        # the requests of one kept-alive connection are handled in one task, one context.
+        context = structlog.contextvars.bind_contextvars(request_id=record.request_id)
+        try:
+            response = await self._tracked(request, record, started)
+            self._finish(record, started)
+            return response
+        finally:
+            structlog.contextvars.reset_contextvars(**context)
+
+    async def _tracked(
+        self, request: web.Request, record: RequestRecord, started: float
+    ) -> web.StreamResponse:
+        """The answer, written, with the request counted as in flight (for the drain and the
+        metrics) while it is worked on; a request cut short is logged here."""
+        task = asyncio.current_task()
+        if task is not None:
+            self._running.add(task)
+            self._idle.clear()
+        self._metrics.in_flight.inc()
+        transport = request.transport  # gone from the request once the connection is lost
+        try:
+            response = await self._respond(request, record)
+            if not response.prepared:
+                response.headers[REQUEST_ID_HEADER] = record.request_id
+                if self._draining:
+                    response.force_close()  # stopping: a kept-alive client must not send more
+                try:
+                    await write_whole(request, response)
+                except ConnectionError:
+                    record.error = "the client went away before its answer was written"
+            return response
+        except asyncio.CancelledError:
+            if self._cutting:
+                record.error = "cut: still running when the shutdown grace ran out"
+            elif isinstance(transport, CoalescedTransport) and transport.cut_because:
+                record.error = transport.cut_because  # the proxy cut it (server/connections.py)
+            else:
+                record.error = "cancelled: the client went away"
+            self._finish(record, started)
+            raise
+        finally:
+            self._metrics.in_flight.dec()
+            if task is not None:
+                self._running.discard(task)
+            if not self._running:
+                self._idle.set()
+
+    async def _respond(self, request: web.Request, record: RequestRecord) -> web.StreamResponse:
+        """The answer to one request; what happened is noted in `record`."""
+        reserved = request.pop(_RESERVED, None) if hdrs.EXPECT in request.headers else None
+        try:
+            path, query = self._admit(request)
+            record.path = path
+            if is_get_token(path):
+                response, record.ret_code = await self._local_token.answer(request)
+                record.status = response.status
+                return response
+            return await self._forwarder.forward(request, path, query, record, reserved)
+        except ProxyError as exc:
+            record.status, record.ret_code, record.error = exc.status, exc.ret_code, exc.message
+            return exc.to_response()
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            self._log.exception("internal_error", method=record.method, path=record.path)
+            error = InternalError("the proxy failed to handle the request; see its log")
+            record.status, record.ret_code = error.status, error.ret_code
+            return error.to_response()
+        finally:
+            if reserved is not None:
+                reserved.release()  # forward() has, unless it was never reached
+
+    def _finish(self, record: RequestRecord, started: float) -> None:
+        """The request's one log line and its metrics."""
+        duration = time.perf_counter() - started
+        self._log.info("request", **record.fields(duration))
+        self._metrics.observe(record, duration)
+
+    async def drain(self, grace: float) -> None:
+        """Let requests in flight finish within `grace` seconds; cut (and log) the rest."""
+        self._draining = True
+        self._log.info("draining", in_flight=self.in_flight, grace_s=grace)
+        try:
+            async with asyncio.timeout(grace):
+                await self._idle.wait()
+        except TimeoutError:
+            self._cutting = True
+            running = list(self._running)
+            for task in running:
+                task.cancel()
+            await asyncio.gather(*running, return_exceptions=True)

@@ -1,0 +1,250 @@
+"""Prometheus metrics, served at GET /metrics in the text format.
+
+Label values are bounded, so a client cannot grow the series without limit: paths are never a
+label (requests are grouped by the configured route prefixes, SOBOT_METRICS_ROUTES, else all in
+one group), methods outside the standard ones count as `other`, and return codes beyond the
+first MAX_RET_CODES distinct ones seen count as `other`.
+
+With `--workers N` every worker counts into files in a directory the supervisor shares
+(prometheus-client's multiprocess mode, chosen by PROMETHEUS_MULTIPROC_DIR at start-up), so a
+scrape that reaches any worker reports the sum over all of them.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Final
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    ProcessCollector,
+    disable_created_metrics,
+    generate_latest,
+)
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.multiprocess import MultiProcessCollector
+from prometheus_client.registry import Collector
+
+from proxy.server.request_log import RequestRecord
+
+MULTIPROCESS_ENV: Final = "PROMETHEUS_MULTIPROC_DIR"
+CONTENT_TYPE: Final = CONTENT_TYPE_LATEST
+NAMESPACE: Final = "sobot_proxy"
+METHODS: Final = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+MAX_RET_CODES: Final = 100
+_RET_CODE: Final = re.compile(r"[0-9A-Za-z_-]{1,16}")
+# Sobot answers in tens to hundreds of milliseconds; the proxy's own share is microseconds.
+LATENCY_BUCKETS: Final = (
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+    60.0,
+)
+GET_TOKEN_RESULTS: Final = ("ok", "refused", "unreachable", "malformed")
+# Why the proxy closed a client connection itself (server/connections.py).
+CLIENT_TIMEOUTS: Final = ("header_nothing", "header_partial", "send")
+
+
+class Metrics:
+    """Every metric of one proxy process, and its /metrics page."""
+
+    def __init__(self, *, routes: tuple[str, ...] = ()) -> None:
+        # No `_created` series beside every counter: they double the page and nobody graphs
+        # them. (A switch of the library's, for the process.)
+        disable_created_metrics()  # type: ignore[no-untyped-call]
+        self._multiprocess_dir = os.environ.get(MULTIPROCESS_ENV)
+        self._registry = CollectorRegistry(auto_describe=True)
+        registry = self._registry
+        self.requests = Counter(
+            "requests",
+            "Requests answered, by route group, method, HTTP status and Sobot ret_code "
+            "(`none` when the answer carried none; `cancelled` status: the client left first)",
+            ["route", "method", "status", "ret_code"],
+            namespace=NAMESPACE,
+            registry=registry,
+        )
+        self.duration = Histogram(
+            "request_duration_seconds",
+            "Time from a request's arrival to its answer's end, in seconds",
+            ["route"],
+            namespace=NAMESPACE,
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.upstream_duration = Histogram(
+            "upstream_duration_seconds",
+            "Time spent on Sobot's side of forwarded requests (both attempts), in seconds",
+            ["route"],
+            namespace=NAMESPACE,
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.replays = Counter(
+            "replays",
+            "Requests replayed once after Sobot rejected the token (900002 / 900001)",
+            ["route"],
+            namespace=NAMESPACE,
+            registry=registry,
+        )
+        self.get_token = Counter(
+            "get_token_calls",
+            "Calls to Sobot's get_token, by result: ok, refused (a ret_code other than 000000), "
+            "unreachable, malformed",
+            ["result"],
+            namespace=NAMESPACE,
+            registry=registry,
+        )
+        self.in_flight = Gauge(
+            "in_flight_requests",
+            "Requests being handled now",
+            namespace=NAMESPACE,
+            multiprocess_mode="livesum",
+            registry=registry,
+        )
+        self.spool_reserved = Gauge(
+            "spool_reserved_bytes",
+            "Disk room reserved now for request bodies kept for the replay (SOBOT_SPOOL_LIMIT "
+            "bounds it)",
+            namespace=NAMESPACE,
+            multiprocess_mode="livesum",
+            registry=registry,
+        )
+        self.spool_limit = Gauge(
+            "spool_limit_bytes",
+            "The most disk room request bodies may take at once (SOBOT_SPOOL_LIMIT)",
+            namespace=NAMESPACE,
+            multiprocess_mode="livesum",  # each worker has its share
+            registry=registry,
+        )
+        self.store_errors = Counter(
+            "token_store_errors",
+            "Times the shared token store (Redis, or the workers' file) could not be used",
+            namespace=NAMESPACE,
+            registry=registry,
+        )
+        self.client_connections = Gauge(
+            "client_connections",
+            "Client connections open now",
+            namespace=NAMESPACE,
+            multiprocess_mode="livesum",
+            registry=registry,
+        )
+        self.client_timeouts = Counter(
+            "client_timeouts",
+            "Client connections closed by the proxy, by kind: header_nothing (no request "
+            "within the header timeout), header_partial (a request head begun and not "
+            "finished in time), send (the client took none of its answer for the read timeout)",
+            ["kind"],
+            namespace=NAMESPACE,
+            registry=registry,
+        )
+        for result in GET_TOKEN_RESULTS:
+            self.get_token.labels(result)  # every result shows, at 0, from the start
+        for kind in CLIENT_TIMEOUTS:
+            self.client_timeouts.labels(kind)
+        self.store_errors.inc(0)
+        self._routes = tuple(sorted(routes, key=len, reverse=True))  # the longest prefix wins
+        self._ret_codes: set[str] = set()
+        # Bounded as the labels are: routes x methods x statuses x return codes seen.
+        self._counters: dict[tuple[str, str, str, str], Counter] = {}
+        self._per_route: dict[str, _RouteMetrics] = {}
+        self._token = _TokenCollector()
+        registry.register(self._token)
+        if self._multiprocess_dir is None:
+            ProcessCollector(registry=registry)  # memory, CPU, open files (not per worker)
+
+    def watch_token(self, expires_in: Callable[[], float | None]) -> None:
+        """Report `expires_in()` (seconds, None: no token held) at every scrape."""
+        self._token.expires_in = expires_in
+
+    def route(self, path: str) -> str:
+        """The route group of `path`: the longest configured prefix it starts with, else
+        `/api/` for any other API path, else `other`."""
+        # Not cached: paths are the clients' choice, up to 8 KiB each, and a cache of them would
+        # grow by the megabyte under a scan; matching a few prefixes costs next to nothing.
+        route = next((prefix for prefix in self._routes if path.startswith(prefix)), None)
+        return route or ("/api/" if path.startswith("/api/") else "other")
+
+    def observe(self, record: RequestRecord, duration_s: float) -> None:
+        """Count one finished request."""
+        route = self.route(record.path)
+        method = record.method if record.method in METHODS else "other"
+        status = "cancelled" if record.status is None else str(record.status)
+        labels = (route, method, status, self._ret_code_label(record.ret_code))
+        # The labelled children are looked up once per label set, not on every request:
+        # prometheus-client's labels() validates and locks each time (a third of the cost).
+        counter = self._counters.get(labels)
+        if counter is None:
+            counter = self._counters[labels] = self.requests.labels(*labels)
+        counter.inc()
+        per_route = self._per_route.get(route)
+        if per_route is None:
+            per_route = self._per_route[route] = _RouteMetrics(
+                self.duration.labels(route),
+                self.upstream_duration.labels(route),
+                self.replays.labels(route),
+            )
+        per_route.duration.observe(duration_s)
+        if record.attempts:
+            per_route.upstream_duration.observe(record.upstream_s)
+        if record.attempts > 1:
+            per_route.replays.inc()
+
+    def _ret_code_label(self, ret_code: str | None) -> str:
+        if ret_code is None:
+            return "none"
+        if ret_code in self._ret_codes:
+            return ret_code
+        if len(self._ret_codes) >= MAX_RET_CODES or not _RET_CODE.fullmatch(ret_code):
+            return "other"
+        self._ret_codes.add(ret_code)
+        return ret_code
+
+    def page(self) -> bytes:
+        """The metrics in Prometheus' text format."""
+        registry = self._registry
+        if self._multiprocess_dir is not None:
+            # Every worker's counts, summed from their files; the token is this worker's.
+            registry = CollectorRegistry()
+            MultiProcessCollector(registry, path=self._multiprocess_dir)  # type: ignore[no-untyped-call]
+            registry.register(self._token)
+        return generate_latest(registry)
+
+
+@dataclass(frozen=True, slots=True)
+class _RouteMetrics:
+    duration: Histogram
+    upstream_duration: Histogram
+    replays: Counter
+
+
+class _TokenCollector(Collector):
+    """The held token's remaining life, read at scrape time."""
+
+    def __init__(self) -> None:
+        self.expires_in: Callable[[], float | None] = lambda: None
+
+    def collect(self) -> Iterable[Metric]:
+        yield GaugeMetricFamily(
+            f"{NAMESPACE}_token_expires_in_seconds",
+            "Seconds until the token held now expires (0: no valid token held)",
+            value=max(0.0, self.expires_in() or 0.0),
+        )

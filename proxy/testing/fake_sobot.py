@@ -1,0 +1,635 @@
+"""A fake Sobot upstream that speaks the protocol faithfully, for tests, demos and development.
+
+- `GET /api/get_token` checks appid (900004 if unknown, whatever the rest), create_time (900003
+  if more than 300 s from this clock) and sign (900003), with the proxy's own check
+  (v5.check_token_request), then issues a NEW token that invalidates the previous one.
+- Every other `/api/...` path checks the `token` header (900001 when empty, 900002 when not the
+  current token or expired) and answers like the echo: what arrived, so a demo shows it. The
+  token value itself is never echoed, only whether it was valid and which one it was. The body
+  is streamed through a sha256, never held whole: `Received.body` is kept up to 1 MiB only.
+- Faults, chosen per request by the client with an `X-Fake-Fault` header (end-to-end, so it
+  crosses the proxy). They apply once the request is recorded and its token accepted; a token
+  rejection or a scripted answer comes first. Any other value is answered 400, so a typo is loud.
+    html502            502 with a small HTML page, like a load balancer's
+    truncate           Content-Length: 2048, 1024 bytes sent, then the connection closed (FIN)
+    reset              the same, then the connection aborted (RST)
+    stall              no answer at all, until the fake stops
+    drop               the request read whole, then the connection closed with no answer
+    early              the echo at once, before the request's body is read (body_size 0)
+    stall-body         Content-Length: 2048, 1024 bytes sent, then nothing until the fake stops
+    download=N         a 200 of N bytes of `download_bytes(N)`, streamed (`download_sha256(N)`)
+    slow-download=N    the same without Content-Length (chunked)
+    delay=S            wait S seconds (a float), then answer normally
+    gbk-filename       a 200 download of 1024 bytes named in GBK bytes (GBK_DISPOSITION, not
+                       UTF-8, as Sobot's exports are), written raw; `gbk-filename=TYPE` sends
+                       Content-Type TYPE instead of application/vnd.ms-excel
+    lowercase-headers  a 200 `{"ret_code":"000000"}`, chunked, as an HTTP/2 gateway writes it:
+                       every header name in lower case, hop-by-hop ones (`connection: close,
+                       x-hop`, `x-hop`, `keep-alive`, `proxy-authenticate`) among them; raw
+- Controls under `/_fake/` (never under /api/, so never reachable through the proxy):
+    GET  /_fake/stats                       counters
+    POST /_fake/expire                      expire the current token now
+    POST /_fake/lifetime?seconds=N          expires_in of the next tokens issued
+    POST /_fake/fail-get-token?mode=M&times=N
+         M = a ret_code (e.g. 900003), `malformed`, `http500`, `disconnect` or `stall` (no
+         answer until the fake stops); N = -1 for always
+    POST /_fake/script?times=N&status=S     the next N /api/ answers are the JSON body posted
+    POST /_fake/hold, /_fake/release        stop answering /api/ requests, and start again
+    POST /_fake/reset                       forget everything but the credentials
+The same controls are methods on FakeSobot for in-process tests.
+
+`stats.open_requests` counts /api/ handlers still running and `stats.cancelled_requests` those
+that ended cancelled because their client went away; `await fake.wait_until_idle()` returns once
+none is running (for leak tests). Disconnects cancel handlers only on a runner made with
+`handler_cancellation=True`, as `start()` and `make_runner()` make it.
+
+Run it alone: `sobot-proxy fake-sobot --port P --appid A --app-key K`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import math
+import socket
+import ssl
+import struct
+import time
+import uuid
+from collections import deque
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any, Final
+from urllib.parse import unquote
+
+import orjson
+from aiohttp import web
+from multidict import CIMultiDict
+
+from proxy.errors import sobot_response
+from proxy.sobot import v5
+
+ECHOED_BODY_LIMIT: Final = 4096  # larger bodies are echoed as size and sha256 only
+KEPT_BODY_LIMIT: Final = 1024 * 1024
+
+FAULT_HEADER: Final = "X-Fake-Fault"
+PARTIAL_LENGTH: Final = 2048  # what truncate, reset and stall-body announce...
+PARTIAL_SENT: Final = 1024  # ...and what they send
+_SIMPLE_FAULTS: Final = frozenset(
+    {"html502", "truncate", "reset", "stall", "stall-body", "drop", "early", "lowercase-headers"}
+)
+_FAULT_HELP: Final = (
+    f"unknown {FAULT_HEADER} value; expected one of html502, truncate, reset, stall, drop, early, "
+    "lowercase-headers, "
+    "stall-body, download=N, slow-download=N (N bytes), delay=S (S seconds), gbk-filename, "
+    "gbk-filename=TYPE (a Content-Type)"
+)
+# "报表.xls" in GBK: bytes that are not UTF-8, which every header writer must pass on untouched.
+GBK_DISPOSITION: Final = b'Content-Disposition: attachment; filename="\xb1\xa8\xb1\xed.xls"'
+# The same name in UTF-8, in a header of its own beside it.
+UTF8_NAME: Final = "X-File-Name: 报表.xls".encode()
+BAD_GATEWAY_PAGE: Final = (
+    "<html>\r\n<head><title>502 Bad Gateway</title></head>\r\n<body>\r\n"
+    "<center><h1>502 Bad Gateway</h1></center>\r\n<hr><center>nginx</center>\r\n"
+    "</body>\r\n</html>\r\n"
+)
+
+
+def _make_download_block() -> bytes:
+    # 64 KiB that never repeat within the block, so a misplaced or dropped chunk changes the hash.
+    return b"".join(hashlib.sha256(i.to_bytes(8, "big")).digest() for i in range(2048))
+
+
+_DOWNLOAD_BLOCK: Final = _make_download_block()
+
+
+def download_bytes(size: int) -> Iterator[bytes]:
+    """The content of a `download=size` answer, in chunks of at most 64 KiB."""
+    whole, rest = divmod(size, len(_DOWNLOAD_BLOCK))
+    for _ in range(whole):
+        yield _DOWNLOAD_BLOCK
+    if rest:
+        yield _DOWNLOAD_BLOCK[:rest]
+
+
+def download_sha256(size: int) -> str:
+    """The sha256 of `download_bytes(size)`, so a test checks a download without keeping it."""
+    digest = hashlib.sha256()
+    for chunk in download_bytes(size):
+        digest.update(chunk)
+    return digest.hexdigest()
+
+
+@dataclass(frozen=True, slots=True)
+class Received:
+    """One /api/ request as it arrived (get_token excluded)."""
+
+    method: str
+    path: str
+    query: str  # raw, as sent
+    headers: CIMultiDict[str]
+    body: bytes | None  # None when larger than KEPT_BODY_LIMIT
+    body_size: int
+    body_sha256: str
+    token_state: str  # valid, expired, missing
+    token_serial: int | None
+
+
+@dataclass(slots=True)
+class Stats:
+    get_token_calls: int = 0
+    tokens_issued: int = 0
+    api_calls: int = 0
+    token_rejections: int = 0  # 900001 and 900002 answers
+    renewals_before_expiry: int = 0  # get_token calls made while the previous token was valid
+    open_requests: int = 0  # /api/ handlers running now (a gauge: reset() keeps it)
+    cancelled_requests: int = 0  # /api/ handlers that ended cancelled: their client went away
+    # Requests for a path outside /api/ and /_fake/, as a Java servlet container would resolve
+    # it (servlet_path): a proxy bug.
+    outside_api_calls: int = 0
+
+    def as_dict(self) -> dict[str, int]:
+        return {name: getattr(self, name) for name in self.__slots__}
+
+
+@dataclass(slots=True)
+class _Script:
+    body: bytes
+    times: int
+    status: int
+    headers: dict[str, str]
+
+
+@dataclass(frozen=True, slots=True)
+class _Fault:
+    kind: str
+    size: int = 0
+    seconds: float = 0.0
+    content_type: str = ""
+
+
+@dataclass(slots=True)
+class _State:
+    token: str | None = None
+    serial: int = 0
+    expires_at: float = 0.0
+    lifetime: float = 86400.0
+    get_token_failure: str | None = None
+    get_token_failures_left: int = 0
+    scripts: deque[_Script] = field(default_factory=deque)
+
+
+class FakeSobot:
+    def __init__(
+        self,
+        appid: str,
+        app_key: str,
+        *,
+        token_lifetime: float = 86400.0,
+        clock: Callable[[], float] = time.monotonic,
+        wall_clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.appid = appid
+        self._app_key = app_key
+        self._initial_lifetime = token_lifetime
+        self._clock = clock
+        self._wall_clock = wall_clock
+        self.stats = Stats()
+        self.received: deque[Received] = deque(maxlen=10_000)
+        self.issued_tokens: list[str] = []  # for tests that check no token ever leaks
+        self.issue_times: list[float] = []  # when each was issued, on the fake's clock
+        self._get_token_called = asyncio.Event()
+        self._api_progress = asyncio.Event()  # an /api/ call began, or was received whole
+        self._answers_released = asyncio.Event()
+        self._answers_released.set()
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._stopping = asyncio.Event()  # ends stalls, so stop() is never held up by them
+        self._state = _State(lifetime=token_lifetime)
+        self._runner: web.AppRunner | None = None
+        self.url = ""
+
+    # -- controls --------------------------------------------------------------------------
+
+    def expire_token(self) -> None:
+        self._state.expires_at = 0.0
+
+    def set_lifetime(self, seconds: float) -> None:
+        self._state.lifetime = seconds
+
+    def fail_get_token(self, mode: str, times: int = 1) -> None:
+        """Make the next `times` get_token calls fail (-1: until told otherwise, 0: stop)."""
+        self._state.get_token_failure = mode if times else None
+        self._state.get_token_failures_left = times
+
+    def script(
+        self,
+        answer: dict[str, Any] | bytes,
+        times: int = 1,
+        *,
+        status: int = 200,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        """Answer the next `times` /api/ calls with `answer`, whatever their token.
+
+        A dict is sent as JSON; bytes are sent as they are (with `headers` saying what they are).
+        """
+        if isinstance(answer, bytes):
+            body, headers = answer, headers or {}
+        else:
+            body, headers = (
+                orjson.dumps(answer),
+                {"Content-Type": "application/json", **(headers or {})},
+            )
+        self._state.scripts.append(_Script(body, times, status, headers))
+
+    def hold_answers(self) -> None:
+        """Stall: /api/ requests are received and recorded, but not answered until released."""
+        self._answers_released.clear()
+
+    def release_answers(self) -> None:
+        self._answers_released.set()
+
+    async def wait_for_get_token_calls(self, count: int) -> None:
+        """Return once get_token has been called `count` times in all (bound it with a timeout)."""
+        while self.stats.get_token_calls < count:
+            self._get_token_called.clear()
+            await self._get_token_called.wait()
+
+    async def wait_for_api_calls(self, count: int) -> None:
+        """Return once `count` /api/ calls have begun in all, their heads received (bound it with
+        a timeout)."""
+        while self.stats.api_calls < count:
+            self._api_progress.clear()
+            await self._api_progress.wait()
+
+    async def wait_for_received(self, count: int) -> None:
+        """Return once `count` /api/ requests are in `received`, bodies and all (bound it with a
+        timeout)."""
+        while len(self.received) < count:
+            self._api_progress.clear()
+            await self._api_progress.wait()
+
+    async def wait_until_idle(self) -> None:
+        """Return once no /api/ handler is running (bound it with a timeout)."""
+        await self._idle.wait()
+
+    def reset(self) -> None:
+        self.stats = Stats(open_requests=self.stats.open_requests)
+        self.received.clear()
+        self._state = _State(lifetime=self._initial_lifetime)
+
+    @property
+    def current_token(self) -> str | None:
+        """The valid token, for tests that check a secret never leaks."""
+        state = self._state
+        return state.token if state.token and self._clock() < state.expires_at else None
+
+    # -- serving ---------------------------------------------------------------------------
+
+    def make_app(self) -> web.Application:
+        """The fake as an app: serve it with `make_runner()`, or `handler_cancellation=True`.
+
+        Without that option a client that goes away does not end its handler: a stalled request
+        stays in `stats.open_requests` until the fake stops, and `cancelled_requests` stays 0.
+        """
+        app = web.Application()
+        app.router.add_get(v5.GET_TOKEN_PATH, self._get_token)
+        app.router.add_get("/_fake/stats", self._stats)
+        app.router.add_post("/_fake/{control}", self._control)
+        app.router.add_route("*", "/api/{tail:.*}", self._api)
+        app.router.add_route("*", "/{tail:.*}", self._outside_api)
+        return app
+
+    async def _outside_api(self, _request: web.Request) -> web.Response:
+        # Sobot serves nothing here: a proxy must never send anything this way.
+        self.stats.outside_api_calls += 1
+        return web.Response(status=404, text="not an API path")
+
+    def make_runner(self) -> web.AppRunner:
+        """A runner for `make_app()` that cancels a handler when its client disconnects."""
+        return web.AppRunner(self.make_app(), access_log=None, handler_cancellation=True)
+
+    async def start(
+        self, host: str = "127.0.0.1", port: int = 0, *, ssl_context: ssl.SSLContext | None = None
+    ) -> str:
+        """Serve on host:port (0: a free one), over TLS with `ssl_context`; returns the URL."""
+        self._stopping.clear()
+        self._runner = self.make_runner()
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, host, port, ssl_context=ssl_context)
+        await site.start()
+        bound_host, bound_port = self._runner.addresses[0][:2]
+        scheme = "https" if ssl_context is not None else "http"
+        self.url = f"{scheme}://{bound_host}:{bound_port}"
+        return self.url
+
+    async def stop(self) -> None:
+        self._stopping.set()
+        self.release_answers()
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+    # -- the protocol ----------------------------------------------------------------------
+
+    async def _get_token(self, request: web.Request) -> web.StreamResponse:
+        self.stats.get_token_calls += 1
+        self._get_token_called.set()
+        state = self._state
+        if state.get_token_failure is not None:
+            mode = state.get_token_failure
+            if state.get_token_failures_left > 0:
+                state.get_token_failures_left -= 1
+                if state.get_token_failures_left == 0:
+                    state.get_token_failure = None
+            return await self._failed_get_token(request, mode)
+
+        ret_code = v5.check_token_request(
+            request.query, appid=self.appid, app_key=self._app_key, now=self._wall_clock()
+        )
+        if ret_code != v5.OK:
+            return sobot_response(ret_code, v5.RET_CODE_MEANINGS[ret_code])
+
+        if state.token is not None and self._clock() < state.expires_at:
+            self.stats.renewals_before_expiry += 1
+        # Every call issues a new token and the previous one stops working.
+        state.token = uuid.uuid4().hex
+        self.issued_tokens.append(state.token)
+        self.issue_times.append(self._clock())
+        state.serial += 1
+        state.expires_at = self._clock() + state.lifetime
+        self.stats.tokens_issued += 1
+        lifetime = state.lifetime
+        expires_in = str(int(lifetime)) if lifetime == int(lifetime) else str(lifetime)
+        return sobot_response(v5.OK, "Success", {"token": state.token, "expires_in": expires_in})
+
+    async def _failed_get_token(self, request: web.Request, mode: str) -> web.StreamResponse:
+        if mode == "malformed":
+            return web.Response(text="<html>not json</html>", content_type="text/html")
+        if mode == "http500":
+            return web.Response(status=500, text="Internal Server Error")
+        if mode in ("disconnect", "stall"):
+            if mode == "stall":
+                await self._stopping.wait()
+            if request.transport is not None:
+                request.transport.abort()
+            return web.Response()  # never sent: the connection is gone
+        return sobot_response(mode, v5.RET_CODE_MEANINGS.get(mode, "error"))
+
+    async def _api(self, request: web.Request) -> web.StreamResponse:
+        self.stats.open_requests += 1
+        self._idle.clear()
+        try:
+            return await self._answer_api(request)
+        except asyncio.CancelledError:
+            self.stats.cancelled_requests += 1
+            raise
+        finally:
+            # self.stats, not a saved reference: reset() may have replaced it meanwhile.
+            self.stats.open_requests -= 1
+            if self.stats.open_requests == 0:
+                self._idle.set()
+
+    async def _answer_api(self, request: web.Request) -> web.StreamResponse:
+        self.stats.api_calls += 1
+        self._api_progress.set()
+        if not servlet_path(request.raw_path).startswith("/api/"):
+            # aiohttp routed it here, but Sobot's servlet container would serve something else.
+            self.stats.outside_api_calls += 1
+        # Streamed, so a GiB upload costs a GiB of hashing, not of memory.
+        digest = hashlib.sha256()
+        size = 0
+        kept: bytearray | None = bytearray()
+        # `early` answers before reading the body, as a server may (an error, a redirect).
+        if request.headers.get(FAULT_HEADER) != "early":
+            async for chunk in request.content.iter_any():
+                digest.update(chunk)
+                size += len(chunk)
+                if kept is not None and size <= KEPT_BODY_LIMIT:
+                    kept += chunk
+                else:
+                    kept = None
+        state = self._state
+        sent = request.headers.get(v5.TOKEN_HEADER, "")
+        if not sent:
+            token_state, serial = "missing", None
+        elif sent == state.token and self._clock() < state.expires_at:
+            token_state, serial = "valid", state.serial
+        else:
+            token_state, serial = "expired", None
+        received = Received(
+            method=request.method,
+            path=request.path,
+            query=request.query_string and request.raw_path.partition("?")[2],
+            headers=CIMultiDict(request.headers),
+            body=bytes(kept) if kept is not None else None,
+            body_size=size,
+            body_sha256=digest.hexdigest(),
+            token_state=token_state,
+            token_serial=serial,
+        )
+        self.received.append(received)
+        self._api_progress.set()
+        await self._answers_released.wait()
+
+        if state.scripts:
+            script = state.scripts[0]
+            script.times -= 1
+            if script.times <= 0:
+                state.scripts.popleft()
+            return web.Response(status=script.status, body=script.body, headers=script.headers)
+        if token_state == "missing":
+            self.stats.token_rejections += 1
+            return sobot_response(v5.TOKEN_EMPTY, "token is empty")
+        if token_state == "expired":
+            self.stats.token_rejections += 1
+            return sobot_response(v5.TOKEN_EXPIRED, "token has expired, obtain a new one")
+        fault_value = request.headers.get(FAULT_HEADER)
+        if fault_value is not None:
+            try:
+                fault = _parse_fault(fault_value)
+            except ValueError:
+                return web.Response(status=400, text=f"{_FAULT_HELP}, got {fault_value!r}\n")
+            answer = await self._apply_fault(request, fault)
+            if answer is not None:
+                return answer
+        return sobot_response(v5.OK, "success", _echo(received))
+
+    async def _apply_fault(self, request: web.Request, fault: _Fault) -> web.StreamResponse | None:
+        """Answer as `fault` says; None: answer normally after all (delay)."""
+        if fault.kind == "html502":
+            return web.Response(status=502, text=BAD_GATEWAY_PAGE, content_type="text/html")
+        if fault.kind == "early":
+            return None  # the echo, without the body
+        if fault.kind == "gbk-filename":
+            # aiohttp cannot write header bytes that are not UTF-8, so the answer is written raw.
+            body = _DOWNLOAD_BLOCK[:PARTIAL_SENT]
+            head = (
+                f"HTTP/1.1 200 OK\r\nContent-Type: {fault.content_type}\r\n".encode()
+                + GBK_DISPOSITION
+                + b"\r\n"
+                + UTF8_NAME
+                + f"\r\nContent-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode()
+            )
+            if request.transport is not None:
+                request.transport.write(head + body)
+            _drop(request, reset=False)  # a clean close, after what was written
+            return web.Response(status=503)  # never sent: the connection is gone
+        if fault.kind == "lowercase-headers":
+            body = b'{"ret_code":"000000","ret_msg":"success"}'
+            head = (
+                b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n"
+                b"transfer-encoding: chunked\r\nconnection: close, x-hop\r\nx-hop: hop\r\n"
+                b"keep-alive: timeout=5\r\nproxy-authenticate: Basic\r\nx-kept: kept\r\n\r\n"
+            )
+            if request.transport is not None:
+                request.transport.write(head + b"%x\r\n%s\r\n0\r\n\r\n" % (len(body), body))
+            _drop(request, reset=False)  # as its `connection: close` says
+            return web.Response(status=503)  # never sent: the connection is gone
+        if fault.kind == "drop":
+            _drop(request, reset=False)
+            return web.Response(status=503)  # never sent: the connection is gone
+        if fault.kind == "stall":
+            await self._stopping.wait()
+            _drop(request, reset=False)
+            return web.Response(status=503)  # never sent: the connection is gone
+        if fault.kind == "delay":
+            # Cut short by stop(), which would otherwise wait for it.
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(fault.seconds):
+                    await self._stopping.wait()
+            return None
+        if fault.kind in ("download", "slow-download"):
+            response = web.StreamResponse(headers={"Content-Type": "application/octet-stream"})
+            if fault.kind == "download":
+                response.content_length = fault.size
+            else:
+                response.enable_chunked_encoding()
+            await response.prepare(request)
+            # write() waits for the socket to drain, so memory stays bounded at any size.
+            for chunk in download_bytes(fault.size):
+                await response.write(chunk)
+            await response.write_eof()
+            return response
+        # truncate, reset and stall-body: a body cut short after half of what was announced.
+        response = web.StreamResponse(headers={"Content-Type": "application/octet-stream"})
+        response.content_length = PARTIAL_LENGTH
+        await response.prepare(request)
+        await response.write(_DOWNLOAD_BLOCK[:PARTIAL_SENT])
+        if fault.kind == "stall-body":
+            await self._stopping.wait()
+        _drop(request, reset=fault.kind == "reset")
+        return response
+
+    # -- control endpoints -----------------------------------------------------------------
+
+    async def _stats(self, _request: web.Request) -> web.Response:
+        return web.json_response({**self.stats.as_dict(), "token_serial": self._state.serial})
+
+    async def _control(self, request: web.Request) -> web.Response:
+        control = request.match_info["control"]
+        query = request.query
+        try:
+            if control == "expire":
+                self.expire_token()
+            elif control == "lifetime":
+                self.set_lifetime(float(query["seconds"]))
+            elif control == "fail-get-token":
+                self.fail_get_token(query["mode"], int(query.get("times", "1")))
+            elif control == "script":
+                self.script(
+                    orjson.loads(await request.read()),
+                    int(query.get("times", "1")),
+                    status=int(query.get("status", "200")),
+                )
+            elif control == "hold":
+                self.hold_answers()
+            elif control == "release":
+                self.release_answers()
+            elif control == "reset":
+                self.reset()
+            else:
+                raise web.HTTPNotFound(text=f"unknown control {control!r}")
+        except (KeyError, ValueError) as exc:
+            raise web.HTTPBadRequest(text=f"bad control request: {exc}") from None
+        return web.json_response({"ok": True})
+
+
+def servlet_path(raw_target: str) -> str:
+    """The path of a request target as a Java servlet container (Tomcat, Jetty, Spring: what
+    Sobot runs on) resolves it: each segment's `;parameters` dropped, percent-decoding, a
+    backslash taken for a slash, then dot segments resolved; a `#` ends the path, as a fragment."""
+    resolved: list[str] = []
+    for raw_segment in raw_target.partition("?")[0].partition("#")[0].split("/"):
+        decoded = unquote(raw_segment.partition(";")[0]).replace("\\", "/")
+        for segment in decoded.split("/"):
+            if segment == "..":
+                if len(resolved) > 1:
+                    resolved.pop()
+            elif segment != ".":
+                resolved.append(segment)
+    return "/".join(resolved)
+
+
+def _parse_fault(value: str) -> _Fault:
+    kind, has_argument, argument = value.strip().partition("=")
+    if not has_argument and kind in _SIMPLE_FAULTS:
+        return _Fault(kind)
+    if has_argument and kind in ("download", "slow-download"):
+        size = int(argument)
+        if size < 0:
+            raise ValueError(value)
+        return _Fault(kind, size=size)
+    if kind == "gbk-filename":
+        content_type = argument.strip() if has_argument else "application/vnd.ms-excel"
+        if not content_type.isascii() or not content_type.isprintable():
+            raise ValueError(value)
+        return _Fault(kind, content_type=content_type)
+    if has_argument and kind == "delay":
+        seconds = float(argument)
+        if not 0 <= seconds < math.inf:
+            raise ValueError(value)
+        return _Fault(kind, seconds=seconds)
+    raise ValueError(value)
+
+
+def _drop(request: web.Request, *, reset: bool) -> None:
+    """Close the connection under a request: a clean FIN, or with `reset` an RST."""
+    transport = request.transport
+    if transport is None:
+        return
+    if not reset:
+        transport.close()
+        return
+    # A plain close sends FIN; SO_LINGER 0 makes the kernel send RST instead.
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    transport.abort()
+
+
+def _echo(received: Received) -> dict[str, Any]:
+    echo: dict[str, Any] = {
+        "method": received.method,
+        "path": _printable(received.path),
+        "query": _printable(received.query),
+        # The token is a credential: say which one arrived, never its value.
+        "headers": [
+            [name, _printable(value)]
+            for name, value in received.headers.items()
+            if name.lower() != v5.TOKEN_HEADER
+        ],
+        "token": {"state": received.token_state, "serial": received.token_serial},
+        "body_size": received.body_size,
+        "body_sha256": received.body_sha256,
+    }
+    if received.body is not None and received.body_size <= ECHOED_BODY_LIMIT:
+        echo["body"] = received.body.decode("utf-8", "replace")
+    return echo
+
+
+def _printable(text: str) -> str:
+    """`text` for JSON: bytes that were not UTF-8 (decoded with surrogateescape) as \\xNN."""
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")

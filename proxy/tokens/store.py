@@ -1,0 +1,402 @@
+"""Where the token lives: in this process, or in Redis, shared by every replica of an appid.
+
+Every get_token call rotates the token for everyone on the appid, so replicas that each fetched
+their own would knock each other over. With a shared store they renew it together:
+
+- A replica that needs a token first looks in the store. Only if the stored one will not do
+  (missing, rejected, or itself due for renewal) does it take the renewal lock, look again (the
+  lock's previous holder may just have renewed it), fetch, and save the new token.
+- The lock has a lease: a replica that dies holding it holds it no longer than the lease. It is
+  released only by its holder (redis-py's Lock checks the holder's token in a script).
+- Saving publishes a message on a channel; every replica listens, and also looks every
+  POLL_INTERVAL seconds in case a message was missed (a reconnect), so it learns of a new token
+  within a moment. Requests never wait on Redis: each replica serves the token it holds.
+
+The token is stored in clear: protect Redis as you protect the app_key (a password, TLS with
+rediss://, a private network).
+
+Errors: whatever goes wrong in using a shared store, a Redis that is down or one that answers
+garbage (redis-py raises more than RedisError for that, e.g. AttributeError in its handshake), is
+StoreUnavailable, and the caller carries on alone. A renewal lock held by another replica for
+longer than its lease is RenewalBusy. An outage is logged once when it begins
+(`token_store_unavailable`) and once when the store works again (`token_store_available`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import os
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import Final, Protocol
+from urllib.parse import urlsplit, urlunsplit
+
+import orjson
+import redis.asyncio as aioredis
+import structlog
+
+from proxy.config.settings import Settings
+
+POLL_INTERVAL: Final = 2.0
+# KEYS: the token, the channel. ARGV: the record, its issued_at, milliseconds left.
+_SAVE_IF_NEWER: Final = """
+local stored = redis.call('GET', KEYS[1])
+if stored then
+  local ok, fields = pcall(cjson.decode, stored)
+  if ok and tonumber(fields['issued_at']) and tonumber(fields['issued_at']) >= tonumber(ARGV[2])
+  then
+    return 0
+  end
+end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[3])
+redis.call('PUBLISH', KEYS[2], 'renewed')
+return 1
+"""
+RECONNECT_DELAY: Final = 0.5
+MAX_RECONNECT_DELAY: Final = 8.0
+
+
+@dataclass(frozen=True, slots=True)
+class StoredToken:
+    value: str
+    issued_at: float  # wall clock (time.time()): replicas compare it across machines
+    lifetime: float
+
+    @property
+    def expires_at(self) -> float:
+        return self.issued_at + self.lifetime
+
+    def __repr__(self) -> str:  # the value is a credential
+        return f"StoredToken(issued_at={self.issued_at}, lifetime={self.lifetime})"
+
+    def encode(self) -> bytes:
+        """The record both shared stores keep (and _SAVE_IF_NEWER reads `issued_at` from)."""
+        return orjson.dumps(
+            {"value": self.value, "issued_at": self.issued_at, "lifetime": self.lifetime}
+        )
+
+    @classmethod
+    def decode(cls, raw: bytes) -> StoredToken | None:
+        """The token `raw` records; None if it is not a record of ours (or of an incompatible
+        version): as if none were stored."""
+        try:
+            fields = orjson.loads(raw)
+            return cls(str(fields["value"]), float(fields["issued_at"]), float(fields["lifetime"]))
+        except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
+            return None
+
+
+SHARED_FILE: Final = "a file shared by the workers (no SOBOT_TOKEN_STORE)"
+
+
+def describe_store(url: str, *, workers_directory: str | None = None) -> str:
+    """The store's URL without its password, for logs; as make_store chooses it, so in a
+    worker of several, `memory` is the workers' shared file."""
+    if url == "memory":
+        return url if workers_directory is None else SHARED_FILE
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    netloc = f"[{host}]" if ":" in host else host
+    if parts.port is not None:
+        netloc += f":{parts.port}"
+    return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
+
+
+def make_store(
+    settings: Settings,
+    *,
+    log: structlog.typing.FilteringBoundLogger,
+    workers_directory: str | None = None,
+    on_error: Callable[[], None] = lambda: None,
+) -> TokenStore:
+    """The store `settings` name; for `memory` in a worker of several, the workers' shared
+    file. `on_error` hears of every failure to use a shared store (for the metrics)."""
+    if settings.token_store == "memory":
+        if workers_directory is not None:
+            return FileTokenStore(
+                workers_directory, lease=settings.renewal_lease, log=log, on_error=on_error
+            )
+        return MemoryTokenStore()
+    return RedisTokenStore(
+        settings.token_store,
+        appid=settings.appid,
+        password=settings.token_store_password,
+        lease=settings.renewal_lease,
+        log=log,
+        on_error=on_error,
+    )
+
+
+class StoreUnavailable(Exception):
+    """The shared store cannot be used; the caller falls back to working alone."""
+
+
+class RenewalBusy(Exception):
+    """Another holder of the renewal lock has not finished within the lock's lease."""
+
+
+class _Availability:
+    """A shared store's failures: counted, turned into StoreUnavailable, and logged once per
+    outage, when it begins; the first success after it is logged too."""
+
+    def __init__(
+        self, log: structlog.typing.FilteringBoundLogger, on_error: Callable[[], None]
+    ) -> None:
+        self._log = log
+        self._on_error = on_error
+        self._down = False
+
+    def _unavailable(self, exc: Exception) -> StoreUnavailable:
+        self._on_error()
+        reason = type(exc).__name__
+        if not self._down:
+            self._down = True
+            self._log.warning("token_store_unavailable", reason=reason)
+        return StoreUnavailable(reason)
+
+    def _available(self) -> None:
+        if self._down:
+            self._down = False
+            self._log.info("token_store_available")
+
+
+class TokenStore(Protocol):
+    shared: bool
+
+    async def load(self) -> StoredToken | None: ...
+
+    async def save(self, token: StoredToken) -> None: ...
+
+    def renewal_lock(self) -> contextlib.AbstractAsyncContextManager[None]: ...
+
+    def changes(self) -> AsyncIterator[None]:
+        """Yields whenever the stored token may have changed (and now and then regardless).
+        Never raises: a store that fails is retried until it works again."""
+        ...
+
+    async def close(self) -> None: ...
+
+
+class MemoryTokenStore:
+    """One process: the token manager's own single flight is all the coordination needed."""
+
+    shared = False
+
+    def __init__(self) -> None:
+        self._token: StoredToken | None = None
+
+    async def load(self) -> StoredToken | None:
+        return self._token
+
+    async def save(self, token: StoredToken) -> None:
+        self._token = token
+
+    @contextlib.asynccontextmanager
+    async def renewal_lock(self) -> AsyncIterator[None]:
+        yield
+
+    async def changes(self) -> AsyncIterator[None]:
+        await asyncio.Event().wait()  # nobody else changes it
+        yield  # pragma: no cover
+
+    async def close(self) -> None:
+        pass
+
+
+class RedisTokenStore(_Availability):
+    shared = True
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        appid: str,
+        password: str | None,
+        lease: float,
+        log: structlog.typing.FilteringBoundLogger,
+        on_error: Callable[[], None] = lambda: None,
+    ) -> None:
+        super().__init__(log, on_error)
+        # Short socket timeouts: the store is on the renewal path, never on a request's.
+        self._redis = aioredis.Redis.from_url(
+            url, password=password, socket_timeout=2.0, socket_connect_timeout=2.0
+        )
+        prefix = f"sobot-proxy:{appid}:"
+        self._token_key = prefix + "token"
+        self._lock_key = prefix + "renewal-lock"
+        self._channel = prefix + "new-token"
+        self._lease = lease
+        self._save_if_newer = self._redis.register_script(_SAVE_IF_NEWER)
+
+    async def load(self) -> StoredToken | None:
+        try:
+            raw = await self._redis.get(self._token_key)
+        except Exception as exc:  # not only RedisError: see the module docstring
+            raise self._unavailable(exc) from exc
+        self._available()
+        if not isinstance(raw, bytes):  # None; or anything else from a peer that is not Redis
+            return None
+        return StoredToken.decode(raw)
+
+    async def save(self, token: StoredToken) -> None:
+        """Store `token` unless a newer one is stored already, and tell the others.
+
+        Newer wins: a holder whose lease ran out mid-fetch must not put back an older token
+        over the one its successor stored. One script, so the check, the write and the message
+        are a single step.
+        """
+        # With what is left of its life, so Redis never hands out a dead token.
+        left_ms = int((token.expires_at - time.time()) * 1000)
+        if left_ms <= 0:
+            return
+        try:
+            await self._save_if_newer(
+                keys=[self._token_key, self._channel],
+                args=[token.encode(), repr(token.issued_at), left_ms],
+            )
+        except Exception as exc:
+            raise self._unavailable(exc) from exc
+        self._available()
+
+    @contextlib.asynccontextmanager
+    async def renewal_lock(self) -> AsyncIterator[None]:
+        lock = self._redis.lock(
+            self._lock_key,
+            timeout=self._lease,
+            # Long enough to outlast a holder that died: its lease then runs out.
+            blocking_timeout=self._lease + 5,
+        )
+        try:
+            acquired = await lock.acquire()
+        except Exception as exc:
+            raise self._unavailable(exc) from exc
+        self._available()
+        if not acquired:
+            raise RenewalBusy("another replica is renewing the token and has not finished")
+        try:
+            yield
+        finally:
+            # Not ours any more if the lease ran out meanwhile (nothing to release then), or
+            # the store failed meanwhile: the lease ends the lock either way.
+            with contextlib.suppress(Exception):
+                await lock.release()
+
+    async def changes(self) -> AsyncIterator[None]:
+        delay = RECONNECT_DELAY
+        while True:
+            try:
+                async with self._redis.pubsub() as pubsub:
+                    await pubsub.subscribe(self._channel)
+                    # Subscribed; whether the store works is for the look that follows to say.
+                    delay = RECONNECT_DELAY
+                    yield  # (re)connected: look now
+                    while True:
+                        # Bounded on our side too: a reconnect inside redis-py must not keep
+                        # the poll from happening.
+                        with contextlib.suppress(TimeoutError):
+                            async with asyncio.timeout(POLL_INTERVAL):
+                                await pubsub.get_message(
+                                    ignore_subscribe_messages=True, timeout=POLL_INTERVAL
+                                )
+                        yield  # a message, or a poll's worth of time
+            except Exception as exc:  # not only RedisError: see the module docstring
+                self._unavailable(exc)  # logged once an outage, not at every retry
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, MAX_RECONNECT_DELAY)
+
+    async def close(self) -> None:
+        await self._redis.aclose()
+
+
+class FileTokenStore(_Availability):
+    """Worker processes of one proxy on one host: a file for the token, an flock for renewal.
+
+    The lock needs no lease: the kernel releases an flock when its holder dies. Changes are
+    noticed by watching the file's modification time, a cheap local stat.
+    """
+
+    shared = True
+    WATCH_INTERVAL: Final = 0.25
+
+    def __init__(
+        self,
+        directory: str,
+        *,
+        lease: float,
+        log: structlog.typing.FilteringBoundLogger,
+        on_error: Callable[[], None] = lambda: None,
+    ) -> None:
+        super().__init__(log, on_error)
+        self._token_path = os.path.join(directory, "token.json")
+        self._lock_path = os.path.join(directory, "renewal.lock")
+        self._lease = lease
+
+    async def load(self) -> StoredToken | None:
+        try:
+            # A few dozen bytes from a local file, on the renewal path only: not worth a thread.
+            with open(self._token_path, "rb") as file:  # noqa: ASYNC230
+                raw = file.read()
+        except FileNotFoundError:
+            self._available()
+            return None
+        except OSError as exc:
+            raise self._unavailable(exc) from exc
+        self._available()
+        return StoredToken.decode(raw)
+
+    async def save(self, token: StoredToken) -> None:
+        partial = f"{self._token_path}.{os.getpid()}"
+        try:
+            # Written whole, then renamed into place: a reader sees the old token or the new.
+            descriptor = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(descriptor, "wb") as file:
+                file.write(token.encode())
+            os.replace(partial, self._token_path)
+        except OSError as exc:
+            raise self._unavailable(exc) from exc
+        self._available()
+
+    @contextlib.asynccontextmanager
+    async def renewal_lock(self) -> AsyncIterator[None]:
+        try:
+            descriptor = os.open(self._lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError as exc:
+            raise self._unavailable(exc) from exc
+        try:
+            deadline = asyncio.get_running_loop().time() + self._lease + 5
+            while True:
+                try:
+                    fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if asyncio.get_running_loop().time() > deadline:
+                        raise RenewalBusy(
+                            "another worker is renewing the token and has not finished"
+                        ) from None
+                    await asyncio.sleep(0.02)
+            yield
+        finally:
+            os.close(descriptor)  # releases the lock
+
+    async def changes(self) -> AsyncIterator[None]:
+        seen = None
+        quiet = 0.0
+        while True:
+            try:
+                stamp: int | None = os.stat(self._token_path).st_mtime_ns
+            except FileNotFoundError:
+                stamp = None
+            except OSError as exc:
+                self._unavailable(exc)
+                stamp = None
+            if stamp != seen or quiet >= POLL_INTERVAL:
+                seen, quiet = stamp, 0.0
+                yield
+            await asyncio.sleep(self.WATCH_INTERVAL)
+            quiet += self.WATCH_INTERVAL
+
+    async def close(self) -> None:
+        pass
