@@ -129,9 +129,16 @@ class UpstreamTimeout(ProxyError):
 
 
 class TokenUnavailable(ProxyError):
-    """No valid token could be obtained; ret_code is get_token's own code when it answered one."""
+    """No valid token could be obtained; ret_code is the token endpoint's own code when it
+    answered one, and `configuration_error` says no retry can fix it."""
 
     status = 502
+
+    def __init__(
+        self, message: str, *, ret_code: str | None = None, configuration_error: bool = False
+    ) -> None:
+        super().__init__(message, ret_code=ret_code)
+        self.configuration_error = configuration_error
 
 
 class NotReady(ProxyError):

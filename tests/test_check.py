@@ -365,7 +365,9 @@ async def test_online_with_an_unreachable_upstream_exits_1(tmp_path):
 
 async def store_a_token(fake: FakeSobot, redis_url: str) -> StoredToken:
     """What a running replica does: fetch a token from the fake and store it in Redis."""
-    store = RedisTokenStore(redis_url, appid=APPID, password=None, lease=5, log=get_logger())
+    store = RedisTokenStore(
+        redis_url, prefix=f"sobot-proxy:{APPID}:", password=None, lease=5, log=get_logger()
+    )
     settings = Settings(appid=APPID, app_key=APP_KEY, base_url=fake.url)
     client = token_client(settings, ssl.create_default_context())
     try:
@@ -381,7 +383,9 @@ async def store_a_token(fake: FakeSobot, redis_url: str) -> StoredToken:
 
 
 async def stored_token(redis_url: str) -> StoredToken | None:
-    store = RedisTokenStore(redis_url, appid=APPID, password=None, lease=5, log=get_logger())
+    store = RedisTokenStore(
+        redis_url, prefix=f"sobot-proxy:{APPID}:", password=None, lease=5, log=get_logger()
+    )
     try:
         return await store.load()
     finally:

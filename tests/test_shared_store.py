@@ -136,7 +136,9 @@ async def test_a_redis_that_comes_back_empty_gets_the_held_token_back(
 
 async def test_an_older_token_never_overwrites_a_newer_one(redis_server: RedisServer):
     """A holder whose lease ran out mid-fetch must not put back an older token."""
-    store = RedisTokenStore(redis_server.url, appid=APPID, password=None, lease=5, log=get_logger())
+    store = RedisTokenStore(
+        redis_server.url, prefix=f"sobot-proxy:{APPID}:", password=None, lease=5, log=get_logger()
+    )
     try:
         now = time.time()
         newer = StoredToken("newer-token-value", now, 60)

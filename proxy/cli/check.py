@@ -5,19 +5,8 @@ came from (flag, environment, config file or default; a lower layer it overrides
 Secrets are never shown: a secret is only "set", with the file it was read from; a password in
 a Redis URL is masked.
 
-Online, the credentials are proven without disturbing a running proxy wherever possible:
-
-- With a Redis token store holding a token for the appid, that shared token is used, never
-  get_token. It is sent to Sobot once, on a read-only call the operator names (`--probe-path`):
-  the protocol documents no read-only API besides get_token itself, so there is no call this
-  command could safely assume exists in every company's edition.
-- Otherwise only get_token can prove the credentials, and every get_token issues a new token and
-  invalidates the one before: every running proxy of the appid then meets 900002 once and renews,
-  and any other client of the appid that does not renew by itself breaks. So `--online` calls it
-  only when told so with `--rotate-token`; without, it explains and exits 2, having done nothing.
-  (A confirmation flag rather than a prompt: the command runs in CI, with no terminal.) With a
-  Redis store that is empty, the new token is fetched under the replicas' renewal lock and stored,
-  so running replicas adopt it rather than meet 900002.
+Then the route table and the credential sets. Online (prove.py), each set's credentials are
+proven.
 
 Exit status: 0 valid (and, online, proven); 1 the credentials or the token were refused, or
 Sobot or the token store cannot be reached; 2 a configuration or usage problem.
@@ -26,36 +15,15 @@ Sobot or the token store cannot be reached; 2 a configuration or usage problem.
 from __future__ import annotations
 
 import argparse
-import asyncio
-import contextlib
-import logging
-import ssl
 import tempfile
-import time
-from dataclasses import dataclass
-from typing import Final, TextIO
+from typing import Final
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
-import orjson
-import structlog
-from multidict import CIMultiDict
-from yarl import URL
-
-from proxy import upstream
 from proxy.config.settings import MIB, OPTIONS, REGIONS, Origin, Provenance, Settings, is_loopback
-from proxy.errors import BadRequest, NotProxied
-from proxy.logs import Secrets
-from proxy.server.paths import is_get_token, split_target
-from proxy.sobot import v5
-from proxy.tokens.source import GetTokenFailed, token_client, token_source
-from proxy.tokens.store import (
-    RenewalBusy,
-    StoredToken,
-    StoreUnavailable,
-    TokenStore,
-    describe_store,
-    make_store,
-)
+from proxy.errors import BadRequest
+from proxy.server.paths import split_target
+from proxy.sobot import v5, v6
+from proxy.sobot.credential import spelled_as
 
 EXIT_OK: Final = 0
 EXIT_REFUSED: Final = 1
@@ -207,222 +175,32 @@ def mask_store_url(url: str) -> str:
 
 
 def probe_path(value: str) -> str:
-    """argparse type of --probe-path: a GET target under /api/ that is not get_token."""
+    """argparse type of --probe-path: a GET target that is no token request."""
     try:
         path, _query = split_target(value)
-    except (BadRequest, NotProxied) as exc:
+    except BadRequest as exc:
         raise argparse.ArgumentTypeError(f"{value!r}: {exc.message}") from None
-    if is_get_token(path):
+    if spelled_as(path, v5.GET_TOKEN_PATH) or spelled_as(path, v6.TOKEN_PATH):
         raise argparse.ArgumentTypeError(
-            f"{value!r} is get_token, which would rotate the token: name a read-only API"
+            f"{value!r} is a token request, which would rotate the token: name a read-only API"
         )
     return value
 
 
-# --- online: proving the credentials ----------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class _Report:
-    out: TextIO
-    err: TextIO
-
-    def line(self, text: str) -> None:
-        print(f"online: {text}", file=self.out, flush=True)
-
-    def warning(self, text: str) -> None:
-        print(f"sobot-proxy: warning: {text}", file=self.err, flush=True)
-
-
-def prove(
-    settings: Settings,
-    *,
-    rotate_token: bool,
-    probe: str | None,
-    out: TextIO,
-    err: TextIO,
-) -> int:
-    """Prove the credentials work, as the module docstring says; returns the exit status."""
-    report = _Report(out, err)
-    return asyncio.run(_prove(settings, rotate_token=rotate_token, probe=probe, report=report))
-
-
-async def _prove(
-    settings: Settings, *, rotate_token: bool, probe: str | None, report: _Report
-) -> int:
-    # The components log through structlog; their lines are not this command's output.
-    log = structlog.wrap_logger(
-        structlog.ReturnLogger(),
-        processors=[],
-        wrapper_class=structlog.make_filtering_bound_logger(logging.CRITICAL),
-    )
-    tls = ssl.create_default_context(cafile=settings.ca_bundle)
-    async with contextlib.AsyncExitStack() as resources:
-        client = token_client(settings, tls)
-        resources.push_async_callback(client.close)
-        store: TokenStore | None = None
-        if settings.token_store != "memory":
-            store = make_store(settings, log=log)
-            resources.push_async_callback(store.close)
-        prover = _Prover(settings, client, store, log, report, probe)
-        try:
-            if store is not None:
-                found = await prover.shared_token()
-                if found is not None:
-                    if rotate_token:
-                        report.line("--rotate-token not needed: get_token was not called")
-                    return await prover.use(found, "the shared token")
-            report.warning(_rotation_warning(settings.appid, shared=store is not None))
-            if not rotate_token:
-                report.warning(
-                    "nothing was tested: add --rotate-token to call get_token all the same"
-                    if store is not None
-                    else "nothing was tested: add --rotate-token to call get_token all the same, "
-                    "or check with the Redis token store your proxies share (SOBOT_TOKEN_STORE): "
-                    "then the shared token is proven instead"
-                )
-                return EXIT_USAGE
-            return await prover.rotate()
-        except StoreUnavailable as exc:
-            report.line(
-                f"the token store {describe_store(settings.token_store)} cannot be reached ({exc})"
-            )
-            return EXIT_REFUSED
-        except (GetTokenFailed, RenewalBusy) as exc:
-            report.line(str(exc))
-            return EXIT_REFUSED
-
-
-def _rotation_warning(appid: str, *, shared: bool) -> str:
-    consequence = (
-        "it is stored for the replicas sharing the store to adopt, but any other holder of "
-        "the old token"
-        if shared
-        else "every running proxy of the appid will meet 900002 once and renew, and any "
-        "other client of the appid"
-    )
-    return (
-        "proving the credentials takes a get_token call, which issues a NEW token and "
-        f"invalidates the one in use for appid {appid}: {consequence} that does not renew by "
-        "itself will fail"
-    )
-
-
-class _Prover:
-    def __init__(
-        self,
-        settings: Settings,
-        client: upstream.Client,
-        store: TokenStore | None,
-        log: structlog.typing.FilteringBoundLogger,
-        report: _Report,
-        probe: str | None,
-    ) -> None:
-        self._settings = settings
-        self._client = client
-        self._store = store
-        self._log = log
-        self._report = report
-        self._probe = probe
-
-    async def shared_token(self) -> StoredToken | None:
-        """The live token the store holds for the appid, or None (said so)."""
-        assert self._store is not None
-        found = await self._store.load()
-        where = describe_store(self._settings.token_store)
-        if found is None or found.expires_at <= time.time():
-            self._report.line(f"the token store {where} holds no token for the appid")
-            return None
-        self._report.line(
-            f"the token store {where} holds a token for the appid, issued "
-            f"{time.time() - found.issued_at:.0f} s ago, valid {found.expires_at - time.time():.0f}"
-            " s more; get_token not called (it would rotate the token every replica holds)"
+def describe_routes(settings: Settings) -> list[str]:
+    """The route table, longest prefix first, and the credential sets, one line each."""
+    rows = [
+        (route.prefix, route.base_url, route.credentials or "none (nothing injected)")
+        for route in settings.route_table
+    ]
+    width = max((len(prefix) for prefix, _, _ in rows), default=0)
+    lines = ["routes (longest prefix first):"]
+    lines += [f"  {prefix:<{width}}  -> {url}  credentials: {name}" for prefix, url, name in rows]
+    lines.append("credential sets:")
+    for config in settings.credential_sets:
+        token_from = config.base_url or settings.base_url
+        lines.append(
+            f"  {config.name}  kind {config.kind}, appid {config.appid}, secret set, "
+            f"token from {token_from}"
         )
-        return found
-
-    async def rotate(self) -> int:
-        """Call get_token (under the replicas' renewal lock when there is a store)."""
-        if self._store is None:
-            issued = await self._fetch()
-            return await self.use(issued, "the new token")
-        async with self._store.renewal_lock():
-            # A replica may have stored one while we waited for the lock: no need to rotate it.
-            found = await self._store.load()
-            if found is not None and found.expires_at > time.time():
-                self._report.line("a replica stored a token meanwhile: using it, not get_token")
-                return await self.use(found, "the shared token")
-            issued = await self._fetch()
-            try:
-                await self._store.save(issued)
-            except StoreUnavailable as exc:
-                self._report.line(
-                    f"the new token could not be stored ({exc}): running replicas will meet "
-                    "900002 once and renew"
-                )
-                return EXIT_REFUSED
-        self._report.line("the new token was stored: running replicas adopt it")
-        return await self.use(issued, "the new token")
-
-    async def _fetch(self) -> StoredToken:
-        settings = self._settings
-        source = token_source(settings, self._client, log=self._log, secrets=Secrets())
-        issued_at = time.time()
-        token = await source.fetch()  # GetTokenFailed says what Sobot answered, if it did
-        self._report.line(
-            f"get_token succeeded at {settings.base_url} for appid {settings.appid}: a token "
-            f"valid for {token.lifetime:g} s was issued (not shown)"
-        )
-        return StoredToken(token.value, issued_at, token.lifetime)
-
-    async def use(self, token: StoredToken, what: str) -> int:
-        """Send `token` on the read-only probe call, if one was named."""
-        if self._probe is None:
-            self._report.line(
-                f"{what} was not sent to Sobot: the protocol documents no read-only API to "
-                "prove it with; name one your application calls with --probe-path"
-                if what == "the shared token"
-                else "the credentials work"
-            )
-            return EXIT_OK
-        settings = self._settings
-        try:
-            # As get_token: the client's timeouts bound each wait, and this the whole call.
-            async with asyncio.timeout(settings.connect_timeout + settings.upstream_timeout):
-                status, body = await self._probe_exchange(token)
-        except (TimeoutError, upstream.ClientError) as exc:
-            reason = "timed out" if isinstance(exc, TimeoutError) else type(exc).__name__
-            self._report.line(f"GET {self._probe} could not reach Sobot ({reason})")
-            return EXIT_REFUSED
-        try:
-            answer = orjson.loads(body)
-        except orjson.JSONDecodeError:
-            answer = None
-        ret_code = v5.ret_code_of(answer)
-        if ret_code is None:
-            self._report.line(
-                f"GET {self._probe} answered HTTP {status} without a Sobot return code: "
-                f"{what} is not proven (is it an API of {settings.base_url}?)"
-            )
-            return EXIT_REFUSED
-        said = v5.describe(ret_code)
-        if ret_code in v5.TOKEN_REJECTED:
-            self._report.line(f"Sobot rejected {what} on GET {self._probe}: {said}")
-            return EXIT_REFUSED
-        self._report.line(f"Sobot accepted {what}: GET {self._probe} answered {said}")
-        return EXIT_OK
-
-    async def _probe_exchange(self, token: StoredToken) -> tuple[int, bytes]:
-        """GET the probe path with `token`: the status, and up to PROBE_READ_LIMIT bytes."""
-        assert self._probe is not None
-        base_url = self._settings.base_url
-        response = await self._client.request(
-            "GET",
-            upstream.Origin.of(base_url),
-            # Encoded as a URL, as aiohttp would: the flag may be typed with raw characters.
-            urlsplit(base_url).path + URL(self._probe).raw_path_qs,
-            CIMultiDict({v5.TOKEN_HEADER: token.value}),
-        )
-        try:
-            return response.status, await response.read_up_to(PROBE_READ_LIMIT)
-        finally:
-            response.release()
+    return lines

@@ -16,7 +16,7 @@ from typing import Final, NoReturn
 from aiohttp import web
 
 from proxy import __version__
-from proxy.cli import check
+from proxy.cli import check, prove
 from proxy.cli.startup import announce
 from proxy.cli.workers import (
     WORKER_ENV,
@@ -37,7 +37,7 @@ from proxy.config.settings import (
     load_with_provenance,
 )
 from proxy.logs import configure_logging, get_logger
-from proxy.server.app import API, CONNECTIONS, TOKENS, make_app
+from proxy.server.app import API, CONNECTIONS, CREDENTIALS, ROUTES, make_app
 from proxy.server.connections import raise_open_files_limit
 from proxy.server.listen import run, serve
 from proxy.testing.fake_sobot import FakeSobot
@@ -199,11 +199,12 @@ def _run_check(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
         return _report_problems(exc.problems)
     print(f"sobot-proxy check: the configuration is valid; in force ({check.PRECEDENCE}):")
     print("\n".join(check.describe(settings, provenance)), flush=True)
+    print("\n".join(check.describe_routes(settings)), flush=True)
     for warning in check.warnings(settings, provenance):
         print(f"sobot-proxy: warning: {warning}", file=sys.stderr)
     if not args.online:
-        return check.EXIT_OK
-    return check.prove(
+        return prove.EXIT_OK
+    return prove.prove(
         settings,
         rotate_token=args.rotate_token,
         probe=args.probe_path,
@@ -268,7 +269,8 @@ def _run_serve(
         if demo_socket is not None:
             log.info("demo", hint=f"try: curl http://{host}:{port}/api/echo?hello=world")
         await announce(
-            app[TOKENS],
+            app[CREDENTIALS],
+            app[ROUTES],
             settings,
             log,
             url=f"http://{host}:{port}",

@@ -1,44 +1,53 @@
 """The proxy's aiohttp application: routes, request handling, and resource lifetimes.
 
     make_app(settings) -> web.Application
-        /healthz, /readyz          answered locally (server/health.py)
-        /metrics                   Prometheus metrics (server/metrics.py), behind the client keys
-        /api/get_token             answered locally (server/local_token.py)
-        /api/...                   forwarded with the managed token (server/forward.py)
+        /healthz, /readyz          answered locally (health.py)
+        /metrics                   Prometheus metrics (metrics.py), behind the client keys
+        a token request            v5 /api/get_token, V6 /tokens/company: answered locally
+                                   (local_token.py)
+        a path a route serves      forwarded along the route, with its credential set's token
+                                   (routing.py, forward.py)
         anything else              404, never forwarded
 
-The upstream clients (one for forwarding, a small one of get_token's own), the token store, the
-token manager and its background refresher are opened at start-up and closed at shutdown through
-cleanup_ctx; request handlers reach them through typed AppKeys.
+The upstream clients (one for forwarding, a small one of the token calls' own) and, for each
+credential set, its token store, token manager and background refresher are opened at start-up
+and closed at shutdown through cleanup_ctx; request handlers reach them through typed AppKeys.
 """
 
 from __future__ import annotations
 
+import math
 import ssl
 from collections.abc import AsyncIterator
 from typing import Final
 from urllib.parse import urlsplit
 
+import structlog
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
+from proxy.config.routes import DEFAULT_CREDENTIALS, CredentialSettings
 from proxy.config.settings import Settings
 from proxy.errors import ProxyError, error_response, proxy_code
 from proxy.logs import Secrets, get_logger
 from proxy.server.access import AccessPolicy
 from proxy.server.body import SpoolBudget
 from proxy.server.connections import ClientConnections
+from proxy.server.credentials import CredentialSets, ManagedCredential
 from proxy.server.forward import Forwarder
 from proxy.server.handler import ApiHandler, write_whole
 from proxy.server.health import healthz, readyz
 from proxy.server.local_token import LocalTokenEndpoint
-from proxy.server.metrics import CONTENT_TYPE, Metrics
+from proxy.server.metrics import CONTENT_TYPE, GET_TOKEN_RESULTS, Metrics
+from proxy.server.routing import Route, RouteTable
+from proxy.sobot.kinds import KINDS
 from proxy.tokens.manager import Backoff, TokenManager
 from proxy.tokens.source import token_client, token_source
-from proxy.tokens.store import make_store
+from proxy.tokens.store import TokenStore, make_store
 from proxy.upstream import Client
 
-TOKENS: Final = web.AppKey("tokens", TokenManager)
+CREDENTIALS: Final = web.AppKey("credentials", CredentialSets)
+ROUTES: Final = web.AppKey("routes", RouteTable)
 API: Final = web.AppKey("api", ApiHandler)
 ACCESS: Final = web.AppKey("access", AccessPolicy)
 METRICS: Final = web.AppKey("metrics", Metrics)
@@ -90,12 +99,19 @@ def make_app(
     Its listening site takes the client connections' limits from `app[CONNECTIONS]`."""
     secrets = secrets if secrets is not None else Secrets()
     store_password = urlsplit(settings.token_store).password or settings.token_store_password
-    for key in (settings.app_key, *settings.client_keys, store_password or ""):
+    for key in (
+        *(config.secret for config in settings.credential_sets),
+        *settings.client_keys,
+        store_password or "",
+    ):
         secrets.add(key, lasting=True)
     app = web.Application(middlewares=[_json_http_errors])
     log = get_logger()
     access = AccessPolicy(settings)
-    metrics = Metrics(routes=settings.metrics_routes)
+    metrics = Metrics(
+        routes=settings.metrics_routes,
+        credential_sets=tuple(config.name for config in settings.credential_sets),
+    )
     app[ACCESS] = access
     app[METRICS] = metrics
     metrics.spool_limit.set(settings.spool_limit)
@@ -112,38 +128,41 @@ def make_app(
     async def lifetime(app: web.Application) -> AsyncIterator[None]:
         tls = ssl.create_default_context(cafile=settings.ca_bundle)
         client = upstream_client(settings, tls)
-        # get_token has connections of its own: a pool full of slow requests must never keep
-        # the token from being renewed.
+        # Token calls have connections of their own: a pool full of slow requests must never
+        # keep a token from being renewed.
         get_token_client = token_client(settings, tls)
-        source = token_source(
-            settings,
-            get_token_client,
-            log=log,
-            secrets=secrets,
-            on_result=lambda result: metrics.get_token.labels(result).inc(),
+        stores: list[TokenStore] = []
+        sets = CredentialSets(
+            [
+                _managed(
+                    config,
+                    settings,
+                    get_token_client,
+                    metrics=metrics,
+                    log=log,
+                    secrets=secrets,
+                    backoff=backoff or Backoff(),
+                    workers_directory=workers_directory,
+                    stores=stores,
+                )
+                for config in settings.credential_sets
+            ]
         )
-        store = make_store(
-            settings,
-            log=log,
-            workers_directory=workers_directory,
-            on_error=metrics.store_errors.inc,
+        app[CREDENTIALS] = sets
+        routes = RouteTable(
+            Route.to(
+                route.prefix,
+                route.base_url,
+                None if route.credentials is None else sets.named(route.credentials),
+            )
+            for route in settings.route_table
         )
-        tokens = TokenManager(
-            source,
-            store=store,
-            refresh_margin=settings.refresh_margin,
-            log=log,
-            backoff=backoff or Backoff(),
-            secrets=secrets,
-        )
-        app[TOKENS] = tokens
-        metrics.watch_token(tokens.expires_in)
+        app[ROUTES] = routes
         app[API] = ApiHandler(
             access=access,
             forwarder=Forwarder(
                 settings,
                 client=client,
-                tokens=tokens,
                 log=log,
                 spool=SpoolBudget(
                     settings.spool_limit,
@@ -151,21 +170,23 @@ def make_app(
                     on_change=metrics.spool_reserved.set,
                 ),
             ),
-            local_token=LocalTokenEndpoint(
-                appid=settings.appid, app_key=settings.app_key, tokens=tokens
-            ),
+            routes=routes,
+            local_token=LocalTokenEndpoint(sets),
             metrics=metrics,
             log=log,
         )
-        tokens.start()
+        for managed in sets:
+            managed.tokens.start()
         try:
             yield
         finally:
             try:
-                await tokens.stop()
+                for managed in sets:
+                    await managed.tokens.stop()
             finally:
                 try:
-                    await store.close()
+                    for store in stores:
+                        await store.close()
                 finally:
                     await client.close()
                     await get_token_client.close()
@@ -179,7 +200,7 @@ def make_app(
 
 
 async def _readyz(request: web.Request) -> web.Response:
-    return readyz(request.app[TOKENS])
+    return readyz(request.app[CREDENTIALS])
 
 
 async def _metrics(request: web.Request) -> web.Response:
@@ -191,3 +212,61 @@ async def _metrics(request: web.Request) -> web.Response:
     page = web.Response(body=request.app[METRICS].page(), headers={"Content-Type": CONTENT_TYPE})
     await write_whole(request, page)  # a scraper's kept-alive connection keeps no page
     return page
+
+
+def _managed(
+    config: CredentialSettings,
+    settings: Settings,
+    client: Client,
+    *,
+    metrics: Metrics,
+    log: structlog.typing.FilteringBoundLogger,
+    secrets: Secrets,
+    backoff: Backoff,
+    workers_directory: str | None,
+    stores: list[TokenStore],
+) -> ManagedCredential:
+    """One credential set, with its token source, store (added to `stores`, for closing) and
+    manager (not started yet)."""
+    credential = KINDS[config.kind](config.appid, config.secret, config.authorization_scheme)
+    set_log = log.bind(credentials=config.name)
+    get_token_calls = {
+        result: metrics.get_token.labels(config.name, result) for result in GET_TOKEN_RESULTS
+    }
+    source = token_source(
+        credential,
+        config.base_url or settings.base_url,
+        settings,
+        client,
+        log=set_log,
+        secrets=secrets,
+        on_result=lambda result: get_token_calls[result].inc(),
+    )
+    store = make_store(
+        settings,
+        namespace=credential.store_namespace,
+        appid=config.appid,
+        log=set_log,
+        workers_directory=workers_directory,
+        on_error=metrics.store_errors.inc,
+    )
+    stores.append(store)
+    tokens = TokenManager(
+        source,
+        store=store,
+        refresh_margin=settings.refresh_margin if credential.uses_refresh_margin else math.inf,
+        latest_renewal_fraction=credential.renewal_fraction,
+        log=set_log,
+        backoff=backoff,
+        secrets=secrets,
+        check_hint=_check_hint(config.name),
+    )
+    metrics.watch_token(config.name, tokens.expires_in)
+    return ManagedCredential(config.name, credential, tokens)
+
+
+def _check_hint(name: str) -> str:
+    """What to check when Sobot refuses the set `name`."""
+    if name == DEFAULT_CREDENTIALS:
+        return "check SOBOT_APPID, SOBOT_APP_KEY and the region / base URL"
+    return f"check appid, app_key and upstream / region of [credentials.{name}] in the config file"

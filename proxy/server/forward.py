@@ -1,9 +1,11 @@
-"""Forwarding one client request to Sobot with the managed token, and the one 900002 replay.
+"""Forwarding one client request along its route, with its credential set's token, and the one
+replay after a rejected token.
 
-A request reaches the upstream twice only when Sobot answers 900002 (or 900001) to the token
-the proxy injected: the token is replaced (tokens/manager.py) and the identical request is sent
-once more.
-Nothing else is ever retried.
+A request goes to its route's upstream (routing.py) with the token of the route's credential set
+injected as its kind injects it (sobot/credential.py), or with nothing injected on a route whose
+credentials are `none`. It reaches the upstream twice only when the answer means the injected
+token was rejected (v5: ret_code 900002 or 900001; V6: HTTP 401): the token is replaced
+(tokens/manager.py) and the identical request is sent once more. Nothing else is ever retried.
 
 Answers are inspected only when they may carry a Sobot return code and are small enough to read
 whole (INSPECT_LIMIT); everything else streams through to the client. Either way their heads go
@@ -23,7 +25,6 @@ import zlib
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 from typing import Final
-from urllib.parse import urlsplit
 
 import aiohttp
 import orjson
@@ -56,8 +57,8 @@ from proxy.server.exact_head import (
 from proxy.server.headers import UpstreamHeaders, downstream_headers
 from proxy.server.request_id import HEADER as REQUEST_ID_HEADER
 from proxy.server.request_log import RequestRecord
+from proxy.server.routing import Route
 from proxy.sobot import v5
-from proxy.tokens.manager import Token, TokenManager
 
 # Answers up to this size that may be JSON are read whole to find their ret_code. Sobot's
 # error answers are a few hundred bytes; a larger answer streams through uninspected.
@@ -80,7 +81,6 @@ class Forwarder:
         settings: Settings,
         *,
         client: upstream.Client,
-        tokens: TokenManager,
         log: structlog.typing.FilteringBoundLogger,
         spool: SpoolBudget | None = None,
     ) -> None:
@@ -88,9 +88,6 @@ class Forwarder:
         # take long, but it must keep moving. The wait for a free connection is the queue's
         # business (`_slots`), not the connect timeout's.
         self._client = client
-        self._origin = upstream.Origin.of(settings.base_url)
-        self._prefix = urlsplit(settings.base_url).path  # "" or "/prefix", no trailing slash
-        self._tokens = tokens
         self._log = log
         self._read_timeout = settings.upstream_timeout
         self._connect_timeout = settings.connect_timeout
@@ -128,13 +125,15 @@ class Forwarder:
     async def forward(
         self,
         request: web.Request,
+        route: Route,
         path: str,
         query: str,
         record: RequestRecord,
         reserved: Reservation | None = None,
     ) -> web.StreamResponse:
-        """Forward one request, noting in `record` what happened. `reserved`: the spool room
-        admit() gave it already (answering `Expect: 100-continue`); released here."""
+        """Forward one request along `route`, noting in `record` what happened. `reserved`:
+        the spool room admit() gave it already (answering `Expect: 100-continue`); released
+        here."""
         if reserved is None:
             reserved = self.admit(request)
         else:
@@ -150,7 +149,7 @@ class Forwarder:
                     reservation=reserved,
                 )
             async with self._slots:
-                return await self._forward(request, path + query, body, record)
+                return await self._forward(request, route, path + query, body, record)
         finally:
             self._active -= 1
             if body is not None:
@@ -160,41 +159,50 @@ class Forwarder:
     async def _forward(
         self,
         request: web.Request,
+        route: Route,
         target: str,
         body: ReplayableBody | None,
         record: RequestRecord,
     ) -> web.StreamResponse:
-        target = self._prefix + target  # as the client sent it: already encoded
+        target = route.base_path + target  # as the client sent it: already encoded
         headers = self._upstream_headers.of(request, record.request_id)
         if request.content_length is not None and body is not None:
             headers[hdrs.CONTENT_LENGTH] = str(request.content_length)
-        token = await self._tokens.get()
         data = None if body is None else body.first_pass()
-        answer = await self._send(request.method, target, headers, data, body, token, record)
-        if answer.ret_code in v5.TOKEN_REJECTED:
-            answer.response.release()
-            token = await self._tokens.replace(token)
-            data = None if body is None else body.replay()
-            answer = await self._send(request.method, target, headers, data, body, token, record)
+        managed = route.credential
+        if managed is None:
+            answer = await self._send(request.method, route, target, headers, data, body, record)
+        else:
+            credential, tokens = managed.credential, managed.tokens
+            token = await tokens.get()
+            credential.inject(headers, token.value)
+            answer = await self._send(request.method, route, target, headers, data, body, record)
+            if credential.rejected(answer.response.status, answer.ret_code):
+                answer.response.release()
+                token = await tokens.replace(token)
+                credential.inject(headers, token.value)
+                data = None if body is None else body.replay()
+                answer = await self._send(
+                    request.method, route, target, headers, data, body, record
+                )
         record.status, record.ret_code = answer.response.status, answer.ret_code
         return await self._relay(request, answer, record)
 
     async def _send(
         self,
         method: str,
+        route: Route,
         target: str,
         headers: CIMultiDict[str],
         data: AsyncGenerator[bytes] | None,
         body: ReplayableBody | None,
-        token: Token,
         record: RequestRecord,
     ) -> _Answer:
         """One attempt: send, then read the answer whole if it may carry a return code."""
-        headers[v5.TOKEN_HEADER] = token.value
         record.attempts += 1
         sent = time.perf_counter()
         try:
-            response = await self._request(method, target, headers, data, body)
+            response = await self._request(method, route.origin, target, headers, data, body)
             try:
                 return await self._inspect(response)
             except BaseException:
@@ -206,6 +214,7 @@ class Forwarder:
     async def _request(
         self,
         method: str,
+        origin: upstream.Origin,
         target: str,
         headers: CIMultiDict[str],
         data: AsyncGenerator[bytes] | None,
@@ -221,10 +230,10 @@ class Forwarder:
             if body is None:
                 # Only the head to send: the client's own connect and read timeouts bound every
                 # wait, and a deadline of ours would be one more timer per request for nothing.
-                return await self._client.request(method, self._origin, target, headers, data)
+                return await self._client.request(method, origin, target, headers, data)
             async with asyncio.timeout(self._connect_timeout + self._read_timeout) as timeout:
                 body.deadline = Deadline(timeout, self._read_timeout)
-                return await self._client.request(method, self._origin, target, headers, data)
+                return await self._client.request(method, origin, target, headers, data)
         except (TimeoutError, upstream.ClientError) as exc:
             # The client's side of the body explains a failure first: too large, malformed,
             # or stalled.

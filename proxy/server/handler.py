@@ -1,8 +1,10 @@
 """Every request under the catch-all route: admission, dispatch, error answers, the log line,
 and the drain at shutdown.
 
-    admission   client key (401), request target (400/404), allow-lists (403)
-    dispatch    /api/get_token in any spelling -> answered locally; any other /api/ -> forwarded
+    admission   client key (401), request target (400), allow-lists (403)
+    dispatch    a token request of a kind served (v5 get_token, V6 /tokens/company), in any
+                spelling -> answered locally; a path a route serves -> forwarded along it;
+                anything else -> 404
     answers     a ProxyError becomes its JSON answer; anything else a plain 500; every answer
                 is written here, and its body let go once written (write_whole)
     record      one log line and the metrics, with the request's id (server/request_id.py)
@@ -19,17 +21,18 @@ import structlog
 from aiohttp import HttpVersion11, hdrs, web
 
 from proxy.coalesce import CoalescedTransport
-from proxy.errors import ExpectationFailed, InternalError, ProxyError
+from proxy.errors import ExpectationFailed, InternalError, NotProxied, ProxyError
 from proxy.server.access import AccessPolicy
 from proxy.server.body import NOTHING_RESERVED, Reservation
 from proxy.server.exact_head import PiecewiseResponse
 from proxy.server.forward import Forwarder
 from proxy.server.local_token import LocalTokenEndpoint
 from proxy.server.metrics import Metrics
-from proxy.server.paths import is_get_token, split_target
+from proxy.server.paths import split_target
 from proxy.server.request_id import HEADER as REQUEST_ID_HEADER
 from proxy.server.request_id import request_id_for
 from proxy.server.request_log import RequestRecord
+from proxy.server.routing import Route, RouteTable
 
 # The spool room reserved when `Expect: 100-continue` was answered, for handle() to take over.
 _RESERVED: Final = web.RequestKey("spool_reserved", Reservation)
@@ -57,12 +60,19 @@ class ApiHandler:
         *,
         access: AccessPolicy,
         forwarder: Forwarder,
+        routes: RouteTable,
         local_token: LocalTokenEndpoint,
         metrics: Metrics,
         log: structlog.typing.FilteringBoundLogger,
     ) -> None:
         self._access = access
         self._forwarder = forwarder
+        self._routes = routes
+        self._not_routed = NotProxied(
+            "no route serves this path: only paths under "
+            + ", ".join(route.prefix for route in routes)
+            + " are forwarded to Sobot"
+        ).message
         self._local_token = local_token
         self._metrics = metrics
         self._log = log
@@ -99,7 +109,8 @@ class ApiHandler:
             path, _ = self._admit(request)
             if request.headers.get(hdrs.EXPECT, "").lower() != "100-continue":
                 raise ExpectationFailed("only `Expect: 100-continue` is understood")
-            if not is_get_token(path):
+            if self._local_token.kind_of(path) is None:
+                self._route(path, record)
                 # Capacity, declared size and spool room: the refusal comes instead of the 100.
                 reserved = self._forwarder.admit(request)
         except ProxyError as exc:
@@ -183,11 +194,13 @@ class ApiHandler:
         try:
             path, query = self._admit(request)
             record.path = path
-            if is_get_token(path):
-                response, record.ret_code = await self._local_token.answer(request)
+            kind = self._local_token.kind_of(path)
+            if kind is not None:
+                response, record.ret_code = await self._local_token.answer(request, kind)
                 record.status = response.status
                 return response
-            return await self._forwarder.forward(request, path, query, record, reserved)
+            route = self._route(path, record)
+            return await self._forwarder.forward(request, route, path, query, record, reserved)
         except ProxyError as exc:
             record.status, record.ret_code, record.error = exc.status, exc.ret_code, exc.message
             return exc.to_response()
@@ -201,6 +214,14 @@ class ApiHandler:
         finally:
             if reserved is not None:
                 reserved.release()  # forward() has, unless it was never reached
+
+    def _route(self, path: str, record: RequestRecord) -> Route:
+        """The route `path` goes along (noted in `record`), or raise NotProxied."""
+        route = self._routes.match(path)
+        if route is None:
+            raise NotProxied(self._not_routed)
+        record.route, record.credentials = route.prefix, route.credentials_name
+        return route
 
     def _finish(self, record: RequestRecord, started: float) -> None:
         """The request's one log line and its metrics."""

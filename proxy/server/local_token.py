@@ -1,49 +1,68 @@
-"""The local answer to a client's own `GET /api/get_token`.
+"""The local answer to a client's own token request: v5's `GET /api/get_token`, V6's
+`POST /tokens/company`.
 
 Existing clients that do their own token dance keep working unchanged: a client that signs
-correctly for the configured appid and app_key gets the managed token in Sobot's answer shape,
-with `expires_in` the seconds it has left. The call never reaches Sobot, so no client can rotate
-the token everyone shares. Refusals are Sobot's own (v5.check_token_request), in the body
-with HTTP 200, which is what such clients already handle: 900004 for an appid that is not the
-configured one, 900003 for a wrong signature or a stale create_time.
+correctly for a configured credential set gets that set's managed token, in its kind's answer
+shape, with the time it has left. The call never reaches Sobot, so no client can rotate the
+token everyone shares. Which set: the one of the request's kind whose appid the request names.
+Refusals are in the kind's own shape (sobot/credential.py: refuse): v5's are Sobot's own, 900004
+for an appid no set has and 900003 for a wrong signature or a stale create_time, with HTTP 200,
+which is what such clients already handle.
 """
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Callable
+from typing import Final
 
 from aiohttp import web
 
-from proxy.errors import sobot_response
-from proxy.sobot import v5
-from proxy.tokens.manager import TokenManager
+from proxy.errors import BodyTooLarge
+from proxy.server.credentials import CredentialSets
+from proxy.sobot.credential import ClientTokenRequest, Credential, LocalAnswer
+
+# A token request's body is a few dozen bytes of JSON; anything much larger is not one.
+MAX_BODY: Final = 16 * 1024
 
 
 class LocalTokenEndpoint:
     def __init__(
-        self,
-        *,
-        appid: str,
-        app_key: str,
-        tokens: TokenManager,
-        wall_clock: Callable[[], float] = time.time,
+        self, sets: CredentialSets, *, wall_clock: Callable[[], float] = time.time
     ) -> None:
-        self._appid = appid
-        self._app_key = app_key
-        self._tokens = tokens
+        self._sets = sets
         self._wall_clock = wall_clock
 
-    async def answer(self, request: web.Request) -> tuple[web.Response, str]:
-        """The answer for the client and the ret_code it carries (for the request log)."""
-        ret_code = v5.check_token_request(
-            request.query, appid=self._appid, app_key=self._app_key, now=self._wall_clock()
-        )
-        if ret_code != v5.OK:
-            return sobot_response(ret_code, v5.RET_CODE_MEANINGS[ret_code]), ret_code
-        token = await self._tokens.get()  # TokenUnavailable is answered by the caller
-        # Round down, so a client that trusts expires_in never uses the token past its end.
-        seconds_left = max(0, math.floor(self._tokens.seconds_left(token)))
-        item = {"token": token.value, "expires_in": str(seconds_left)}
-        return sobot_response(v5.OK, "success", item), v5.OK
+    def kind_of(self, path: str) -> Credential | None:
+        """The kind whose token endpoint `path` is, if it is one the proxy answers."""
+        return self._sets.token_kind(path)
+
+    async def answer(self, request: web.Request, kind: Credential) -> tuple[web.Response, str]:
+        """The answer for the client and the code it carries (for the request log)."""
+        body = await _read_small(request) if kind.reads_client_body else b""
+        claim = ClientTokenRequest(request.query, body)
+        managed = self._sets.for_appid(kind.kind, kind.claimed_appid(claim))
+        if managed is None:
+            return _response(kind.refuse(None))
+        refusal = managed.credential.check(claim, self._wall_clock())
+        if refusal is not None:
+            return _response(managed.credential.refuse(refusal))
+        tokens = managed.tokens
+        token = await tokens.get()  # TokenUnavailable is answered by the caller
+        return _response(managed.credential.grant(token.value, tokens.seconds_left(token)))
+
+
+async def _read_small(request: web.Request) -> bytes:
+    if request.content_length is not None and request.content_length > MAX_BODY:
+        raise BodyTooLarge(f"a token request's body is at most {MAX_BODY} bytes")
+    body = bytearray()
+    while chunk := await request.content.readany():
+        body += chunk
+        if len(body) > MAX_BODY:
+            raise BodyTooLarge(f"a token request's body is at most {MAX_BODY} bytes")
+    return bytes(body)
+
+
+def _response(answer: LocalAnswer) -> tuple[web.Response, str]:
+    response = web.Response(status=answer.status, body=answer.body, content_type="application/json")
+    return response, answer.code

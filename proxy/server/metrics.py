@@ -1,9 +1,10 @@
 """Prometheus metrics, served at GET /metrics in the text format.
 
 Label values are bounded, so a client cannot grow the series without limit: paths are never a
-label (requests are grouped by the configured route prefixes, SOBOT_METRICS_ROUTES, else all in
-one group), methods outside the standard ones count as `other`, and return codes beyond the
-first MAX_RET_CODES distinct ones seen count as `other`.
+label (requests are grouped by the prefix of the route they went along, or by the longest
+SOBOT_METRICS_ROUTES prefix they start with, which refines it; `other` for a path no route
+serves), credential sets are the configured ones, methods outside the standard ones count as
+`other`, and return codes beyond the first MAX_RET_CODES distinct ones seen count as `other`.
 
 With `--workers N` every worker counts into files in a directory the supervisor shares
 (prometheus-client's multiprocess mode, chosen by PROMETHEUS_MULTIPROC_DIR at start-up), so a
@@ -66,7 +67,10 @@ CLIENT_TIMEOUTS: Final = ("header_nothing", "header_partial", "send")
 class Metrics:
     """Every metric of one proxy process, and its /metrics page."""
 
-    def __init__(self, *, routes: tuple[str, ...] = ()) -> None:
+    def __init__(
+        self, *, routes: tuple[str, ...] = (), credential_sets: tuple[str, ...] = ("default",)
+    ) -> None:
+        """`routes`: SOBOT_METRICS_ROUTES; `credential_sets`: the names of every set."""
         # No `_created` series beside every counter: they double the page and nobody graphs
         # them. (A switch of the library's, for the process.)
         disable_created_metrics()  # type: ignore[no-untyped-call]
@@ -99,16 +103,16 @@ class Metrics:
         )
         self.replays = Counter(
             "replays",
-            "Requests replayed once after Sobot rejected the token (900002 / 900001)",
+            "Requests replayed once after Sobot rejected the token (v5: 900002 / 900001; V6: 401)",
             ["route"],
             namespace=NAMESPACE,
             registry=registry,
         )
         self.get_token = Counter(
             "get_token_calls",
-            "Calls to Sobot's get_token, by result: ok, refused (a ret_code other than 000000), "
-            "unreachable, malformed",
-            ["result"],
+            "Calls to a token endpoint (v5 get_token, V6 /tokens/company), by credential set and "
+            "result: ok, refused (the endpoint said no), unreachable, malformed",
+            ["credentials", "result"],
             namespace=NAMESPACE,
             registry=registry,
         )
@@ -156,8 +160,9 @@ class Metrics:
             namespace=NAMESPACE,
             registry=registry,
         )
-        for result in GET_TOKEN_RESULTS:
-            self.get_token.labels(result)  # every result shows, at 0, from the start
+        for name in credential_sets:
+            for result in GET_TOKEN_RESULTS:
+                self.get_token.labels(name, result)  # every result shows, at 0, from the start
         for kind in CLIENT_TIMEOUTS:
             self.client_timeouts.labels(kind)
         self.store_errors.inc(0)
@@ -171,21 +176,26 @@ class Metrics:
         if self._multiprocess_dir is None:
             ProcessCollector(registry=registry)  # memory, CPU, open files (not per worker)
 
-    def watch_token(self, expires_in: Callable[[], float | None]) -> None:
-        """Report `expires_in()` (seconds, None: no token held) at every scrape."""
-        self._token.expires_in = expires_in
+    def watch_token(self, credentials: str, expires_in: Callable[[], float | None]) -> None:
+        """Report `expires_in()` (seconds, None: no token held) of the credential set
+        `credentials` at every scrape."""
+        self._token.expires_in[credentials] = expires_in
 
-    def route(self, path: str) -> str:
-        """The route group of `path`: the longest configured prefix it starts with, else
-        `/api/` for any other API path, else `other`."""
+    def route(self, path: str, route: str | None) -> str:
+        """The route group of a request for `path` that went along `route` (its prefix; None:
+        no route served it): the longest SOBOT_METRICS_ROUTES prefix it starts with, else the
+        route's prefix, else `other`."""
         # Not cached: paths are the clients' choice, up to 8 KiB each, and a cache of them would
         # grow by the megabyte under a scan; matching a few prefixes costs next to nothing.
-        route = next((prefix for prefix in self._routes if path.startswith(prefix)), None)
-        return route or ("/api/" if path.startswith("/api/") else "other")
+        if self._routes and route is not None:
+            for prefix in self._routes:
+                if path.startswith(prefix):
+                    return prefix
+        return route or "other"
 
     def observe(self, record: RequestRecord, duration_s: float) -> None:
         """Count one finished request."""
-        route = self.route(record.path)
+        route = self.route(record.path, record.route)
         method = record.method if record.method in METHODS else "other"
         status = "cancelled" if record.status is None else str(record.status)
         labels = (route, method, status, self._ret_code_label(record.ret_code))
@@ -237,14 +247,17 @@ class _RouteMetrics:
 
 
 class _TokenCollector(Collector):
-    """The held token's remaining life, read at scrape time."""
+    """Each credential set's token's remaining life, read at scrape time."""
 
     def __init__(self) -> None:
-        self.expires_in: Callable[[], float | None] = lambda: None
+        self.expires_in: dict[str, Callable[[], float | None]] = {}
 
     def collect(self) -> Iterable[Metric]:
-        yield GaugeMetricFamily(
+        family = GaugeMetricFamily(
             f"{NAMESPACE}_token_expires_in_seconds",
-            "Seconds until the token held now expires (0: no valid token held)",
-            value=max(0.0, self.expires_in() or 0.0),
+            "Seconds until the token a credential set holds now expires (0: no valid token)",
+            labels=["credentials"],
         )
+        for name, expires_in in self.expires_in.items():
+            family.add_metric([name], max(0.0, expires_in() or 0.0))
+        yield family

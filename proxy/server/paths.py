@@ -1,6 +1,7 @@
-"""Which request targets are forwarded, and the exact path and query sent upstream.
+"""Which request targets may be forwarded, and the exact path and query sent upstream.
 
-Only origin-form targets under /api/ are forwarded. Leading repeated slashes count as one
+Only origin-form targets are forwarded, and only along a route (routing.py); the rules here
+apply under every route's prefix. Leading repeated slashes count as one
 (a public PHP SDK for Sobot sends `//api/ws/5/ticket/...`). Anything that could make the path
 mean something else upstream is rejected with 400 rather than normalised, because a normalised
 path is not what the client asked for: dot segments (`.`, `..`, also percent-encoded, also with
@@ -17,10 +18,8 @@ import re
 from typing import Final
 from urllib.parse import unquote
 
-from proxy.errors import BadRequest, NotProxied
-from proxy.sobot.v5 import GET_TOKEN_PATH
+from proxy.errors import BadRequest
 
-API_PREFIX: Final = "/api/"
 # Never in a request target as sent: control characters (raw, or in a path percent-encoded) and
 # `#`, where a fragment would begin.
 _RAW_REFUSED: Final = re.compile(r"[\x00-\x20\x7f#]")
@@ -30,8 +29,8 @@ _CONTROL: Final = re.compile(r"[\x00-\x1f\x7f]")
 def split_target(raw_target: str) -> tuple[str, str]:
     """The (path, '?query' or '') to forward for a raw request target, or raise.
 
-    Raises NotProxied (404) for paths outside /api/ and BadRequest (400) for targets that could
-    reach the upstream anywhere else.
+    Raises BadRequest (400) for targets that could reach the upstream anywhere else than they
+    say. Whether a route serves the path is the route table's to say.
     """
     if not raw_target.startswith("/"):
         raise BadRequest("only origin-form request targets such as /api/... are accepted")
@@ -42,9 +41,7 @@ def split_target(raw_target: str) -> tuple[str, str]:
         raise BadRequest("control characters and `#` in a request target must be percent-encoded")
     path, mark, query = raw_target.partition("?")
     path = "/" + path.lstrip("/")
-    if not path.startswith(API_PREFIX):
-        raise NotProxied(f"only paths under {API_PREFIX} are forwarded to Sobot")
-    segments = path[len(API_PREFIX) :].split("/")
+    segments = path[1:].split("/")
     for index, segment in enumerate(segments):
         if not segment:
             if index == len(segments) - 1:
@@ -58,19 +55,3 @@ def split_target(raw_target: str) -> tuple[str, str]:
         if decoded.partition(";")[0] in (".", "..") or "/" in decoded or "\\" in decoded:
             raise BadRequest("dot segments, encoded slashes and backslashes are not forwarded")
     return path, mark + query
-
-
-def is_get_token(path: str) -> bool:
-    """Whether the upstream could take `path` for get_token, however it is spelled.
-
-    An upstream may decode percent-encodings (`get%5ftoken`), drop `;parameters`, fold case,
-    trim white space (Spring's path matching once did), take `get_token.json` for `get_token`
-    (Spring MVC's suffix patterns) or ignore a trailing slash: any of these must still be
-    answered locally, never forwarded.
-    """
-    segments = (unquote(segment.partition(";")[0]).strip() for segment in path.split("/"))
-    spelled = "/".join(segments).rstrip("/").lower()
-    if spelled == GET_TOKEN_PATH:
-        return True
-    suffix = spelled[len(GET_TOKEN_PATH) :]
-    return spelled.startswith(GET_TOKEN_PATH + ".") and "/" not in suffix

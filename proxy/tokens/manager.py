@@ -5,12 +5,15 @@
   out, even if the refresher is late.
 - Single flight: all callers that need a new token at once await one shared fetch, shielded so
   that a caller that goes away does not cancel it for the others.
-- A background refresher renews late in the token's life: every get_token rotates the token for
-  every user of the appid, so renewing early buys nothing and renewing often costs in-flight
-  requests a replay. It renews `refresh_margin` seconds before expiry, but never earlier than at
-  90% of the lifetime (0.5 s before the end of a 5 s token; 300 s before the end of a day).
-- `replace(rejected)` serves the 900002 replay: if a newer token is already held it is returned at
-  once; otherwise the rejected token is dropped and one fetch serves everyone it failed for.
+- A background refresher renews when the kind says (sobot/credential.py): v5 late in the token's
+  life, since every get_token rotates the token for every user of the appid, so renewing early
+  buys nothing and renewing often costs in-flight requests a replay: `refresh_margin` seconds
+  before expiry, but never earlier than at 90% of the lifetime (0.5 s before the end of a 5 s
+  token; 300 s before the end of a day). V6 at half the token's life, as the vendor advises.
+- One manager per credential set, whatever its kind: this module knows tokens, not kinds.
+- `replace(rejected)` serves the replay after a rejected token (v5's 900002, V6's 401): if a
+  newer token is already held it is returned at once; otherwise the rejected token is dropped
+  and one fetch serves everyone it failed for.
 - Rejections rotate the token at most once a second: when a token not yet
   `min_rotation_interval` old is rejected, the refresh waits until it is. A token that young
   cannot have expired, so someone else rotated it or the endpoint rejects tokens in general;
@@ -38,7 +41,6 @@ import structlog
 
 from proxy.errors import TokenUnavailable
 from proxy.logs import Secrets
-from proxy.sobot import v5
 from proxy.tokens.source import GetTokenFailed, TokenSource
 from proxy.tokens.store import (
     MemoryTokenStore,
@@ -98,9 +100,16 @@ class TokenManager:
         wall_clock: Callable[[], float] = time.time,
         secrets: Secrets | None = None,
         store: TokenStore | None = None,
+        latest_renewal_fraction: float = LATEST_RENEWAL_FRACTION,
+        check_hint: str = "check SOBOT_APPID, SOBOT_APP_KEY and the region / base URL",
     ) -> None:
+        """`refresh_margin` and `latest_renewal_fraction`: when the refresher renews (see the
+        module docstring); `check_hint`: what to check when the endpoint refuses the
+        credentials, for the log and /readyz."""
         self._source = source
         self._refresh_margin = refresh_margin
+        self._latest_renewal_fraction = latest_renewal_fraction
+        self._check_hint = check_hint
         self._log = log
         self._backoff = backoff
         self._min_rotation_interval = min_rotation_interval
@@ -178,7 +187,13 @@ class TokenManager:
         """The one fetch everyone waiting shares; `stale` is the token it must replace."""
         if self._inflight is None:
             if self._last_error is not None and self._clock() < self._retry_at:
-                raise TokenUnavailable(self._last_error.message, ret_code=self._last_error.ret_code)
+                # A new one each time: raising one instance again would grow its traceback.
+                last = self._last_error
+                raise TokenUnavailable(
+                    last.message,
+                    ret_code=last.ret_code,
+                    configuration_error=last.configuration_error,
+                )
             # In a context of its own: the fetch serves every request waiting, so its log lines
             # must not carry the id of the request that happened to start it.
             self._inflight = asyncio.create_task(
@@ -195,12 +210,11 @@ class TokenManager:
             self._failures += 1
             self._retry_at = self._clock() + self._backoff.delay(self._failures)
             self._last_error = exc
-            if exc.ret_code in v5.CONFIGURATION_ERRORS:
+            if exc.configuration_error:
                 self._log.error(
                     "configuration_rejected",
                     ret_code=exc.ret_code,
-                    detail="Sobot rejected the configured credentials: check SOBOT_APPID, "
-                    "SOBOT_APP_KEY and the region / base URL",
+                    detail=f"Sobot rejected the configured credentials: {self._check_hint}",
                 )
             raise
         else:
@@ -271,7 +285,9 @@ class TokenManager:
         try:
             issued = await self._source.fetch()
         except GetTokenFailed as exc:
-            raise TokenUnavailable(str(exc), ret_code=exc.ret_code) from None
+            raise TokenUnavailable(
+                str(exc), ret_code=exc.ret_code, configuration_error=exc.configuration_error
+            ) from None
         except Exception as exc:
             # A bug, not Sobot: log it; the backoff and the refresher carry on as for a failure.
             self._log.exception("get_token_internal_error")
@@ -355,7 +371,7 @@ class TokenManager:
 
     def _renewal_margin(self, lifetime: float) -> float:
         """How long before its end a token of `lifetime` seconds is due for renewal."""
-        return min(self._refresh_margin, (1 - LATEST_RENEWAL_FRACTION) * lifetime)
+        return min(self._refresh_margin, (1 - self._latest_renewal_fraction) * lifetime)
 
     def renewal_due_in(self) -> float:
         """Seconds until the refresher should fetch (0 or less: now)."""
@@ -402,11 +418,8 @@ class TokenManager:
         problem = None
         if error is not None:
             problem = error.message
-            if error.ret_code in v5.CONFIGURATION_ERRORS:
-                problem = (
-                    f"Sobot rejected the configuration ({error.message}): check SOBOT_APPID, "
-                    "SOBOT_APP_KEY and the region / base URL"
-                )
+            if error.configuration_error:
+                problem = f"Sobot rejected the configuration ({error.message}): {self._check_hint}"
         elif token is None:
             problem = "no token yet: the first get_token is under way"
         return TokenStatus(
@@ -414,5 +427,5 @@ class TokenManager:
             expires_in=None if token is None else round(self.seconds_left(token), 1),
             ret_code=None if error is None else error.ret_code,
             problem=problem,
-            configuration_error=error is not None and error.ret_code in v5.CONFIGURATION_ERRORS,
+            configuration_error=error is not None and error.configuration_error,
         )

@@ -1,21 +1,25 @@
-"""Fetching a new token from Sobot's get_token: signing, one HTTP exchange, parsing the answer.
+"""Fetching a new token from a credential set's token endpoint: one HTTP exchange, parsed.
 
-Fetching is kept apart from caching (manager.py) so the manager can be tested against any source
-and a shared store can sit between the two.
+Every kind's token call (v5's get_token, V6's /tokens/company) goes through here: the kind
+(sobot/credential.py) builds the request and parses the answer; this module sends it. Fetching is
+kept apart from caching (manager.py) so the manager can be tested against any source and a
+shared store can sit between the two.
 
-get_token goes through the proxy's own upstream client (proxy.upstream), on a pool of its own, so a
-pool full of slow forwarded requests never holds up a renewal:
+Token calls go through the proxy's own upstream client (proxy.upstream), on a pool of their own,
+so a pool full of slow forwarded requests never holds up a renewal:
 
-- It is never sent twice. Every get_token rotates the token, so a call that fails on a kept-alive
-  connection (it may have reached Sobot) fails; the manager's backoff and refresher try again.
+- A call is never sent twice. Every token call may rotate the token, so a call that fails on a
+  kept-alive connection (it may have reached Sobot) fails; the manager's backoff and refresher
+  try again.
 - Timeouts as the README defines them: the connect timeout for connecting, the read timeout for
   each wait for bytes (for the answer's head as a whole, then for each read of the body), and the
   whole call at most connect + read timeout, which the renewal lock's lease counts on
   (Settings.renewal_lease).
-- The sign travels in the query string: no log line or error message carries the target.
+- The sign is registered as a secret, and no log line or error message carries the target or
+  the body.
 
-Errors: GetTokenFailed, with get_token's own code when it answered one. The token manager turns
-it into what the server answers (errors.TokenUnavailable).
+Errors: GetTokenFailed, with the endpoint's own code when it answered one. The token manager
+turns it into what the server answers (errors.TokenUnavailable).
 """
 
 from __future__ import annotations
@@ -23,9 +27,9 @@ from __future__ import annotations
 import asyncio
 import ssl
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Final, Protocol
-from urllib.parse import urlencode, urlsplit
+from urllib.parse import urlsplit
 
 import structlog
 from multidict import CIMultiDict
@@ -33,22 +37,31 @@ from multidict import CIMultiDict
 from proxy import __version__, upstream
 from proxy.config.settings import Settings
 from proxy.logs import Secrets
-from proxy.sobot import v5
-from proxy.sobot.credential import IssuedToken, MalformedAnswer
+from proxy.sobot.credential import (
+    Credential,
+    IssuedToken,
+    MalformedAnswer,
+    TokenRefused,
+    TokenRequest,
+)
 
 # Connections kept for get_token: one call at a time (the manager's single flight), and one
 # spare for `check --online`'s probe or an overlap with a connection being closed.
 TOKEN_CONNECTIONS: Final = 2
 # A get_token answer is a few hundred bytes; anything much larger is not one.
 MAX_ANSWER: Final = 64 * 1024
+_HEADERS: Final = (("Accept", "*/*"), ("User-Agent", f"sobot-proxy/{__version__}"))
 
 
 class GetTokenFailed(Exception):
     """No token came; `ret_code` is get_token's own code when it answered one."""
 
-    def __init__(self, message: str, *, ret_code: str | None = None) -> None:
+    def __init__(
+        self, message: str, *, ret_code: str | None = None, configuration_error: bool = False
+    ) -> None:
         super().__init__(message)
         self.ret_code = ret_code
+        self.configuration_error = configuration_error  # no retry can fix it
 
 
 class TokenSource(Protocol):
@@ -68,19 +81,21 @@ def token_client(settings: Settings, tls: ssl.SSLContext) -> upstream.Client:
 
 
 def token_source(
+    credential: Credential,
+    base_url: str,
     settings: Settings,
     client: upstream.Client,
     *,
     log: structlog.typing.FilteringBoundLogger,
     secrets: Secrets,
     on_result: Callable[[str], None] = lambda _result: None,
-) -> SobotTokenSource:
-    """The token source `settings` describe, calling get_token through `client`."""
-    return SobotTokenSource(
+) -> CredentialTokenSource:
+    """The token source of `credential`, whose endpoint is at `base_url`, called through
+    `client` within the timeouts of `settings`."""
+    return CredentialTokenSource(
         client,
-        base_url=settings.base_url,
-        appid=settings.appid,
-        app_key=settings.app_key,
+        credential,
+        base_url=base_url,
         deadline=settings.connect_timeout + settings.upstream_timeout,
         log=log,
         secrets=secrets,
@@ -88,16 +103,15 @@ def token_source(
     )
 
 
-class SobotTokenSource:
-    """Calls `GET {base}/api/get_token?appid&create_time&sign` on the configured upstream."""
+class CredentialTokenSource:
+    """Calls `credential`'s token endpoint on `base_url` (its path prefix kept)."""
 
     def __init__(
         self,
         client: upstream.Client,
+        credential: Credential,
         *,
         base_url: str,
-        appid: str,
-        app_key: str,
         deadline: float,
         log: structlog.typing.FilteringBoundLogger,
         secrets: Secrets,
@@ -107,60 +121,65 @@ class SobotTokenSource:
         """`deadline` bounds a whole call (the client's own timeouts bound each wait in it);
         `on_result` hears each call's result: ok, refused, unreachable or malformed."""
         self._client = client
+        self._credential = credential
         self._origin = upstream.Origin.of(base_url)
-        self._path = urlsplit(base_url).path + v5.GET_TOKEN_PATH
-        self._headers = CIMultiDict({"Accept": "*/*", "User-Agent": f"sobot-proxy/{__version__}"})
-        self._appid = appid
-        self._app_key = app_key
+        self._base_path = urlsplit(base_url).path
         self._deadline = deadline
         self._log = log
         self._wall_clock = wall_clock
         self._secrets = secrets
         self._on_result = on_result
+        # As messages name the endpoint: "Sobot's get_token", "Sobot's tokens/company".
+        self._what = f"Sobot's {credential.token_path.removeprefix('/api/').lstrip('/')}"
 
     async def fetch(self) -> IssuedToken:
-        create_time = str(int(self._wall_clock()))
-        sign = v5.make_sign(self._appid, create_time, self._app_key)
-        self._secrets.add(sign)
-        query = urlencode({"appid": self._appid, "create_time": create_time, "sign": sign})
+        now = self._wall_clock()
+        call = self._credential.token_request(now)
+        for secret in call.secrets:
+            self._secrets.add(secret)
         started = time.perf_counter()
         try:
             async with asyncio.timeout(self._deadline):
-                status, body = await self._exchange(f"{self._path}?{query}")
+                status, body = await self._exchange(call)
         except (TimeoutError, upstream.ClientError) as exc:
             # The client's messages never carry the target (and with it the sign).
             reason = _reason(exc, self._deadline)
             self._log_call(started, error=str(exc) if str(exc) else reason)
             self._on_result("unreachable")
-            raise GetTokenFailed(f"could not reach Sobot's get_token ({reason})") from None
+            raise GetTokenFailed(f"could not reach {self._what} ({reason})") from None
         try:
             if len(body) > MAX_ANSWER:
                 raise MalformedAnswer(f"the answer is over {MAX_ANSWER} bytes")
-            ret_code, ret_msg, token = v5.parse_token_answer(body)
+            token = self._credential.parse_token_answer(status, body, now)
         except MalformedAnswer as exc:
             self._log_call(started, http_status=status, error=str(exc))
             self._on_result("malformed")
             raise GetTokenFailed(
-                f"Sobot's get_token gave a malformed answer (HTTP {status}: {exc})"
+                f"{self._what} gave a malformed answer (HTTP {status}: {exc})"
             ) from None
-        self._log_call(
-            started,
-            http_status=status,
-            ret_code=ret_code,
-            lifetime_s=token.lifetime if token else None,
-        )
-        self._on_result("refused" if token is None else "ok")
-        if token is None:
+        except TokenRefused as exc:
+            self._log_call(started, http_status=status, ret_code=exc.code)
+            self._on_result("refused")
             raise GetTokenFailed(
-                f"Sobot's get_token answered {v5.describe(ret_code)}"
-                + (f": {ret_msg}" if ret_msg else ""),
-                ret_code=ret_code,
-            )
+                f"{self._what} answered {self._credential.describe(exc.code)}"
+                + (f": {exc.message}" if exc.message else ""),
+                ret_code=exc.code,
+                configuration_error=exc.configuration_error,
+            ) from None
+        self._log_call(started, http_status=status, lifetime_s=round(token.lifetime, 3))
+        self._on_result("ok")
         return token
 
-    async def _exchange(self, target: str) -> tuple[int, bytes]:
-        """Send get_token; its status and up to MAX_ANSWER + 1 bytes of its answer."""
-        response = await self._client.request("GET", self._origin, target, self._headers)
+    async def _exchange(self, call: TokenRequest) -> tuple[int, bytes]:
+        """Send the token call; its status and up to MAX_ANSWER + 1 bytes of its answer."""
+        headers = CIMultiDict(_HEADERS)
+        headers.extend(call.headers)
+        body = None
+        if call.body is not None:
+            headers["Content-Length"] = str(len(call.body))
+            body = _once(call.body)
+        target = self._base_path + call.path
+        response = await self._client.request(call.method, self._origin, target, headers, body)
         try:
             return response.status, await response.read_up_to(MAX_ANSWER + 1)
         finally:
@@ -168,10 +187,15 @@ class SobotTokenSource:
 
     def _log_call(self, started: float, **fields: object) -> None:
         duration_ms = round((time.perf_counter() - started) * 1000, 2)
-        if "error" in fields or fields.get("ret_code") != v5.OK:
+        fields = {"kind": self._credential.kind, **fields}
+        if "error" in fields or "ret_code" in fields:
             self._log.warning("get_token", duration_ms=duration_ms, **fields)
         else:
             self._log.info("get_token", duration_ms=duration_ms, **fields)
+
+
+async def _once(body: bytes) -> AsyncIterator[bytes]:
+    yield body
 
 
 def _reason(exc: BaseException, deadline: float) -> str:

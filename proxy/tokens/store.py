@@ -1,7 +1,8 @@
 """Where the token lives: in this process, or in Redis, shared by every replica of an appid.
 
 Every get_token call rotates the token for everyone on the appid, so replicas that each fetched
-their own would knock each other over. With a shared store they renew it together:
+their own would knock each other over. Each credential set has a store of its own, keyed by its
+kind's namespace and its appid. With a shared store they renew it together:
 
 - A replica that needs a token first looks in the store. Only if the stored one will not do
   (missing, rejected, or itself due for renewal) does it take the renewal lock, look again (the
@@ -27,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
+import hashlib
 import os
 import time
 from collections.abc import AsyncIterator, Callable
@@ -108,21 +110,30 @@ def describe_store(url: str, *, workers_directory: str | None = None) -> str:
 def make_store(
     settings: Settings,
     *,
+    namespace: str,
+    appid: str,
     log: structlog.typing.FilteringBoundLogger,
     workers_directory: str | None = None,
     on_error: Callable[[], None] = lambda: None,
 ) -> TokenStore:
-    """The store `settings` name; for `memory` in a worker of several, the workers' shared
+    """The store `settings` name, for the token of `appid` in a kind's `namespace`
+    (Credential.store_namespace); for `memory` in a worker of several, the workers' shared
     file. `on_error` hears of every failure to use a shared store (for the metrics)."""
     if settings.token_store == "memory":
         if workers_directory is not None:
+            # Named by a digest: an appid may hold any character, a file name may not.
+            digest = hashlib.sha256(appid.encode()).hexdigest()[:16]
             return FileTokenStore(
-                workers_directory, lease=settings.renewal_lease, log=log, on_error=on_error
+                workers_directory,
+                name=f"{namespace}-{digest}",
+                lease=settings.renewal_lease,
+                log=log,
+                on_error=on_error,
             )
         return MemoryTokenStore()
     return RedisTokenStore(
         settings.token_store,
-        appid=settings.appid,
+        prefix=f"{namespace}:{appid}:",
         password=settings.token_store_password,
         lease=settings.renewal_lease,
         log=log,
@@ -213,7 +224,7 @@ class RedisTokenStore(_Availability):
         self,
         url: str,
         *,
-        appid: str,
+        prefix: str,
         password: str | None,
         lease: float,
         log: structlog.typing.FilteringBoundLogger,
@@ -224,7 +235,8 @@ class RedisTokenStore(_Availability):
         self._redis = aioredis.Redis.from_url(
             url, password=password, socket_timeout=2.0, socket_connect_timeout=2.0
         )
-        prefix = f"sobot-proxy:{appid}:"
+        # v5: "sobot-proxy:<appid>:", the keys of every release before credential kinds; V6:
+        # "sobot-proxy-v6:<appid>:", which no v5 key can be, whatever its appid.
         self._token_key = prefix + "token"
         self._lock_key = prefix + "renewal-lock"
         self._channel = prefix + "new-token"
@@ -325,13 +337,14 @@ class FileTokenStore(_Availability):
         self,
         directory: str,
         *,
+        name: str,
         lease: float,
         log: structlog.typing.FilteringBoundLogger,
         on_error: Callable[[], None] = lambda: None,
     ) -> None:
         super().__init__(log, on_error)
-        self._token_path = os.path.join(directory, "token.json")
-        self._lock_path = os.path.join(directory, "renewal.lock")
+        self._token_path = os.path.join(directory, f"{name}.token.json")
+        self._lock_path = os.path.join(directory, f"{name}.renewal.lock")
         self._lease = lease
 
     async def load(self) -> StoredToken | None:

@@ -1,0 +1,51 @@
+"""The route table: which upstream and which credential set a request path goes to.
+
+Built once at start-up from Settings.route_table. A lookup walks the prefixes longest first
+and compares in place (str.startswith): it allocates nothing, and a handful of prefixes cost
+less than slicing the path to look it up in a dict. Prefixes end with `/`, so they match whole
+segments (`/callservice/` never matches `/callservicex/`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from urllib.parse import urlsplit
+
+from proxy import upstream
+from proxy.server.credentials import ManagedCredential
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    prefix: str
+    base_url: str  # for logs and `check`
+    origin: upstream.Origin
+    base_path: str  # the base URL's path, "" or "/prefix": requests go to base_path + path
+    credential: ManagedCredential | None  # None: forwarded without injecting anything
+
+    @classmethod
+    def to(cls, prefix: str, base_url: str, credential: ManagedCredential | None) -> Route:
+        origin = upstream.Origin.of(base_url)
+        return cls(prefix, base_url, origin, urlsplit(base_url).path, credential)
+
+    @property
+    def credentials_name(self) -> str:
+        return "none" if self.credential is None else self.credential.name
+
+
+class RouteTable:
+    __slots__ = ("_routes",)
+
+    def __init__(self, routes: Iterable[Route]) -> None:
+        self._routes = tuple(sorted(routes, key=lambda route: (-len(route.prefix), route.prefix)))
+
+    def __iter__(self) -> Iterator[Route]:
+        return iter(self._routes)
+
+    def match(self, path: str) -> Route | None:
+        """The route of the longest prefix `path` starts with; None: no route serves it."""
+        for route in self._routes:
+            if path.startswith(route.prefix):
+                return route
+        return None
