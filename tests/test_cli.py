@@ -42,7 +42,8 @@ CONFIG_ERRORS = [
         [
             "appid is required: set SOBOT_APPID or --appid",
             "app_key is required: set SOBOT_APP_KEY or SOBOT_APP_KEY_FILE",
-            "no upstream: set SOBOT_REGION (sg or us) or SOBOT_BASE_URL (--region / --base-url)",
+            "no upstream: set SOBOT_REGION (sg, us, cn, cn-soboten) or SOBOT_BASE_URL "
+            "(--region / --base-url)",
         ],
         id="nothing-configured",
     ),
@@ -55,13 +56,13 @@ CONFIG_ERRORS = [
     pytest.param(
         ["--region", "mars"],
         {"SOBOT_APPID": "A", "SOBOT_APP_KEY": APP_KEY},
-        ["--region: 'mars' is not one of sg, us"],
+        ["--region: 'mars' is not one of sg, us, cn, cn-soboten"],
         id="unknown-region-flag",
     ),
     pytest.param(
         [],
         {**CONFIGURED, "SOBOT_REGION": "eu"},
-        ["SOBOT_REGION: 'eu' is not one of sg, us"],
+        ["SOBOT_REGION: 'eu' is not one of sg, us, cn, cn-soboten"],
         id="unknown-region-env",
     ),
     pytest.param(
@@ -99,7 +100,7 @@ CONFIG_ERRORS = [
         {"SOBOT_APP_KEY": APP_KEY},
         [
             "appid is required",
-            "--region: 'mars' is not one of sg, us",
+            "--region: 'mars' is not one of sg, us, cn, cn-soboten",
             "--port: '-1' is not a port number",
             "--upstream-timeout: '0' is not a positive number of seconds",
         ],
@@ -128,9 +129,9 @@ CONFIG_ERRORS = [
     ),
     pytest.param(
         [],
-        {**CONFIGURED, "SOBOT_ALLOW_PATHS": "/api/5/user/,/admin/"},
-        ["SOBOT_ALLOW_PATHS: '/admin/' is not a path under /api/"],
-        id="allow-path-outside-api",
+        {**CONFIGURED, "SOBOT_ALLOW_PATHS": "/api/5/user/,admin/"},
+        ["SOBOT_ALLOW_PATHS: 'admin/' is not a path (it must start with /)"],
+        id="allow-path-not-a-path",
     ),
 ]
 

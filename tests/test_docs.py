@@ -8,7 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from proxy.config.settings import CONFIG_ENV, OPTIONS, SECRETS, TOML_KEYS
+from proxy.config.routes import DEFAULT_FORWARD_PREFIXES, ResolvedRoute
+from proxy.config.settings import CONFIG_ENV, OPTIONS, SECRETS, TOML_KEYS, load_settings
+from proxy.config.toml_routes import CREDENTIAL_KEYS, ROUTE_KEYS
+from proxy.config.values import REGIONS
 
 ROOT = Path(__file__).resolve().parent.parent
 README = (ROOT / "README.md").read_text()
@@ -43,3 +46,50 @@ def test_the_example_toml_parses_and_uses_only_known_keys():
 @pytest.mark.parametrize("option", [o for o in OPTIONS if o.flag], ids=lambda o: o.name)
 def test_every_flag_is_in_the_readme_table(option):
     assert f"`{option.flag}`" in README
+
+
+@pytest.mark.parametrize("region", sorted(REGIONS))
+def test_every_region_is_documented_with_its_url(region):
+    for text in (README, EXAMPLE_ENV, EXAMPLE_TOML):
+        assert re.search(rf"\b{region}\b`? = {REGIONS[region]}\b", text.replace('"', "")), region
+
+
+ROUTES_EXAMPLE = "# --- Routes and credentials"
+
+
+@pytest.mark.parametrize("key", sorted({*CREDENTIAL_KEYS, *ROUTE_KEYS}))
+def test_every_key_of_a_credential_set_or_route_is_in_the_example_file(key):
+    example = EXAMPLE_TOML.split(ROUTES_EXAMPLE, 1)[1]
+    assert re.search(rf"^#( #)? {key} = ", example, re.MULTILINE), key
+
+
+def test_the_example_routes_load_as_an_operator_would_uncomment_them():
+    settings_part, routes_part = EXAMPLE_TOML.split(ROUTES_EXAMPLE, 1)
+    # Lines commented once are the example; twice, alternatives to it.
+    uncommented = [
+        line.removeprefix("# ")
+        for line in routes_part.splitlines()
+        if re.match(r"# (\[|\w+ = )", line)
+    ]
+    files = {
+        "/etc/sobot-proxy/sobot-proxy.toml": settings_part + "\n".join(uncommented),
+        "/run/secrets/sobot_app_key": "app-key\n",
+        "/run/secrets/sobot_v6_app_secret": "v6-app-secret\n",
+    }
+    settings = load_settings(
+        {"config": "/etc/sobot-proxy/sobot-proxy.toml"}, {}, read_text=lambda p: files[str(p)]
+    )
+    (callcenter,) = settings.credentials
+    assert (callcenter.name, callcenter.kind, callcenter.secret) == (
+        "callcenter",
+        "v6",
+        "v6-app-secret",
+    )
+    routes = {route.prefix: route for route in settings.route_table}
+    assert routes["/callservice/"] == ResolvedRoute(
+        "/callservice/", settings.base_url, "callcenter"
+    )
+    assert routes["/text/ai-agent-open/"] == ResolvedRoute(
+        "/text/ai-agent-open/", "https://api-c.soboten.com", "default"
+    )
+    assert set(routes) == {*DEFAULT_FORWARD_PREFIXES, "/callservice/", "/text/ai-agent-open/"}

@@ -247,9 +247,13 @@ VALUE_ERRORS = [
     ({"appid": "   "}, {}, "--appid: must be a non-empty string"),
     ({}, {"SOBOT_APP_KEY": None}, "app_key is required: set SOBOT_APP_KEY or SOBOT_APP_KEY_FILE"),
     ({}, {"SOBOT_APP_KEY": "   "}, "SOBOT_APP_KEY: must be a non-empty string"),
-    ({}, {"SOBOT_REGION": None}, "no upstream: set SOBOT_REGION (sg or us) or SOBOT_BASE_URL"),
-    ({}, {"SOBOT_REGION": "mars"}, "SOBOT_REGION: 'mars' is not one of sg, us"),
-    ({"region": "eu"}, {}, "--region: 'eu' is not one of sg, us"),
+    (
+        {},
+        {"SOBOT_REGION": None},
+        "no upstream: set SOBOT_REGION (sg, us, cn, cn-soboten) or SOBOT_BASE_URL",
+    ),
+    ({}, {"SOBOT_REGION": "mars"}, "SOBOT_REGION: 'mars' is not one of sg, us, cn, cn-soboten"),
+    ({"region": "eu"}, {}, "--region: 'eu' is not one of sg, us, cn, cn-soboten"),
     ({}, {"SOBOT_BASE_URL": "ftp://x"}, "SOBOT_BASE_URL: 'ftp://x' is not an http(s) URL"),
     ({}, {"SOBOT_BASE_URL": "http://"}, "SOBOT_BASE_URL: 'http://' is not an http(s) URL"),
     ({"base_url": "https://h/?q=1"}, {}, "--base-url: 'https://h/?q=1' must not carry a query"),
@@ -299,7 +303,8 @@ VALUE_ERRORS = [
     ({}, {"SOBOT_SHUTDOWN_GRACE": "-1"}, "SOBOT_SHUTDOWN_GRACE: '-1' is not a number of seconds"),
     ({}, {"SOBOT_TEMP_DIR": "/no/such/dir"}, "SOBOT_TEMP_DIR: '/no/such/dir' is not a directory"),
     ({}, {"SOBOT_CA_BUNDLE": "/no/such.pem"}, "SOBOT_CA_BUNDLE: '/no/such.pem' is not a file"),
-    ({}, {"SOBOT_ALLOW_PATHS": "/api/ok/,/etc/"}, "SOBOT_ALLOW_PATHS: '/etc/' is not a path under"),
+    ({}, {"SOBOT_ALLOW_PATHS": "/api/ok/,etc/"}, "SOBOT_ALLOW_PATHS: 'etc/' is not a path (it"),
+    ({}, {"SOBOT_METRICS_ROUTES": "api/"}, "SOBOT_METRICS_ROUTES: 'api/' is not a path (it must"),
     ({}, {"SOBOT_ALLOW_METHODS": "GET,P T"}, "SOBOT_ALLOW_METHODS: 'P T' is not an HTTP method"),
     (
         {},
@@ -385,7 +390,7 @@ def test_bad_value_in_the_toml_file_names_the_file_and_key(tmp_path):
     problems = problems_of({"config": str(path)}, env)
     assert sorted(problems) == [
         f"{path}: port: 'abc' is not a port number (0-65535; 0 picks a free port)",
-        f"{path}: region: 'mars' is not one of sg, us",
+        f"{path}: region: 'mars' is not one of sg, us, cn, cn-soboten",
     ]
 
 

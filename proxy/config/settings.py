@@ -24,12 +24,24 @@ from proxy.config.routes import (
     RouteSettings,
     resolve_routes,
 )
+from proxy.config.toml_routes import TABLES, parse_route_tables
+from proxy.config.values import REGIONS as REGIONS  # re-exported: the CLI reads it here
+from proxy.config.values import (
+    REGIONS_HELP,
+    base_url,
+    choice,
+    in_clear,
+    items,
+    path_prefixes,
+    paths,
+)
+from proxy.config.values import is_loopback as is_loopback  # re-exported, as REGIONS
+from proxy.config.values import text as _text
 
 MIB: Final = 1024 * 1024
 # Request bodies up to this size are kept in memory for the replay; a larger one goes to disk
 # whole (server/body.py), so it needs room in the spool budget.
 BODY_IN_MEMORY: Final = MIB
-REGIONS: Final = {"sg": "https://sg.sobot.io", "us": "https://us.sobot.com"}
 LOG_LEVELS: Final = ("debug", "info", "warning", "error")
 LOG_FORMATS: Final = ("json", "console")
 CONFIG_ENV: Final = "SOBOT_PROXY_CONFIG"
@@ -55,7 +67,7 @@ class Settings:
     temp_dir: str | None = None  # None: the system's ($TMPDIR, else /tmp)
     client_keys: tuple[str, ...] = field(default=(), repr=False)  # empty: no inbound auth
     allow_unauthenticated: bool = False
-    allow_paths: tuple[str, ...] = ()  # empty: every path under /api/
+    allow_paths: tuple[str, ...] = ()  # empty: every path a route forwards
     allow_methods: tuple[str, ...] = ()  # empty: every method
     metrics_routes: tuple[str, ...] = ()  # path prefixes that group requests in the metrics
     ca_bundle: str | None = None  # None: the system's trusted CAs
@@ -92,22 +104,6 @@ class ConfigError(Exception):
     def __init__(self, problems: list[str]) -> None:
         super().__init__("\n".join(problems))
         self.problems = problems
-
-
-def _text(value: Any) -> str:
-    if not isinstance(value, str) or not value.strip():
-        raise ValueError("must be a non-empty string")
-    return value.strip()
-
-
-def _choice(choices: tuple[str, ...] | Mapping[str, str]) -> Callable[[Any], str]:
-    def parse(value: Any) -> str:
-        text = str(value).strip().lower()
-        if text not in choices:
-            raise ValueError(f"{value!r} is not one of {', '.join(choices)}")
-        return text
-
-    return parse
 
 
 def _port(value: Any) -> int:
@@ -199,25 +195,11 @@ def _boolean(value: Any) -> bool:
     raise ValueError(f"{value!r} is not a yes/no value (1, true, yes, on / 0, false, no, off)")
 
 
-def _list(value: Any) -> list[str]:
-    """Items of a comma-separated string or a TOML list."""
-    items = value if isinstance(value, list) else str(value).split(",")
-    return [str(item).strip() for item in items if str(item).strip()]
-
-
-def _path_prefixes(value: Any) -> tuple[str, ...]:
-    prefixes = _list(value)
-    for prefix in prefixes:
-        if not prefix.startswith("/api/"):
-            raise ValueError(f"{prefix!r} is not a path under /api/")
-    return tuple(prefixes)
-
-
 _TOKEN_CHARS: Final = frozenset("!#$%&'*+-.^_`|~0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZ")
 
 
 def _methods(value: Any) -> tuple[str, ...]:
-    methods = tuple(method.upper() for method in _list(value))
+    methods = tuple(method.upper() for method in items(value))
     for method in methods:
         if not set(method) <= _TOKEN_CHARS:
             raise ValueError(f"{method!r} is not an HTTP method")
@@ -261,25 +243,6 @@ def _host(value: Any) -> str:
     return host
 
 
-def _base_url(value: Any) -> str:
-    url = _text(value)
-    try:
-        parts = urlsplit(url)
-        parts.port  # noqa: B018 -- raises ValueError on a bad port
-    except ValueError:
-        raise ValueError(f"{value!r} is not a valid URL") from None
-    if "@" in parts.netloc:  # the value is not repeated: it may hold a password
-        raise ValueError("the URL must not carry credentials")
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ValueError(f"{value!r} is not an http(s) URL with a host")
-    if any(char.isspace() for char in url):
-        raise ValueError(f"{value!r} contains white space")
-    # An empty query or fragment ("https://h/?") counts too: every path would follow it.
-    if "?" in url or "#" in url:
-        raise ValueError(f"{value!r} must not carry a query or fragment")
-    return url.rstrip("/")
-
-
 @dataclass(frozen=True, slots=True)
 class Option:
     """One setting: where it can come from, how it is parsed, and what it is for."""
@@ -301,17 +264,26 @@ OPTIONS: Final = (
         "region",
         "SOBOT_REGION",
         "--region",
-        _choice(REGIONS),
+        choice(REGIONS),
         None,
-        "Sobot region: sg = https://sg.sobot.io, us = https://us.sobot.com",
+        f"Sobot region: {REGIONS_HELP}",
     ),
     Option(
         "base_url",
         "SOBOT_BASE_URL",
         "--base-url",
-        _base_url,
+        base_url,
         None,
         "upstream base URL, any http(s) URL; overrides the region",
+    ),
+    Option(
+        "forward_prefixes",
+        "SOBOT_FORWARD_PREFIXES",
+        "--forward-prefixes",
+        path_prefixes,
+        DEFAULT_FORWARD_PREFIXES,
+        "comma-separated path prefixes forwarded to the upstream with the default credentials "
+        f"(each starts and ends with /) [default: {','.join(DEFAULT_FORWARD_PREFIXES)}]",
     ),
     Option("host", "SOBOT_PROXY_HOST", "--host", _host, "127.0.0.1", "address to listen on"),
     Option("port", "SOBOT_PROXY_PORT", "--port", _port, 8080, "port to listen on"),
@@ -418,7 +390,7 @@ OPTIONS: Final = (
         "allow_paths",
         "SOBOT_ALLOW_PATHS",
         "--allow-paths",
-        _path_prefixes,
+        paths,
         (),
         "comma-separated path prefixes that may be called, e.g. /api/ws/5/ticket/; others 403",
     ),
@@ -434,10 +406,10 @@ OPTIONS: Final = (
         "metrics_routes",
         "SOBOT_METRICS_ROUTES",
         "--metrics-routes",
-        _path_prefixes,
+        paths,
         (),
         "comma-separated path prefixes that group requests in /metrics (the `route` label); "
-        "other API paths count as /api/",
+        "other paths count under their route's prefix",
     ),
     Option(
         "ca_bundle",
@@ -486,7 +458,7 @@ OPTIONS: Final = (
         "log_level",
         "SOBOT_LOG_LEVEL",
         "--log-level",
-        _choice(LOG_LEVELS),
+        choice(LOG_LEVELS),
         "info",
         "debug, info, warning or error",
     ),
@@ -494,7 +466,7 @@ OPTIONS: Final = (
         "log_format",
         "SOBOT_LOG_FORMAT",
         "--log-format",
-        _choice(LOG_FORMATS),
+        choice(LOG_FORMATS),
         "json",
         "json (one object a line, for log shippers) or console (for people)",
     ),
@@ -644,6 +616,14 @@ def load_with_provenance(
         secrets[secret.name], origins[secret.name] = _read_secret(
             secret, env, toml_values, toml_label, read_text, problems
         )
+    tables = parse_route_tables(
+        toml_values,
+        file_label=toml_label,
+        read_text=read_text,
+        default_appid=values["appid"],
+        allow_insecure_upstream=bool(values["allow_insecure_upstream"]),
+        problems=problems,
+    )
 
     if (
         values["base_url"] is None
@@ -651,7 +631,8 @@ def load_with_provenance(
         and not _mentioned(sources, ("region", "base_url"))
     ):
         problems.append(
-            "no upstream: set SOBOT_REGION (sg or us) or SOBOT_BASE_URL (--region / --base-url)"
+            f"no upstream: set SOBOT_REGION ({', '.join(REGIONS)}) or SOBOT_BASE_URL "
+            "(--region / --base-url)"
         )
     if problems:
         raise ConfigError(problems)
@@ -664,9 +645,15 @@ def load_with_provenance(
         app_key=secrets["app_key"][0],
         client_keys=secrets["client_keys"],
         token_store_password=password[0] if password else None,
+        credentials=tables.credentials,
+        routes=tables.routes,
         **values,
     )
-    problems = _unsafe_combinations(settings) + _limits_that_conflict(settings)
+    problems = (
+        _unsafe_combinations(settings)
+        + _limits_that_conflict(settings)
+        + _nothing_routed(settings, origins["forward_prefixes"])
+    )
     if problems:
         raise ConfigError(problems)
     config_file = flags.get("config") or env.get(CONFIG_ENV)
@@ -680,15 +667,6 @@ def _config_origin(flags: Mapping[str, Any], env: Mapping[str, str]) -> Origin:
     return Origin("env", CONFIG_ENV) if env.get(CONFIG_ENV) else DEFAULT
 
 
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False  # a host name may resolve to anything
-
-
 def _unsafe_combinations(settings: Settings) -> list[str]:
     """Settings that are each valid but together would expose the credentials."""
     problems = []
@@ -700,15 +678,22 @@ def _unsafe_combinations(settings: Settings) -> list[str]:
             "SOBOT_PROXY_CLIENT_KEYS_FILE), or opt out with --allow-unauthenticated / "
             "SOBOT_PROXY_ALLOW_UNAUTHENTICATED=1"
         )
-    upstream = urlsplit(settings.base_url)
-    in_clear = upstream.scheme == "http" and not is_loopback(upstream.hostname or "")
-    if in_clear and not settings.allow_insecure_upstream:
+    if in_clear(settings.base_url) and not settings.allow_insecure_upstream:
         problems.append(
             f"the upstream {settings.base_url} is plain http and not on this host: the "
             "token would cross the network in clear; use https, or set "
             "SOBOT_ALLOW_INSECURE_UPSTREAM=1 (--allow-insecure-upstream)"
         )
     return problems
+
+
+def _nothing_routed(settings: Settings, forward_prefixes: Origin) -> list[str]:
+    """An empty route table: the proxy would answer every request 404."""
+    if settings.route_table:
+        return []
+    return [
+        f"{forward_prefixes.name}: no path would be forwarded: list a prefix, or add [[routes]]"
+    ]
 
 
 def spool_need(size: int) -> int:
@@ -752,11 +737,12 @@ def _read_toml(
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         problems.append(f"config file {label}: not valid TOML ({exc})")
         return {}, label
-    for key in sorted(set(values) - TOML_KEYS):
+    known = TOML_KEYS | TABLES
+    for key in sorted(set(values) - known):
         problems.append(
-            f"config file {label}: unknown setting {key!r} (known: {', '.join(sorted(TOML_KEYS))})"
+            f"config file {label}: unknown setting {key!r} (known: {', '.join(sorted(known))})"
         )
-    return {k: v for k, v in values.items() if k in TOML_KEYS}, label
+    return {k: v for k, v in values.items() if k in known}, label
 
 
 class _SecretLayer(NamedTuple):

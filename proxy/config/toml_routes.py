@@ -1,0 +1,289 @@
+"""The TOML file's `[credentials.NAME]` sets and `[[routes]]`, parsed and checked.
+
+    [credentials.NAME]   kind ("v5" or "v6"), appid, app_key or app_key_file (for v6 the
+                         app_secret), upstream or region (default: the main upstream),
+                         authorization_scheme (v6 only; default "Bearer", "" for the bare token)
+    [[routes]]           prefix, upstream or region (default: the main upstream), credentials
+                         (a set's name, "default" or "none"; default "default")
+
+Every mistake is one problem line naming the file and the key's path in it, such as
+`sobot-proxy.toml: credentials.callcenter.kind: ...` or `sobot-proxy.toml: routes[2].prefix: ...`
+(routes are counted from 1, as they appear in the file). A secret is never part of a message.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Final
+
+from proxy.config import values
+from proxy.config.routes import (
+    DEFAULT_AUTHORIZATION_SCHEME,
+    DEFAULT_CREDENTIALS,
+    NO_CREDENTIALS,
+    CredentialSettings,
+    RouteSettings,
+)
+from proxy.sobot.kinds import KINDS
+
+TABLES: Final = frozenset({"credentials", "routes"})
+CREDENTIAL_KEYS: Final = (
+    "kind",
+    "appid",
+    "app_key",
+    "app_key_file",
+    "upstream",
+    "region",
+    "authorization_scheme",
+)
+ROUTE_KEYS: Final = ("prefix", "upstream", "region", "credentials")
+_NAME: Final = re.compile(r"[A-Za-z0-9_-]+")
+# Compared without case: a set named "None" beside the route value "none" would only confuse.
+_RESERVED: Final = {
+    DEFAULT_CREDENTIALS: "the set of SOBOT_APPID and SOBOT_APP_KEY",
+    NO_CREDENTIALS: "a route that injects no credential",
+}
+# RFC 9110 section 11.1: an auth-scheme is a token.
+_SCHEME: Final = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+_PLAIN_HTTP_REFUSED: Final = (
+    "is plain http and not on this host: the token would cross the network in clear; use "
+    "https, or set SOBOT_ALLOW_INSECURE_UPSTREAM=1 (--allow-insecure-upstream)"
+)
+
+
+@dataclass(frozen=True, slots=True)
+class RouteTables:
+    """What the file adds to the simple configuration: named credential sets, and routes."""
+
+    credentials: tuple[CredentialSettings, ...] = ()
+    routes: tuple[RouteSettings, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class _Reader:
+    """What parsing needs besides the tables: how to name a key, read a file, and report."""
+
+    file_label: str  # the TOML file as it was named
+    read_text: Callable[[Path], str]
+    allow_insecure_upstream: bool
+    problems: list[str]
+
+    def problem(self, key_path: str, message: str) -> None:
+        self.problems.append(f"{self.file_label}: {key_path}: {message}")
+
+    def parsed(self, key_path: str, parse: Callable[[Any], Any], value: Any) -> Any:
+        """`parse(value)`, or None with the problem reported."""
+        try:
+            return parse(value)
+        except ValueError as exc:
+            self.problem(key_path, str(exc))
+            return None
+
+
+def parse_route_tables(
+    toml_values: Mapping[str, Any],
+    *,
+    file_label: str,
+    read_text: Callable[[Path], str],
+    default_appid: str | None,
+    allow_insecure_upstream: bool,
+    problems: list[str],
+) -> RouteTables:
+    """The sets and routes of a TOML file's top-level values, every problem added to `problems`.
+
+    `default_appid` (SOBOT_APPID, None if it is missing or bad) is checked against the sets'.
+    """
+    reader = _Reader(file_label, read_text, allow_insecure_upstream, problems)
+    given_sets = toml_values.get("credentials", {})
+    if not isinstance(given_sets, dict):
+        reader.problem("credentials", "must be tables of credential sets ([credentials.NAME])")
+        given_sets = {}
+    credentials = [
+        credential
+        for name, table in given_sets.items()
+        if (credential := _credential_set(reader, name, table)) is not None
+    ]
+    _check_appids_are_distinct(reader, credentials, default_appid)
+    # A set with a mistake in it is still known: a route naming it is not a second problem.
+    declared = (name for name in given_sets if _valid_name(name))
+    known = (DEFAULT_CREDENTIALS, NO_CREDENTIALS, *declared)
+    given_routes = toml_values.get("routes", [])
+    if not isinstance(given_routes, list):
+        reader.problem("routes", "must be an array of tables ([[routes]])")
+        given_routes = []
+    routes: list[RouteSettings] = []
+    first_with_prefix: dict[str, str] = {}
+    for number, table in enumerate(given_routes, start=1):
+        route = _route(reader, f"routes[{number}]", table, known)
+        if route is None:
+            continue
+        if route.prefix in first_with_prefix:
+            reader.problem(
+                f"routes[{number}].prefix",
+                f"{route.prefix!r} is also the prefix of {first_with_prefix[route.prefix]}",
+            )
+            continue
+        first_with_prefix[route.prefix] = f"routes[{number}]"
+        routes.append(route)
+    return RouteTables(tuple(credentials), tuple(routes))
+
+
+def _key_path(*parts: str) -> str:
+    """A dotted key path, with a part quoted as TOML would need it ("a b")."""
+    return ".".join(part if _NAME.fullmatch(part) else json.dumps(part) for part in parts)
+
+
+def _unknown_keys(
+    reader: _Reader, where: str, table: Mapping[str, Any], known: tuple[str, ...]
+) -> None:
+    for key in table:
+        if key not in known:
+            reader.problem(f"{where}.{_key_path(key)}", f"unknown key (known: {', '.join(known)})")
+
+
+def _valid_name(name: str) -> bool:
+    return bool(_NAME.fullmatch(name)) and name.lower() not in _RESERVED
+
+
+def _credential_set(reader: _Reader, name: str, table: Any) -> CredentialSettings | None:
+    where = _key_path("credentials", name)
+    if not _NAME.fullmatch(name):
+        reader.problem(where, "a credential set's name is letters, digits, _ and - only")
+        return None
+    if name.lower() in _RESERVED:
+        reserved = f"the name {name!r} is reserved ({_RESERVED[name.lower()]}): choose another"
+        reader.problem(where, reserved)
+        return None
+    if not isinstance(table, dict):
+        reader.problem(where, f"must be a table ([credentials.{name}] with kind, appid, ...)")
+        return None
+    _unknown_keys(reader, where, table, CREDENTIAL_KEYS)
+    problems_before = len(reader.problems)
+    kind = _required(reader, where, table, "kind", values.choice(tuple(KINDS)))
+    appid = _required(reader, where, table, "appid", values.text)
+    secret = _secret(reader, where, table)
+    base_url = _upstream(reader, where, table)
+    scheme = DEFAULT_AUTHORIZATION_SCHEME
+    if "authorization_scheme" in table:
+        scheme = reader.parsed(
+            f"{where}.authorization_scheme", _authorization_scheme, table["authorization_scheme"]
+        )
+        if kind == "v5":
+            reader.problem(
+                f"{where}.authorization_scheme",
+                "only a v6 set takes it (a v5 token goes in the `token` header)",
+            )
+    if secret is None or len(reader.problems) > problems_before:
+        return None
+    return CredentialSettings(name, kind, appid, secret, base_url, scheme)
+
+
+def _route(
+    reader: _Reader, where: str, table: Any, known_credentials: tuple[str, ...]
+) -> RouteSettings | None:
+    if not isinstance(table, dict):
+        reader.problem(where, "must be a table ([[routes]] with a prefix)")
+        return None
+    _unknown_keys(reader, where, table, ROUTE_KEYS)
+    problems_before = len(reader.problems)
+    prefix = _required(reader, where, table, "prefix", values.path_prefix)
+    base_url = _upstream(reader, where, table)
+    credentials: str | None = DEFAULT_CREDENTIALS
+    if "credentials" in table:
+        given = table["credentials"]
+        if not isinstance(given, str) or given not in known_credentials:
+            reader.problem(
+                f"{where}.credentials",
+                f"{given!r} is not a credential set (known: {', '.join(known_credentials)})",
+            )
+        credentials = None if given == NO_CREDENTIALS else given
+    if len(reader.problems) > problems_before:
+        return None
+    return RouteSettings(prefix, base_url, credentials)
+
+
+def _required(
+    reader: _Reader, where: str, table: Mapping[str, Any], key: str, parse: Callable[[Any], Any]
+) -> Any:
+    if key not in table:
+        reader.problem(f"{where}.{key}", "is required")
+        return None
+    return reader.parsed(f"{where}.{key}", parse, table[key])
+
+
+def _upstream(reader: _Reader, where: str, table: Mapping[str, Any]) -> str | None:
+    """The base URL of `upstream` or `region`; None for the main upstream (or a problem)."""
+    if "upstream" in table and "region" in table:
+        reader.problem(where, "set only one of upstream and region")
+        return None
+    if "region" in table:
+        region = reader.parsed(f"{where}.region", values.region, table["region"])
+        return None if region is None else values.REGIONS[region]
+    if "upstream" not in table:
+        return None
+    url: str | None = reader.parsed(f"{where}.upstream", values.base_url, table["upstream"])
+    if url is not None and values.in_clear(url) and not reader.allow_insecure_upstream:
+        reader.problem(f"{where}.upstream", f"{url} {_PLAIN_HTTP_REFUSED}")
+    return url
+
+
+def _secret(reader: _Reader, where: str, table: Mapping[str, Any]) -> str | None:
+    """The set's secret, as `app_key` or read from `app_key_file` (beside the TOML file when
+    relative), stripped. Never part of a message: only the key and the file's name are."""
+    if "app_key" in table and "app_key_file" in table:
+        reader.problem(where, "set only one of app_key and app_key_file")
+        return None
+    if "app_key" in table:
+        value: str | None = reader.parsed(f"{where}.app_key", values.text, table["app_key"])
+        return value
+    if "app_key_file" not in table:
+        reader.problem(where, "set app_key or app_key_file (for v6: the app_secret)")
+        return None
+    file_name = reader.parsed(f"{where}.app_key_file", values.text, table["app_key_file"])
+    if file_name is None:
+        return None
+    # A relative file named in a TOML file is found beside that file.
+    path = Path(reader.file_label).parent / file_name
+    try:
+        secret = reader.read_text(path).strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) else "not text"
+        reader.problem(f"{where}.app_key_file", f"cannot read {file_name} ({reason or exc})")
+        return None
+    if not secret:
+        reader.problem(f"{where}.app_key_file", f"{file_name} is empty")
+        return None
+    return secret
+
+
+def _authorization_scheme(value: Any) -> str:
+    if not isinstance(value, str) or (value and not _SCHEME.fullmatch(value)):
+        raise ValueError(
+            f'{value!r} is not an authorization scheme (a word such as Bearer, or "" to send '
+            "the bare token)"
+        )
+    return value
+
+
+def _check_appids_are_distinct(
+    reader: _Reader, credentials: list[CredentialSettings], default_appid: str | None
+) -> None:
+    """Two sets of one kind and appid would each rotate the other's token, and a client's own
+    token request (which names only the appid) could not tell them apart."""
+    first: dict[tuple[str, str], str] = {}
+    if default_appid is not None:
+        first["v5", default_appid] = "the default set (SOBOT_APPID)"
+    for credential in credentials:
+        key = (credential.kind, credential.appid)
+        if key in first:
+            reader.problem(
+                _key_path("credentials", credential.name, "appid"),
+                f"the same {credential.kind} appid as {first[key]}: two sets of one appid "
+                "would rotate each other's token",
+            )
+        else:
+            first[key] = _key_path("credentials", credential.name)
