@@ -13,6 +13,7 @@ import pytest
 
 from proxy.config.settings import OPTIONS, SECRETS, Settings
 from proxy.logs import Secrets, get_logger
+from proxy.sobot.v5 import V5Credential
 from proxy.testing.fake_sobot import FakeSobot
 from proxy.tokens.source import token_client, token_source
 from proxy.tokens.store import RedisTokenStore, StoredToken
@@ -288,9 +289,10 @@ def test_each_problem_is_one_line_as_serve_says_it_and_exit_2(tmp_path, args, en
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["--online", "--probe-path", "/api/get_token?appid=x"], "is get_token"),
+        (["--online", "--probe-path", "/api/get_token?appid=x"], "is a token request"),
+        (["--online", "--probe-path", "/tokens/company"], "is a token request"),
         (["--online", "--probe-path", "/api/../admin"], "dot segments"),
-        (["--online", "--probe-path", "/healthz"], "only paths under /api/"),
+        (["--online", "--probe-path", "/healthz"], "/healthz: no route serves it"),
         (["--probe-path", PROBE], "--rotate-token and --probe-path go with check --online"),
         (["--rotate-token"], "--rotate-token and --probe-path go with check --online"),
         (["--app-key", APP_KEY], "unrecognized arguments: --app-key"),
@@ -371,7 +373,15 @@ async def store_a_token(fake: FakeSobot, redis_url: str) -> StoredToken:
     settings = Settings(appid=APPID, app_key=APP_KEY, base_url=fake.url)
     client = token_client(settings, ssl.create_default_context())
     try:
-        issued = await token_source(settings, client, log=get_logger(), secrets=Secrets()).fetch()
+        source = token_source(
+            V5Credential(APPID, APP_KEY),
+            fake.url,
+            settings,
+            client,
+            log=get_logger(),
+            secrets=Secrets(),
+        )
+        issued = await source.fetch()
     finally:
         await client.close()
     token = StoredToken(issued.value, time.time(), issued.lifetime)

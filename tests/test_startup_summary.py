@@ -13,9 +13,10 @@ from typing import Any
 from proxy.cli.startup import announce
 from proxy.config.settings import Settings
 from proxy.logs import get_logger
+from proxy.server.app import CREDENTIALS, ROUTES
 from proxy.testing.fake_sobot import FakeSobot
 from proxy.tokens.store import describe_store
-from tests.conftest import CapturedLogs, tokens_of
+from tests.conftest import CapturedLogs
 from tests.processes import (
     HEX32,
     HTTP_TIMEOUT,
@@ -179,7 +180,8 @@ async def test_a_region_a_redis_store_and_client_keys_are_described(
         client_keys=("client-key-one-0123456789", "client-key-two-0123456789"),
     )
     await announce(
-        tokens_of(proxy),
+        proxy.app[CREDENTIALS],
+        proxy.app[ROUTES],
         described,
         get_logger(),
         url="http://0.0.0.0:8080",

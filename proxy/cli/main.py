@@ -204,6 +204,10 @@ def _run_check(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
         print(f"sobot-proxy: warning: {warning}", file=sys.stderr)
     if not args.online:
         return prove.EXIT_OK
+    problem = None if args.probe_path is None else prove.probe_problem(settings, args.probe_path)
+    if problem is not None:
+        print(f"sobot-proxy check: --probe-path {args.probe_path}: {problem}", file=sys.stderr)
+        return prove.EXIT_USAGE
     return prove.prove(
         settings,
         rotate_token=args.rotate_token,

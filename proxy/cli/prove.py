@@ -96,10 +96,6 @@ async def _prove_all(
 ) -> int:
     # The probe proves the set of the route it goes along (if that route injects one).
     probe_route = None if probe is None else _route_of(settings, probe)
-    if probe is not None and (probe_route is None or probe_route[1] is None):
-        why = "no route serves it" if probe_route is None else "its route injects no credential"
-        _Report(out, err).line(f"GET {probe} cannot prove a credential set: {why}")
-        return EXIT_USAGE
     results = []
     for config in settings.credential_sets:
         prefix = "" if config.name == DEFAULT_CREDENTIALS else f"[{config.name}] "
@@ -119,6 +115,16 @@ async def _prove_all(
     if EXIT_REFUSED in results:
         return EXIT_REFUSED
     return max(results)
+
+
+def probe_problem(settings: Settings, probe: str) -> str | None:
+    """Why `probe` cannot prove a credential set under `settings`, if it cannot."""
+    route = _route_of(settings, probe)
+    if route is None:
+        return "no route serves it"
+    if route[1] is None:
+        return 'its route injects no credential (credentials = "none")'
+    return None
 
 
 def _route_of(settings: Settings, path: str) -> tuple[str, str | None] | None:

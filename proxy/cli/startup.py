@@ -9,6 +9,7 @@ import structlog
 from proxy.config.settings import REGIONS, Settings
 from proxy.server.credentials import CredentialSets
 from proxy.server.routing import RouteTable
+from proxy.tokens.manager import TokenStatus
 
 # How a field reads in the console block, where it differs from its name.
 _LABELS = {"token_status": "token"}
@@ -28,30 +29,26 @@ async def announce(
 
     `worker` is "i/N" in a worker of several; `token_store` is as describe_store gives it.
     """
-    statuses = [await managed.tokens.first_outcome() for managed in sets]
+    statuses = [(managed, await managed.tokens.first_outcome()) for managed in sets]
     region = next((name for name, base in REGIONS.items() if base == settings.base_url), None)
-    tokens = [
-        f"{managed.name} ({managed.credential.kind}): "
-        + (
-            f"obtained, expires in {status.expires_in:.0f} s"
-            if status.ready
-            else f"not yet: {status.problem}"
-        )
-        for managed, status in zip(sets, statuses, strict=True)
-    ]
-    route_lines = [
-        f"{route.prefix} -> {route.base_url} ({route.credentials_name})" for route in routes
-    ]
-    fields = {
+    fields: dict[str, object] = {
         "upstream": settings.base_url if region is None else f"{settings.base_url} ({region})",
         "listening": url,
         "token_store": token_store,
         "workers": worker or str(settings.workers),
         "client_keys": len(settings.client_keys),
-        "routes": route_lines,
-        # Not `token`: the logs mask a field of that name whatever it holds (logs.py).
-        "token_status": tokens[0] if len(tokens) == 1 else tokens,
+        # The default set's. Not `token`: the logs mask a field of that name whatever it holds
+        # (logs.py).
+        "token_status": _token(statuses[0][1]),
     }
+    if len(statuses) > 1:
+        fields["credentials"] = [
+            f"{managed.name} ({managed.credential.kind}): {_token(status)}"
+            for managed, status in statuses
+        ]
+    fields["routes"] = [
+        f"{route.prefix} -> {route.base_url} ({route.credentials_name})" for route in routes
+    ]
     if settings.log_format == "console":
         labels = {name: _LABELS.get(name, name.replace("_", " ")) for name in fields}
         width = max(map(len, labels.values()))
@@ -68,3 +65,9 @@ def _lines(value: object, width: int) -> str:
     if isinstance(value, list):
         return f"\n  {'':<{width}}  ".join(map(str, value))
     return str(value)
+
+
+def _token(status: TokenStatus) -> str:
+    if status.ready:
+        return f"obtained, expires in {status.expires_in:.0f} s"
+    return f"not yet: {status.problem}"

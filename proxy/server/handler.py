@@ -33,6 +33,7 @@ from proxy.server.request_id import HEADER as REQUEST_ID_HEADER
 from proxy.server.request_id import request_id_for
 from proxy.server.request_log import RequestRecord
 from proxy.server.routing import Route, RouteTable
+from proxy.sobot.credential import Credential
 
 # The spool room reserved when `Expect: 100-continue` was answered, for handle() to take over.
 _RESERVED: Final = web.RequestKey("spool_reserved", Reservation)
@@ -92,13 +93,24 @@ class ApiHandler:
         running = self._running
         return len(running) > (1 if asyncio.current_task() in running else 0)
 
-    def _admit(self, request: web.BaseRequest) -> tuple[str, str]:
-        """The (path, query) to serve, once the request may be served at all."""
+    def _admit(
+        self, request: web.BaseRequest, record: RequestRecord
+    ) -> tuple[str, str, Credential | None, Route | None]:
+        """(path, query, the kind whose token request it is, or the route it goes along), once
+        the request may be served at all."""
         # Authentication comes first, so a caller without a key learns nothing else.
         self._access.authenticate(request.headers)
         path, query = split_target(request.raw_path)
+        record.path = path
+        kind = self._local_token.kind_of(path)
+        route = None
+        if kind is None:
+            route = self._routes.match(path)
+            if route is None:
+                raise NotProxied(self._not_routed)
+            record.route, record.credentials = route.prefix, route.credentials_name
         self._access.authorize(request.method, path)
-        return path, query
+        return path, query, kind, route
 
     async def expect(self, request: web.Request) -> web.StreamResponse | None:
         """`Expect: 100-continue`: refuse before the client sends its body, or invite it."""
@@ -106,11 +118,10 @@ class ApiHandler:
         record = RequestRecord(request.method, request.path, request_id_for(request.headers))
         reserved = NOTHING_RESERVED
         try:
-            path, _ = self._admit(request)
+            _, _, kind, _ = self._admit(request, record)
             if request.headers.get(hdrs.EXPECT, "").lower() != "100-continue":
                 raise ExpectationFailed("only `Expect: 100-continue` is understood")
-            if self._local_token.kind_of(path) is None:
-                self._route(path, record)
+            if kind is None:
                 # Capacity, declared size and spool room: the refusal comes instead of the 100.
                 reserved = self._forwarder.admit(request)
         except ProxyError as exc:
@@ -192,14 +203,12 @@ class ApiHandler:
         """The answer to one request; what happened is noted in `record`."""
         reserved = request.pop(_RESERVED, None) if hdrs.EXPECT in request.headers else None
         try:
-            path, query = self._admit(request)
-            record.path = path
-            kind = self._local_token.kind_of(path)
+            path, query, kind, route = self._admit(request, record)
             if kind is not None:
                 response, record.ret_code = await self._local_token.answer(request, kind)
                 record.status = response.status
                 return response
-            route = self._route(path, record)
+            assert route is not None
             return await self._forwarder.forward(request, route, path, query, record, reserved)
         except ProxyError as exc:
             record.status, record.ret_code, record.error = exc.status, exc.ret_code, exc.message
@@ -214,14 +223,6 @@ class ApiHandler:
         finally:
             if reserved is not None:
                 reserved.release()  # forward() has, unless it was never reached
-
-    def _route(self, path: str, record: RequestRecord) -> Route:
-        """The route `path` goes along (noted in `record`), or raise NotProxied."""
-        route = self._routes.match(path)
-        if route is None:
-            raise NotProxied(self._not_routed)
-        record.route, record.credentials = route.prefix, route.credentials_name
-        return route
 
     def _finish(self, record: RequestRecord, started: float) -> None:
         """The request's one log line and its metrics."""
