@@ -1,13 +1,20 @@
 """The real `sobot-proxy` command in a subprocess: configuration errors, serving, logs, signals."""
 
+import json
 import re
 import time
+import urllib.error
+import urllib.request
+from typing import Any
 
 import pytest
 
 from proxy.sobot.v5 import make_sign
+from proxy.sobot.v6 import V6Credential
 from tests.processes import (
     HEX32,
+    HTTP_TIMEOUT,
+    OPENER,
     Running,
     command_env,
     http_get,
@@ -268,6 +275,46 @@ def test_fake_sobot_checks_the_sign_and_stops_on_sigterm(tmp_path):
         assert fake.terminate() == 0
     assert all(json_object(line) is not None for line in fake.stdout), fake.stdout
     assert token not in fake.output
+
+
+def http_post(url: str, body: bytes) -> tuple[int, Any]:
+    """POST JSON `body` to `url`: the status and the JSON answer."""
+    request = urllib.request.Request(
+        url, data=body, method="POST", headers={"Content-Type": "application/json"}
+    )
+    try:
+        with OPENER.open(request, timeout=HTTP_TIMEOUT) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        with error:
+            return error.code, json.loads(error.read())
+
+
+def test_fake_sobot_serves_v6_with_the_credentials_it_is_given(tmp_path):
+    arguments = ("--port", "0", "--v6-appid", "A6", "--v6-secret", "S6")
+    with running("fake-sobot", *arguments, cwd=tmp_path) as fake:
+        listening = fake.wait_for_event("listening")
+        url = f"http://127.0.0.1:{listening['port']}/tokens/company"
+
+        request = V6Credential("A6", "S6").token_request(time.time()).body
+        assert request is not None
+        status, answer = http_post(url, request)
+        assert (status, answer["response_type"]) == (200, "token")
+        assert answer["access_token"].count(".") == 2  # a JWT
+
+        wrong = V6Credential("A6", "not-S6").token_request(time.time()).body
+        assert wrong is not None
+        status, answer = http_post(url, wrong)
+        assert (status, answer["code"], answer["status"]) == (401, 401002, "Error")
+
+        assert fake.terminate() == 0
+    assert all(json_object(line) is not None for line in fake.stdout), fake.stdout
+
+
+def test_fake_sobot_needs_both_v6_arguments(tmp_path):
+    result = run_command("fake-sobot", "--v6-appid", "A6", cwd=tmp_path, env=command_env())
+    assert result.returncode == 2
+    assert "--v6-appid and --v6-secret go together" in result.stderr
 
 
 def test_listening_publicly_without_keys_needs_an_explicit_opt_out_and_warns(tmp_path):

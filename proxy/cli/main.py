@@ -131,6 +131,12 @@ def build_parser() -> argparse.ArgumentParser:
     fake_cmd.add_argument(
         "--token-lifetime", type=float, default=86400.0, help="expires_in of issued tokens"
     )
+    # A test tool: its secrets may be on the command line, unlike the proxy's.
+    fake_cmd.add_argument("--v6-appid", help="serve the V6 call centre with this appId")
+    fake_cmd.add_argument("--v6-secret", help="the V6 app_secret (with --v6-appid)")
+    fake_cmd.add_argument(
+        "--v6-token-lifetime", type=float, default=86400.0, help="lifetime of issued V6 tokens"
+    )
     fake_cmd.add_argument("--log-level", choices=LOG_LEVELS, default="info")
     fake_cmd.add_argument("--log-format", choices=LOG_FORMATS, default="json")
     return parser
@@ -184,6 +190,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(arguments)
     if args.command == "fake-sobot":
+        if (args.v6_appid is None) != (args.v6_secret is None):
+            parser.error("--v6-appid and --v6-secret go together")
         return _run_fake(args)
     if args.command == "check":
         if not args.online and (args.rotate_token or args.probe_path):
@@ -328,7 +336,14 @@ def _demo_upstream(
 def _run_fake(args: argparse.Namespace) -> int:
     configure_logging(args.log_level, args.log_format)
     log = get_logger()
-    fake = FakeSobot(args.appid, args.app_key, token_lifetime=args.token_lifetime)
+    fake = FakeSobot(
+        args.appid,
+        args.app_key,
+        v6_appid=args.v6_appid,
+        v6_secret=args.v6_secret,
+        token_lifetime=args.token_lifetime,
+        v6_token_lifetime=args.v6_token_lifetime,
+    )
     app = fake.make_app()
     return run(
         serve(app, host=args.host, port=args.port, shutdown_grace=1.0, log=log, role="fake-sobot")

@@ -1,15 +1,35 @@
 """A fake Sobot upstream that speaks the protocol faithfully, for tests, demos and development.
 
+It serves the v5 token families and, when given V6 credentials, the V6 call centre; two fakes with
+different credentials can run side by side (two hosts) in one test.
+
 - `GET /api/get_token` checks appid (900004 if unknown, whatever the rest), create_time (900003
   if more than 300 s from this clock) and sign (900003), with the proxy's own check
   (v5.check_token_request), then issues a NEW token that invalidates the previous one.
-- Every other `/api/...` path checks the `token` header (900001 when empty, 900002 when not the
-  current token or expired) and answers like the echo: what arrived, so a demo shows it. The
-  token value itself is never echoed, only whether it was valid and which one it was. The body
-  is streamed through a sha256, never held whole: `Received.body` is kept up to 1 MiB only.
+- Every path under a v5 prefix (`prefixes`: by default /api/, /chat-facebook/api/,
+  /chat-third/api/, /comm-open/api/, /text/ai-agent-open/) checks the `token` header (900001
+  when empty, 900002 when not the current token or expired) and answers like the echo: what
+  arrived, so a demo shows it. The token value itself is never echoed, only whether it was valid
+  and which one it was. The body is streamed through a sha256, never held whole: `Received.body`
+  is kept up to 1 MiB only.
+- V6 (`v6_appid` and `v6_secret` given; otherwise its prefixes are not served): `POST
+  /tokens/company` checks the JSON body with the proxy's own check (V6Credential.check: HTTP 401
+  for an unknown appId, a wrong sign or a stale currentTime, 400 for a body that is no token
+  request), then issues a NEW JWT (HS256 with a key of this fake's; payload appId, iat, exp,
+  serial, jti) that supersedes the previous one, answered as the vendor's page shows:
+  {"response_type": "token", "access_token": JWT, "expires_in": milliseconds}.
+  Every path under a v6 prefix (`v6_prefixes`, by default /callservice/) takes the JWT in
+  `Authorization`, as `Bearer <jwt>` or bare: a missing, unknown, expired or superseded one is
+  HTTP 401 with a V6 error ({"code": 401, "message", "status": "Error"}); a valid one gets the
+  echo in the V6 envelope ({"apiVersion": "6.2", "status": "Success", "message": "ok",
+  "code": 200, "data": echo}), with `authorization_form` "bearer" or "bare" (never the token).
+- Any other path is 404, and counted in `stats.outside_api_calls`, as is a request whose path, as
+  Sobot's servlet container resolves it (servlet_path), leaves the prefix it came in under: a
+  proxy bug either way.
 - Faults, chosen per request by the client with an `X-Fake-Fault` header (end-to-end, so it
-  crosses the proxy). They apply once the request is recorded and its token accepted; a token
-  rejection or a scripted answer comes first. Any other value is answered 400, so a typo is loud.
+  crosses the proxy), under every served prefix. They apply once the request is recorded and its
+  token accepted; a token rejection or a scripted answer comes first. Any other value is answered
+  400, so a typo is loud.
     html502            502 with a small HTML page, like a load balancer's
     truncate           Content-Length: 2048, 1024 bytes sent, then the connection closed (FIN)
     reset              the same, then the connection aborted (RST)
@@ -26,32 +46,41 @@
     lowercase-headers  a 200 `{"ret_code":"000000"}`, chunked, as an HTTP/2 gateway writes it:
                        every header name in lower case, hop-by-hop ones (`connection: close,
                        x-hop`, `x-hop`, `keep-alive`, `proxy-authenticate`) among them; raw
-- Controls under `/_fake/` (never under /api/, so never reachable through the proxy):
+- Controls under `/_fake/` (under no served prefix, so never reachable through the proxy).
+  `kind=v6` makes expire, lifetime and fail-get-token act on the V6 token (default: v5):
     GET  /_fake/stats                       counters
-    POST /_fake/expire                      expire the current token now
-    POST /_fake/lifetime?seconds=N          expires_in of the next tokens issued
-    POST /_fake/fail-get-token?mode=M&times=N
-         M = a ret_code (e.g. 900003), `malformed`, `http500`, `disconnect` or `stall` (no
-         answer until the fake stops); N = -1 for always
-    POST /_fake/script?times=N&status=S     the next N /api/ answers are the JSON body posted
-    POST /_fake/hold, /_fake/release        stop answering /api/ requests, and start again
+    POST /_fake/expire?kind=K               expire the current token now
+    POST /_fake/lifetime?seconds=N&kind=K   the lifetime of the next tokens issued
+    POST /_fake/fail-get-token?mode=M&times=N&kind=K
+         M = `malformed`, `http500`, `disconnect` or `stall` (no answer until the fake stops),
+         or for v5 a ret_code (e.g. 900003), for v6 a numeric code C (a V6 error with code C,
+         HTTP status C when C is 400-599, else 200); N = -1 for always
+    POST /_fake/script?times=N&status=S     the next N answers, under any prefix, are the JSON
+                                            body posted
+    POST /_fake/hold, /_fake/release        stop answering requests under the prefixes, and
+                                            start again
     POST /_fake/reset                       forget everything but the credentials
 The same controls are methods on FakeSobot for in-process tests.
 
-`stats.open_requests` counts /api/ handlers still running and `stats.cancelled_requests` those
-that ended cancelled because their client went away; `await fake.wait_until_idle()` returns once
-none is running (for leak tests). Disconnects cancel handlers only on a runner made with
-`handler_cancellation=True`, as `start()` and `make_runner()` make it.
+`stats.open_requests` counts handlers under the prefixes still running and
+`stats.cancelled_requests` those that ended cancelled because their client went away;
+`await fake.wait_until_idle()` returns once none is running (for leak tests). Disconnects cancel
+handlers only on a runner made with `handler_cancellation=True`, as `start()` and
+`make_runner()` make it.
 
-Run it alone: `sobot-proxy fake-sobot --port P --appid A --app-key K`.
+Run it alone: `sobot-proxy fake-sobot --port P --appid A --app-key K [--v6-appid A6
+--v6-secret S6]`.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import hashlib
+import hmac
 import math
+import secrets
 import socket
 import ssl
 import struct
@@ -60,15 +89,35 @@ import uuid
 from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, Final
+from typing import Any, Final, Literal
 from urllib.parse import unquote
 
 import orjson
-from aiohttp import web
+from aiohttp import hdrs, web
 from multidict import CIMultiDict
 
 from proxy.errors import sobot_response
-from proxy.sobot import v5
+from proxy.sobot import v5, v6
+from proxy.sobot.credential import ClientTokenRequest
+
+Kind = Literal["v5", "v6"]
+V5_PREFIXES: Final = (
+    "/api/",
+    "/chat-facebook/api/",
+    "/chat-third/api/",
+    "/comm-open/api/",
+    "/text/ai-agent-open/",
+)
+V6_PREFIXES: Final = ("/callservice/",)
+_TOKEN_FAILURES: Final = frozenset({"malformed", "http500", "disconnect", "stall"})
+# The V6 pages' answer envelope, around the echo of a request under a v6 prefix.
+V6_ENVELOPE: Final = {"apiVersion": "6.2", "status": "Success", "message": "ok", "code": 200}
+V6_REJECTIONS: Final = {
+    "missing": "no token in Authorization",
+    "expired": "token has expired",
+    "superseded": "token has been replaced by a newer one",
+    "unknown": "token is not valid",
+}
 
 ECHOED_BODY_LIMIT: Final = 4096  # larger bodies are echoed as size and sha256 only
 KEPT_BODY_LIMIT: Final = 1024 * 1024
@@ -123,7 +172,7 @@ def download_sha256(size: int) -> str:
 
 @dataclass(frozen=True, slots=True)
 class Received:
-    """One /api/ request as it arrived (get_token excluded)."""
+    """One request under a served prefix as it arrived (token requests excluded)."""
 
     method: str
     path: str
@@ -132,21 +181,32 @@ class Received:
     body: bytes | None  # None when larger than KEPT_BODY_LIMIT
     body_size: int
     body_sha256: str
-    token_state: str  # valid, expired, missing
+    # v5: valid, expired (not the current token, or past its time), missing. v6: valid, expired
+    # (the current token, past its time), superseded (an earlier one), unknown, missing.
+    token_state: str
     token_serial: int | None
+    kind: Kind = "v5"
+    prefix: str = "/api/"  # the served prefix it came in under
+    authorization_form: str | None = None  # v6: "bearer" or "bare"; None when missing
 
 
 @dataclass(slots=True)
 class Stats:
     get_token_calls: int = 0
     tokens_issued: int = 0
-    api_calls: int = 0
+    api_calls: int = 0  # under a v5 prefix
     token_rejections: int = 0  # 900001 and 900002 answers
     renewals_before_expiry: int = 0  # get_token calls made while the previous token was valid
-    open_requests: int = 0  # /api/ handlers running now (a gauge: reset() keeps it)
-    cancelled_requests: int = 0  # /api/ handlers that ended cancelled: their client went away
-    # Requests for a path outside /api/ and /_fake/, as a Java servlet container would resolve
-    # it (servlet_path): a proxy bug.
+    v6_token_calls: int = 0  # POST /tokens/company, answered or not
+    v6_tokens_issued: int = 0
+    v6_api_calls: int = 0  # under a v6 prefix
+    v6_token_rejections: int = 0  # 401 answers under a v6 prefix
+    v6_renewals_before_expiry: int = 0
+    open_requests: int = 0  # handlers under a prefix running now (a gauge: reset() keeps it)
+    cancelled_requests: int = 0  # handlers under a prefix that ended cancelled: client went away
+    # Requests for a path under no served prefix (and not a token or /_fake/ path), or whose
+    # path as a Java servlet container would resolve it (servlet_path) leaves the prefix it came
+    # in under: a proxy bug.
     outside_api_calls: int = 0
 
     def as_dict(self) -> dict[str, int]:
@@ -170,14 +230,38 @@ class _Fault:
 
 
 @dataclass(slots=True)
-class _State:
+class _Tokens:
+    """One kind's current token, and how its token calls are told to fail."""
+
+    lifetime: float
     token: str | None = None
     serial: int = 0
     expires_at: float = 0.0
-    lifetime: float = 86400.0
-    get_token_failure: str | None = None
-    get_token_failures_left: int = 0
+    failure: str | None = None
+    failures_left: int = 0
+
+    def next_failure(self) -> str | None:
+        """The failure the next token call is to give, if any (and one fewer left)."""
+        mode = self.failure
+        if mode is not None and self.failures_left > 0:
+            self.failures_left -= 1
+            if self.failures_left == 0:
+                self.failure = None
+        return mode
+
+
+@dataclass(slots=True)
+class _State:
+    v5: _Tokens
+    v6: _Tokens
     scripts: deque[_Script] = field(default_factory=deque)
+
+    def tokens(self, kind: str) -> _Tokens:
+        if kind == "v5":
+            return self.v5
+        if kind == "v6":
+            return self.v6
+        raise ValueError(f"kind must be v5 or v6, not {kind!r}")
 
 
 class FakeSobot:
@@ -186,42 +270,81 @@ class FakeSobot:
         appid: str,
         app_key: str,
         *,
+        v6_appid: str | None = None,
+        v6_secret: str | None = None,
+        prefixes: tuple[str, ...] = V5_PREFIXES,
+        v6_prefixes: tuple[str, ...] = V6_PREFIXES,
         token_lifetime: float = 86400.0,
+        v6_token_lifetime: float = 86400.0,
         clock: Callable[[], float] = time.monotonic,
         wall_clock: Callable[[], float] = time.time,
     ) -> None:
+        """`prefixes` take the v5 `token`; `v6_prefixes` the V6 JWT, served only when
+        `v6_appid` and `v6_secret` are given. Every prefix starts and ends with `/`."""
+        if (v6_appid is None) != (v6_secret is None):
+            raise ValueError("v6_appid and v6_secret go together")
         self.appid = appid
         self._app_key = app_key
-        self._initial_lifetime = token_lifetime
+        self.v6_appid = v6_appid
+        # The proxy's own kind checks the requests, so the fake and the proxy agree on them.
+        self._v6 = (
+            v6.V6Credential(v6_appid, v6_secret)
+            if v6_appid is not None and v6_secret is not None
+            else None
+        )
+        self._jwt_key = secrets.token_bytes(32)
+        served: list[tuple[str, Kind]] = [(prefix, "v5") for prefix in prefixes]
+        if self._v6 is not None:
+            served += [(prefix, "v6") for prefix in v6_prefixes]
+        for prefix, _kind in served:
+            if not (prefix.startswith("/") and prefix.endswith("/")):
+                raise ValueError(f"a prefix starts and ends with '/': {prefix!r}")
+        if len({prefix for prefix, _kind in served}) != len(served):
+            raise ValueError("a prefix is served once")
+        # Longest first: the longest matching prefix wins, as in the proxy's route table.
+        self._served = tuple(sorted(served, key=lambda route: -len(route[0])))
+        self._initial_lifetimes = (token_lifetime, v6_token_lifetime)
         self._clock = clock
         self._wall_clock = wall_clock
         self.stats = Stats()
         self.received: deque[Received] = deque(maxlen=10_000)
-        self.issued_tokens: list[str] = []  # for tests that check no token ever leaks
+        self.issued_tokens: list[str] = []  # v5, for tests that check no token ever leaks
         self.issue_times: list[float] = []  # when each was issued, on the fake's clock
-        self._get_token_called = asyncio.Event()
-        self._api_progress = asyncio.Event()  # an /api/ call began, or was received whole
+        self.issued_v6_tokens: list[str] = []  # the same for V6
+        self.v6_issue_times: list[float] = []
+        self._token_called = asyncio.Event()  # a get_token or /tokens/company call began
+        self._api_progress = asyncio.Event()  # a call under a prefix began, or arrived whole
         self._answers_released = asyncio.Event()
         self._answers_released.set()
         self._idle = asyncio.Event()
         self._idle.set()
         self._stopping = asyncio.Event()  # ends stalls, so stop() is never held up by them
-        self._state = _State(lifetime=token_lifetime)
+        self._state = self._new_state()
         self._runner: web.AppRunner | None = None
         self.url = ""
 
+    def _new_state(self) -> _State:
+        v5_lifetime, v6_lifetime = self._initial_lifetimes
+        return _State(v5=_Tokens(v5_lifetime), v6=_Tokens(v6_lifetime))
+
     # -- controls --------------------------------------------------------------------------
 
-    def expire_token(self) -> None:
-        self._state.expires_at = 0.0
+    def expire_token(self, kind: Kind = "v5") -> None:
+        self._state.tokens(kind).expires_at = 0.0
 
-    def set_lifetime(self, seconds: float) -> None:
-        self._state.lifetime = seconds
+    def set_lifetime(self, seconds: float, kind: Kind = "v5") -> None:
+        self._state.tokens(kind).lifetime = seconds
 
-    def fail_get_token(self, mode: str, times: int = 1) -> None:
-        """Make the next `times` get_token calls fail (-1: until told otherwise, 0: stop)."""
-        self._state.get_token_failure = mode if times else None
-        self._state.get_token_failures_left = times
+    def fail_get_token(self, mode: str, times: int = 1, kind: Kind = "v5") -> None:
+        """Make the next `times` token calls of `kind` fail (-1: until told otherwise, 0: stop).
+
+        `mode` as the module docstring says; for v6 anything else than a number or a named mode
+        is a ValueError."""
+        tokens = self._state.tokens(kind)
+        if kind == "v6" and mode not in _TOKEN_FAILURES and not (mode.isascii() and mode.isdigit()):
+            raise ValueError(f"unknown v6 failure mode {mode!r}")
+        tokens.failure = mode if times else None
+        tokens.failures_left = times
 
     def script(
         self,
@@ -231,7 +354,7 @@ class FakeSobot:
         status: int = 200,
         headers: dict[str, str] | None = None,
     ) -> None:
-        """Answer the next `times` /api/ calls with `answer`, whatever their token.
+        """Answer the next `times` calls under any prefix with `answer`, whatever their token.
 
         A dict is sent as JSON; bytes are sent as they are (with `headers` saying what they are).
         """
@@ -245,7 +368,8 @@ class FakeSobot:
         self._state.scripts.append(_Script(body, times, status, headers))
 
     def hold_answers(self) -> None:
-        """Stall: /api/ requests are received and recorded, but not answered until released."""
+        """Stall: requests under the prefixes are received and recorded, but not answered until
+        released."""
         self._answers_released.clear()
 
     def release_answers(self) -> None:
@@ -254,37 +378,57 @@ class FakeSobot:
     async def wait_for_get_token_calls(self, count: int) -> None:
         """Return once get_token has been called `count` times in all (bound it with a timeout)."""
         while self.stats.get_token_calls < count:
-            self._get_token_called.clear()
-            await self._get_token_called.wait()
+            self._token_called.clear()
+            await self._token_called.wait()
+
+    async def wait_for_v6_token_calls(self, count: int) -> None:
+        """Return once /tokens/company has been called `count` times in all (bound it with a
+        timeout)."""
+        while self.stats.v6_token_calls < count:
+            self._token_called.clear()
+            await self._token_called.wait()
 
     async def wait_for_api_calls(self, count: int) -> None:
-        """Return once `count` /api/ calls have begun in all, their heads received (bound it with
-        a timeout)."""
+        """Return once `count` calls under v5 prefixes have begun in all, their heads received
+        (bound it with a timeout)."""
         while self.stats.api_calls < count:
             self._api_progress.clear()
             await self._api_progress.wait()
 
+    async def wait_for_v6_api_calls(self, count: int) -> None:
+        """The same for calls under v6 prefixes."""
+        while self.stats.v6_api_calls < count:
+            self._api_progress.clear()
+            await self._api_progress.wait()
+
     async def wait_for_received(self, count: int) -> None:
-        """Return once `count` /api/ requests are in `received`, bodies and all (bound it with a
+        """Return once `count` requests are in `received`, bodies and all (bound it with a
         timeout)."""
         while len(self.received) < count:
             self._api_progress.clear()
             await self._api_progress.wait()
 
     async def wait_until_idle(self) -> None:
-        """Return once no /api/ handler is running (bound it with a timeout)."""
+        """Return once no handler under a prefix is running (bound it with a timeout)."""
         await self._idle.wait()
 
     def reset(self) -> None:
         self.stats = Stats(open_requests=self.stats.open_requests)
         self.received.clear()
-        self._state = _State(lifetime=self._initial_lifetime)
+        self._state = self._new_state()
 
     @property
     def current_token(self) -> str | None:
-        """The valid token, for tests that check a secret never leaks."""
-        state = self._state
-        return state.token if state.token and self._clock() < state.expires_at else None
+        """The valid v5 token, for tests that check a secret never leaks."""
+        return self._current(self._state.v5)
+
+    @property
+    def current_v6_token(self) -> str | None:
+        """The valid V6 token."""
+        return self._current(self._state.v6)
+
+    def _current(self, tokens: _Tokens) -> str | None:
+        return tokens.token if tokens.token and self._clock() < tokens.expires_at else None
 
     # -- serving ---------------------------------------------------------------------------
 
@@ -296,16 +440,12 @@ class FakeSobot:
         """
         app = web.Application()
         app.router.add_get(v5.GET_TOKEN_PATH, self._get_token)
+        if self._v6 is not None:
+            app.router.add_post(v6.TOKEN_PATH, self._v6_token)
         app.router.add_get("/_fake/stats", self._stats)
         app.router.add_post("/_fake/{control}", self._control)
-        app.router.add_route("*", "/api/{tail:.*}", self._api)
-        app.router.add_route("*", "/{tail:.*}", self._outside_api)
+        app.router.add_route("*", "/{tail:.*}", self._api)
         return app
-
-    async def _outside_api(self, _request: web.Request) -> web.Response:
-        # Sobot serves nothing here: a proxy must never send anything this way.
-        self.stats.outside_api_calls += 1
-        return web.Response(status=404, text="not an API path")
 
     def make_runner(self) -> web.AppRunner:
         """A runner for `make_app()` that cancels a handler when its client disconnects."""
@@ -336,15 +476,11 @@ class FakeSobot:
 
     async def _get_token(self, request: web.Request) -> web.StreamResponse:
         self.stats.get_token_calls += 1
-        self._get_token_called.set()
-        state = self._state
-        if state.get_token_failure is not None:
-            mode = state.get_token_failure
-            if state.get_token_failures_left > 0:
-                state.get_token_failures_left -= 1
-                if state.get_token_failures_left == 0:
-                    state.get_token_failure = None
-            return await self._failed_get_token(request, mode)
+        self._token_called.set()
+        tokens = self._state.v5
+        mode = tokens.next_failure()
+        if mode is not None:
+            return await self._failed_token_call(request, mode, "v5")
 
         ret_code = v5.check_token_request(
             request.query, appid=self.appid, app_key=self._app_key, now=self._wall_clock()
@@ -352,20 +488,73 @@ class FakeSobot:
         if ret_code != v5.OK:
             return sobot_response(ret_code, v5.RET_CODE_MEANINGS[ret_code])
 
-        if state.token is not None and self._clock() < state.expires_at:
+        if self._current(tokens) is not None:
             self.stats.renewals_before_expiry += 1
         # Every call issues a new token and the previous one stops working.
-        state.token = uuid.uuid4().hex
-        self.issued_tokens.append(state.token)
-        self.issue_times.append(self._clock())
-        state.serial += 1
-        state.expires_at = self._clock() + state.lifetime
+        token = self._issue(tokens, uuid.uuid4().hex, self.issued_tokens, self.issue_times)
         self.stats.tokens_issued += 1
-        lifetime = state.lifetime
+        lifetime = tokens.lifetime
         expires_in = str(int(lifetime)) if lifetime == int(lifetime) else str(lifetime)
-        return sobot_response(v5.OK, "Success", {"token": state.token, "expires_in": expires_in})
+        return sobot_response(v5.OK, "Success", {"token": token, "expires_in": expires_in})
 
-    async def _failed_get_token(self, request: web.Request, mode: str) -> web.StreamResponse:
+    async def _v6_token(self, request: web.Request) -> web.StreamResponse:
+        assert self._v6 is not None  # routed only when there is a V6 credential
+        self.stats.v6_token_calls += 1
+        self._token_called.set()
+        tokens = self._state.v6
+        mode = tokens.next_failure()
+        if mode is not None:
+            return await self._failed_token_call(request, mode, "v6")
+
+        claim = ClientTokenRequest(query={}, body=await request.read())
+        code = self._v6.check(claim, self._wall_clock())
+        if code is not None:
+            refusal = self._v6.refuse(code)
+            return _json(refusal.status, refusal.body)
+
+        if self._current(tokens) is not None:
+            self.stats.v6_renewals_before_expiry += 1
+        # Whether Sobot's V6 invalidates the previous token is not documented: the fake does,
+        # the stricter of the two, so a proxy that relies on an old token is caught.
+        jwt = self._issue(
+            tokens, self._mint_jwt(tokens), self.issued_v6_tokens, self.v6_issue_times
+        )
+        self.stats.v6_tokens_issued += 1
+        granted = self._v6.grant(jwt, tokens.lifetime)
+        return _json(granted.status, granted.body)
+
+    def _issue(
+        self, tokens: _Tokens, token: str, issued: list[str], issue_times: list[float]
+    ) -> str:
+        tokens.token = token
+        tokens.serial += 1
+        tokens.expires_at = self._clock() + tokens.lifetime
+        issued.append(token)
+        issue_times.append(self._clock())
+        return token
+
+    def _mint_jwt(self, tokens: _Tokens) -> str:
+        """An HS256 JWT of the next serial; `exp` to the millisecond, so short test lifetimes
+        read right."""
+        now = self._wall_clock()
+        claims = {
+            "appId": self.v6_appid,
+            "iat": int(now),
+            "exp": round(now + tokens.lifetime, 3),
+            "serial": tokens.serial + 1,
+            "jti": uuid.uuid4().hex,
+        }
+        signing_input = (
+            _base64url(orjson.dumps({"alg": "HS256", "typ": "JWT"}))
+            + "."
+            + _base64url(orjson.dumps(claims))
+        )
+        signature = hmac.new(self._jwt_key, signing_input.encode(), hashlib.sha256).digest()
+        return f"{signing_input}.{_base64url(signature)}"
+
+    async def _failed_token_call(
+        self, request: web.Request, mode: str, kind: Kind
+    ) -> web.StreamResponse:
         if mode == "malformed":
             return web.Response(text="<html>not json</html>", content_type="text/html")
         if mode == "http500":
@@ -376,13 +565,29 @@ class FakeSobot:
             if request.transport is not None:
                 request.transport.abort()
             return web.Response()  # never sent: the connection is gone
-        return sobot_response(mode, v5.RET_CODE_MEANINGS.get(mode, "error"))
+        if kind == "v5":
+            return sobot_response(mode, v5.RET_CODE_MEANINGS.get(mode, "error"))
+        code = int(mode)
+        return _json(code if 400 <= code < 600 else 200, v6.error_body(code, "refused"))
+
+    def _route(self, request: web.Request) -> tuple[str, Kind] | None:
+        # path_safe: the path as aiohttp's router matches it (decoded, but %2F kept).
+        path = request.rel_url.path_safe
+        for prefix, kind in self._served:
+            if path.startswith(prefix):
+                return prefix, kind
+        return None
 
     async def _api(self, request: web.Request) -> web.StreamResponse:
+        route = self._route(request)
+        if route is None:
+            # Sobot serves nothing here: a proxy must never send anything this way.
+            self.stats.outside_api_calls += 1
+            return web.Response(status=404, text="not an API path")
         self.stats.open_requests += 1
         self._idle.clear()
         try:
-            return await self._answer_api(request)
+            return await self._answer_api(request, *route)
         except asyncio.CancelledError:
             self.stats.cancelled_requests += 1
             raise
@@ -392,10 +597,15 @@ class FakeSobot:
             if self.stats.open_requests == 0:
                 self._idle.set()
 
-    async def _answer_api(self, request: web.Request) -> web.StreamResponse:
-        self.stats.api_calls += 1
+    async def _answer_api(
+        self, request: web.Request, prefix: str, kind: Kind
+    ) -> web.StreamResponse:
+        if kind == "v5":
+            self.stats.api_calls += 1
+        else:
+            self.stats.v6_api_calls += 1
         self._api_progress.set()
-        if not servlet_path(request.raw_path).startswith("/api/"):
+        if not servlet_path(request.raw_path).startswith(prefix):
             # aiohttp routed it here, but Sobot's servlet container would serve something else.
             self.stats.outside_api_calls += 1
         # Streamed, so a GiB upload costs a GiB of hashing, not of memory.
@@ -412,13 +622,12 @@ class FakeSobot:
                 else:
                     kept = None
         state = self._state
-        sent = request.headers.get(v5.TOKEN_HEADER, "")
-        if not sent:
-            token_state, serial = "missing", None
-        elif sent == state.token and self._clock() < state.expires_at:
-            token_state, serial = "valid", state.serial
+        if kind == "v5":
+            form = None
+            token_state, serial = self._v5_token_state(request.headers.get(v5.TOKEN_HEADER, ""))
         else:
-            token_state, serial = "expired", None
+            form, sent = _authorization(request.headers.get(hdrs.AUTHORIZATION, ""))
+            token_state, serial = self._v6_token_state(sent)
         received = Received(
             method=request.method,
             path=request.path,
@@ -429,6 +638,9 @@ class FakeSobot:
             body_sha256=digest.hexdigest(),
             token_state=token_state,
             token_serial=serial,
+            kind=kind,
+            prefix=prefix,
+            authorization_form=form,
         )
         self.received.append(received)
         self._api_progress.set()
@@ -440,12 +652,8 @@ class FakeSobot:
             if script.times <= 0:
                 state.scripts.popleft()
             return web.Response(status=script.status, body=script.body, headers=script.headers)
-        if token_state == "missing":
-            self.stats.token_rejections += 1
-            return sobot_response(v5.TOKEN_EMPTY, "token is empty")
-        if token_state == "expired":
-            self.stats.token_rejections += 1
-            return sobot_response(v5.TOKEN_EXPIRED, "token has expired, obtain a new one")
+        if token_state != "valid":
+            return self._token_rejection(kind, token_state)
         fault_value = request.headers.get(FAULT_HEADER)
         if fault_value is not None:
             try:
@@ -455,7 +663,38 @@ class FakeSobot:
             answer = await self._apply_fault(request, fault)
             if answer is not None:
                 return answer
-        return sobot_response(v5.OK, "success", _echo(received))
+        if kind == "v5":
+            return sobot_response(v5.OK, "success", _echo(received))
+        return _json(200, orjson.dumps({**V6_ENVELOPE, "data": _echo(received)}))
+
+    def _v5_token_state(self, sent: str) -> tuple[str, int | None]:
+        tokens = self._state.v5
+        if not sent:
+            return "missing", None
+        if sent == tokens.token and self._clock() < tokens.expires_at:
+            return "valid", tokens.serial
+        return "expired", None
+
+    def _v6_token_state(self, sent: str) -> tuple[str, int | None]:
+        tokens = self._state.v6
+        if not sent:
+            return "missing", None
+        if sent == tokens.token:
+            if self._clock() < tokens.expires_at:
+                return "valid", tokens.serial
+            return "expired", tokens.serial
+        if sent in self.issued_v6_tokens:
+            return "superseded", self.issued_v6_tokens.index(sent) + 1
+        return "unknown", None
+
+    def _token_rejection(self, kind: Kind, token_state: str) -> web.Response:
+        if kind == "v5":
+            self.stats.token_rejections += 1
+            if token_state == "missing":
+                return sobot_response(v5.TOKEN_EMPTY, "token is empty")
+            return sobot_response(v5.TOKEN_EXPIRED, "token has expired, obtain a new one")
+        self.stats.v6_token_rejections += 1
+        return _json(401, v6.error_body(401, V6_REJECTIONS[token_state]))
 
     async def _apply_fault(self, request: web.Request, fault: _Fault) -> web.StreamResponse | None:
         """Answer as `fault` says; None: answer normally after all (delay)."""
@@ -526,18 +765,20 @@ class FakeSobot:
     # -- control endpoints -----------------------------------------------------------------
 
     async def _stats(self, _request: web.Request) -> web.Response:
-        return web.json_response({**self.stats.as_dict(), "token_serial": self._state.serial})
+        serials = {"token_serial": self._state.v5.serial, "v6_token_serial": self._state.v6.serial}
+        return web.json_response({**self.stats.as_dict(), **serials})
 
     async def _control(self, request: web.Request) -> web.Response:
         control = request.match_info["control"]
         query = request.query
         try:
+            kind = _kind(query.get("kind", "v5"))
             if control == "expire":
-                self.expire_token()
+                self.expire_token(kind)
             elif control == "lifetime":
-                self.set_lifetime(float(query["seconds"]))
+                self.set_lifetime(float(query["seconds"]), kind)
             elif control == "fail-get-token":
-                self.fail_get_token(query["mode"], int(query.get("times", "1")))
+                self.fail_get_token(query["mode"], int(query.get("times", "1")), kind)
             elif control == "script":
                 self.script(
                     orjson.loads(await request.read()),
@@ -611,20 +852,23 @@ def _drop(request: web.Request, *, reset: bool) -> None:
 
 
 def _echo(received: Received) -> dict[str, Any]:
+    # The token is a credential: say which one arrived, never its value.
+    hidden = {v5.TOKEN_HEADER, "authorization"} if received.kind == "v6" else {v5.TOKEN_HEADER}
     echo: dict[str, Any] = {
         "method": received.method,
         "path": _printable(received.path),
         "query": _printable(received.query),
-        # The token is a credential: say which one arrived, never its value.
         "headers": [
             [name, _printable(value)]
             for name, value in received.headers.items()
-            if name.lower() != v5.TOKEN_HEADER
+            if name.lower() not in hidden
         ],
         "token": {"state": received.token_state, "serial": received.token_serial},
         "body_size": received.body_size,
         "body_sha256": received.body_sha256,
     }
+    if received.kind == "v6":
+        echo["authorization_form"] = received.authorization_form
     if received.body is not None and received.body_size <= ECHOED_BODY_LIMIT:
         echo["body"] = received.body.decode("utf-8", "replace")
     return echo
@@ -633,3 +877,30 @@ def _echo(received: Received) -> dict[str, Any]:
 def _printable(text: str) -> str:
     """`text` for JSON: bytes that were not UTF-8 (decoded with surrogateescape) as \\xNN."""
     return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+def _kind(value: str) -> Kind:
+    if value == "v5":
+        return "v5"
+    if value == "v6":
+        return "v6"
+    raise ValueError(f"kind must be v5 or v6, not {value!r}")
+
+
+def _authorization(value: str) -> tuple[str | None, str]:
+    """(form, token) of an Authorization header: `Bearer <jwt>` (the scheme in any case, as
+    RFC 9110 11.1 has it) or the bare `<jwt>`; (None, "") when there is none."""
+    value = value.strip()
+    scheme, _space, rest = value.partition(" ")
+    if scheme.lower() == "bearer":  # a scheme with no token ("Bearer") is no token
+        token = rest.strip()
+        return ("bearer", token) if token else (None, "")
+    return ("bare", value) if value else (None, "")
+
+
+def _base64url(raw: bytes) -> str:
+    return base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
+
+
+def _json(status: int, body: bytes) -> web.Response:
+    return web.Response(status=status, body=body, content_type="application/json")
