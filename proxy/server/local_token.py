@@ -41,10 +41,13 @@ class LocalTokenEndpoint:
         """The answer for the client and the code it carries (for the request log)."""
         body = await _read_small(request) if kind.reads_client_body else b""
         claim = ClientTokenRequest(request.query, body)
+        now = self._wall_clock()
         managed = self._sets.for_appid(kind.kind, kind.claimed_appid(claim))
         if managed is None:
-            return _response(kind.refuse(None))
-        refusal = managed.credential.check(claim, self._wall_clock())
+            # Checked against a set of its kind whose appid it does not name: the refusal is
+            # "malformed" if it is, else "unknown appid", in the kind's own words.
+            return _response(kind.refuse(kind.check(claim, now)))
+        refusal = managed.credential.check(claim, now)
         if refusal is not None:
             return _response(managed.credential.refuse(refusal))
         tokens = managed.tokens

@@ -278,9 +278,13 @@ class FakeSobot:
         v6_token_lifetime: float = 86400.0,
         clock: Callable[[], float] = time.monotonic,
         wall_clock: Callable[[], float] = time.time,
+        same_company_as: FakeSobot | None = None,
     ) -> None:
         """`prefixes` take the v5 `token`; `v6_prefixes` the V6 JWT, served only when
-        `v6_appid` and `v6_secret` are given. Every prefix starts and ends with `/`."""
+        `v6_appid` and `v6_secret` are given. Every prefix starts and ends with `/`.
+
+        `same_company_as`: another host of the same Sobot company (as api-c.soboten.com is
+        beside www.soboten.com): the tokens either issues are the ones both accept."""
         if (v6_appid is None) != (v6_secret is None):
             raise ValueError("v6_appid and v6_secret go together")
         self.appid = appid
@@ -319,11 +323,14 @@ class FakeSobot:
         self._idle = asyncio.Event()
         self._idle.set()
         self._stopping = asyncio.Event()  # ends stalls, so stop() is never held up by them
+        self._company = same_company_as
         self._state = self._new_state()
         self._runner: web.AppRunner | None = None
         self.url = ""
 
     def _new_state(self) -> _State:
+        if self._company is not None:
+            return _State(v5=self._company._state.v5, v6=self._company._state.v6)
         v5_lifetime, v6_lifetime = self._initial_lifetimes
         return _State(v5=_Tokens(v5_lifetime), v6=_Tokens(v6_lifetime))
 

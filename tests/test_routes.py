@@ -1,0 +1,344 @@
+"""Routes and credential sets, end to end over real sockets: each v5 family forwarded with the
+v5 token, a route to a second Sobot host, a route that injects nothing, and the V6 call centre's
+JWT fetched, injected, refreshed on 401 and replayed once."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import orjson
+import pytest
+from aiohttp.test_utils import TestClient
+
+from proxy.config.routes import CredentialSettings, RouteSettings
+from proxy.testing.fake_sobot import FakeSobot
+from tests.conftest import (
+    APP_KEY,
+    APPID,
+    CapturedLogs,
+    ProxyFactory,
+    eventually,
+    exact_url,
+    tokens_of,
+)
+
+V6_APPID = "v6-appid-0001"
+V6_SECRET = "v6-secret-0123456789abcdef"
+CALLCENTER = CredentialSettings("callcenter", "v6", V6_APPID, V6_SECRET)
+V5_FAMILIES = ("/api/", "/chat-facebook/api/", "/chat-third/api/", "/comm-open/api/")
+
+
+@pytest.fixture
+async def fake() -> AsyncIterator[FakeSobot]:
+    """The main Sobot host, serving v5 and V6."""
+    sobot = FakeSobot(APPID, APP_KEY, v6_appid=V6_APPID, v6_secret=V6_SECRET)
+    await sobot.start()
+    yield sobot
+    await sobot.stop()
+
+
+@pytest.fixture
+async def second_host(fake: FakeSobot) -> AsyncIterator[FakeSobot]:
+    """Another Sobot host of the same company (as api-c.soboten.com is for the AI agent): it
+    accepts the main host's tokens."""
+    sobot = FakeSobot(APPID, APP_KEY, same_company_as=fake)
+    await sobot.start()
+    yield sobot
+    await sobot.stop()
+
+
+async def v6_proxy(make_proxy: ProxyFactory, **changes: Any) -> TestClient[Any, Any]:
+    return await make_proxy(
+        credentials=(CALLCENTER,),
+        routes=(RouteSettings("/callservice/", None, "callcenter"),),
+        **changes,
+    )
+
+
+def sign_v6(appid: str, secret: str, current_ms: str) -> str:
+    return hashlib.md5(f"{appid}{current_ms}token{secret}".encode()).hexdigest()
+
+
+def token_request(appid: str = V6_APPID, secret: str = V6_SECRET) -> dict[str, str]:
+    current = str(int(time.time() * 1000))
+    return {
+        "responseType": "token",
+        "appId": appid,
+        "currentTime": current,
+        "sign": sign_v6(appid, secret, current),
+    }
+
+
+@pytest.mark.parametrize("family", V5_FAMILIES)
+async def test_every_v5_family_is_forwarded_with_the_v5_token(proxy, fake: FakeSobot, family):
+    response = await proxy.post(f"{family}5/order/receive_order_data?x=1", data=b"{}")
+    assert response.status == 200
+    echo = await response.json()
+    assert echo["ret_code"] == "000000"
+    [received] = fake.received
+    assert received.path == f"{family}5/order/receive_order_data"
+    assert received.token_state == "valid"
+
+
+async def test_a_double_leading_slash_is_folded_under_every_family(proxy, fake: FakeSobot):
+    response = await proxy.session.post(
+        exact_url(proxy, "//comm-open/api/call/5/record"), data=b"{}"
+    )
+    assert response.status == 200
+    assert fake.received[0].path == "/comm-open/api/call/5/record"
+
+
+async def test_a_path_no_route_serves_is_404_and_never_forwarded(proxy, fake: FakeSobot):
+    for path in ("/text/ai-agent-open/ask/ask_init", "/callservice/v6/x", "/apix/5/user"):
+        response = await proxy.get(path)
+        assert response.status == 404, path
+        body = await response.json()
+        assert body["ret_code"] == "980404"
+        assert "/chat-facebook/api/" in body["ret_msg"]  # it says what is forwarded
+    assert fake.stats.api_calls == fake.stats.outside_api_calls == 0
+
+
+async def test_forward_prefixes_replace_the_default_families(make_proxy, fake: FakeSobot):
+    proxy = await make_proxy(forward_prefixes=("/chat-facebook/api/",))
+    assert (await proxy.get("/chat-facebook/api/messenger/send")).status == 200
+    assert (await proxy.get("/api/ws/5/ticket/list")).status == 404
+    assert fake.stats.api_calls == 1
+
+
+async def test_a_route_to_a_second_host_carries_the_default_sets_token(
+    make_proxy, fake: FakeSobot, second_host: FakeSobot
+):
+    """The token comes from the set's own upstream (the main host) whatever host the route
+    goes to: one token per set."""
+    proxy = await make_proxy(
+        routes=(RouteSettings("/text/ai-agent-open/", second_host.url, "default"),)
+    )
+    response = await proxy.get("/text/ai-agent-open/ask/ask_init?q=hi")
+    assert response.status == 200
+    [received] = second_host.received
+    assert received.path == "/text/ai-agent-open/ask/ask_init"
+    assert received.query == "q=hi"
+    # The main host issued it; the second host never saw a get_token.
+    assert received.headers["token"] == fake.current_token
+    assert second_host.stats.get_token_calls == 0
+    assert fake.stats.api_calls == 0
+
+
+async def test_a_route_with_no_credentials_injects_nothing(make_proxy, fake: FakeSobot):
+    proxy = await make_proxy(routes=(RouteSettings("/comm-open/api/", None, None),))
+    response = await proxy.get("/comm-open/api/call/5/record", headers={"token": "clients-own"})
+    [received] = fake.received
+    assert received.headers["token"] == "clients-own"  # the client's, untouched
+    assert received.token_state != "valid"
+    assert (await response.json())["ret_code"] == "900002"  # Sobot's answer, not replayed
+    assert fake.stats.api_calls == 1
+    bare = await proxy.get("/comm-open/api/call/5/record")
+    assert (await bare.json())["ret_code"] == "900001"
+    assert "token" not in fake.received[1].headers
+
+
+async def test_the_longest_prefix_wins(make_proxy, fake: FakeSobot, second_host: FakeSobot):
+    proxy = await make_proxy(routes=(RouteSettings("/api/ws/", second_host.url, "default"),))
+    await proxy.get("/api/ws/5/ticket/list")
+    await proxy.get("/api/5/user/get")
+    assert [r.path for r in second_host.received] == ["/api/ws/5/ticket/list"]
+    assert [r.path for r in fake.received] == ["/api/5/user/get"]
+
+
+async def test_prefixes_match_whole_segments(make_proxy, fake: FakeSobot):
+    proxy = await v6_proxy(make_proxy)
+    assert (await proxy.get("/callservicex/v6/x")).status == 404
+    assert fake.stats.v6_api_calls == 0
+
+
+async def test_the_log_line_names_the_route_and_its_credentials(
+    make_proxy, fake: FakeSobot, logs: CapturedLogs
+):
+    proxy = await v6_proxy(make_proxy)
+    await proxy.get("/callservice/v6/agents")
+    await proxy.get("/chat-third/api/5/x")
+    lines = [
+        (line["path"], line.get("route"), line.get("credentials"))
+        for line in logs.events("request")
+    ]
+    assert lines == [
+        ("/callservice/v6/agents", "/callservice/", "callcenter"),
+        ("/chat-third/api/5/x", "/chat-third/api/", "default"),
+    ]
+
+
+# --- V6 ---------------------------------------------------------------------------------------
+
+
+async def test_a_v6_route_gets_the_jwt_as_a_bearer_token(make_proxy, fake: FakeSobot):
+    proxy = await v6_proxy(make_proxy)
+    response = await proxy.get(
+        "/callservice/v6/agents?page=1", headers={"Authorization": "Bearer clients-own"}
+    )
+    assert response.status == 200
+    body = await response.json()
+    assert body["code"] == 200
+    assert body["data"]["authorization_form"] == "bearer"
+    [received] = fake.received
+    assert received.token_state == "valid"
+    assert received.headers["Authorization"] == f"Bearer {fake.current_v6_token}"
+    assert "token" not in received.headers  # no v5 token on a v6 route
+    assert fake.stats.v6_token_calls == 1
+
+
+async def test_authorization_scheme_empty_sends_the_bare_jwt(make_proxy, fake: FakeSobot):
+    import dataclasses
+
+    bare = dataclasses.replace(CALLCENTER, authorization_scheme="")
+    proxy = await make_proxy(
+        credentials=(bare,), routes=(RouteSettings("/callservice/", None, "callcenter"),)
+    )
+    response = await proxy.get("/callservice/v6/agents")
+    assert (await response.json())["data"]["authorization_form"] == "bare"
+    assert fake.received[0].headers["Authorization"] == fake.current_v6_token
+
+
+async def test_a_401_refreshes_the_jwt_once_and_replays_the_identical_request(
+    make_proxy, fake: FakeSobot
+):
+    proxy = await v6_proxy(make_proxy)
+    assert (await proxy.get("/callservice/v6/warm")).status == 200
+    await asyncio.sleep(0)  # nothing to wait for: the token is held
+    fake.expire_token("v6")
+    body = orjson.dumps({"callee": "+6512345678", "n": list(range(100))})
+    response = await proxy.post("/callservice/v6/calls?x=1", data=body)
+    assert response.status == 200
+    assert (await response.json())["code"] == 200
+    first, second = list(fake.received)[1:]
+    assert first.token_state != "valid"
+    assert second.token_state == "valid"
+    assert first.body == second.body == body
+    assert first.query == second.query == "x=1"
+    assert fake.stats.v6_token_calls == 2
+
+
+async def test_a_second_401_is_passed_to_the_client_not_retried(make_proxy, fake: FakeSobot):
+    proxy = await v6_proxy(make_proxy)
+    assert (await proxy.get("/callservice/v6/warm")).status == 200
+    # Every answer under the prefix is now a 401 of Sobot's: one replay, then the 401 as it came.
+    fake.script({"code": 401, "message": "expired"}, times=5, status=401)
+    response = await proxy.get("/callservice/v6/agents")
+    assert response.status == 401
+    assert (await response.json())["message"] == "expired"
+    assert fake.stats.v6_api_calls == 3  # the warm-up, the attempt, the one replay
+
+
+async def test_no_other_status_is_replayed_on_a_v6_route(make_proxy, fake: FakeSobot):
+    proxy = await v6_proxy(make_proxy)
+    for status in (403, 500, 502):
+        fake.script({"code": status}, times=1, status=status)
+        response = await proxy.get("/callservice/v6/agents")
+        assert response.status == status
+    assert fake.stats.v6_api_calls == 3
+    assert fake.stats.v6_token_calls == 1
+
+
+async def test_a_900002_on_a_v6_route_is_not_a_v6_rejection(make_proxy, fake: FakeSobot):
+    proxy = await v6_proxy(make_proxy)
+    fake.script({"ret_code": "900002"}, times=1)
+    response = await proxy.get("/callservice/v6/agents")
+    assert (await response.json())["ret_code"] == "900002"
+    assert fake.stats.v6_api_calls == 1
+
+
+async def test_100_concurrent_401s_cost_one_token_call(make_proxy, fake: FakeSobot):
+    proxy = await v6_proxy(make_proxy)
+    assert (await proxy.get("/callservice/v6/warm")).status == 200
+    fake.expire_token("v6")
+    async with asyncio.timeout(30):
+        responses = await asyncio.gather(
+            *(proxy.get(f"/callservice/v6/agents?i={i}") for i in range(100))
+        )
+    assert [response.status for response in responses] == [200] * 100
+    assert fake.stats.v6_token_calls == 2  # the first, and one refresh for all hundred
+
+
+async def test_a_v6_token_is_renewed_at_half_its_life(make_proxy, fake: FakeSobot):
+    fake.set_lifetime(4.0, "v6")
+    proxy = await v6_proxy(make_proxy)
+    tokens = tokens_of(proxy, "callcenter")
+    first = await tokens.get()
+    async with asyncio.timeout(10):
+        await fake.wait_for_v6_token_calls(2)
+    renewed_after = fake.v6_issue_times[1] - fake.v6_issue_times[0]
+    assert 1.5 < renewed_after < 3.0, renewed_after  # at half of 4 s, not at 90 %
+
+    async def renewed() -> bool:
+        return (await tokens.get()).value != first.value
+
+    await eventually(renewed, within=5)
+
+
+# --- a client's own token requests ------------------------------------------------------------
+
+
+async def test_a_clients_own_tokens_company_gets_the_managed_jwt(make_proxy, fake: FakeSobot):
+    proxy = await v6_proxy(make_proxy)
+    response = await proxy.post("/tokens/company", json=token_request())
+    assert response.status == 200
+    body = await response.json()
+    assert body["access_token"] == fake.current_v6_token
+    assert 86_000_000 < body["expires_in"] <= 86_400_000  # milliseconds, as the vendor's
+    assert fake.stats.v6_token_calls == 1  # the proxy's own; the client's never reached Sobot
+
+
+@pytest.mark.parametrize(
+    ("request_body", "status"),
+    [
+        (token_request(secret="wrong-secret"), 401),
+        (token_request(appid="someone-else"), 401),
+        ({"responseType": "token"}, 400),
+    ],
+)
+async def test_a_wrong_tokens_company_gets_a_v6_error_and_no_token(
+    make_proxy, fake: FakeSobot, request_body, status
+):
+    proxy = await v6_proxy(make_proxy)
+    response = await proxy.post("/tokens/company", json=request_body)
+    assert response.status == status
+    body = await response.json()
+    assert set(body) >= {"code", "message"}
+    assert "access_token" not in body
+    assert fake.stats.v6_token_calls == 1
+
+
+async def test_tokens_company_is_a_path_like_any_other_without_a_v6_set(proxy, fake: FakeSobot):
+    response = await proxy.post("/tokens/company", json=token_request())
+    assert response.status == 404
+    assert fake.stats.v6_token_calls == 0
+
+
+async def test_get_token_still_answers_for_the_default_set(make_proxy, fake: FakeSobot):
+    proxy = await v6_proxy(make_proxy)
+    create_time = str(int(time.time()))
+    sign = hashlib.md5(f"{APPID}{create_time}{APP_KEY}".encode()).hexdigest()
+    response = await proxy.get(
+        "/api/get_token", params={"appid": APPID, "create_time": create_time, "sign": sign}
+    )
+    assert (await response.json())["item"]["token"] == fake.current_token
+    assert fake.stats.get_token_calls == 1
+
+
+# --- readiness ----------------------------------------------------------------------------------
+
+
+async def test_readyz_reports_every_set_and_needs_all_of_them(make_proxy, fake: FakeSobot):
+    fake.fail_get_token("http500", times=-1, kind="v6")
+    proxy = await v6_proxy(make_proxy)
+    async with asyncio.timeout(10):
+        await tokens_of(proxy, "callcenter").first_outcome()
+    response = await proxy.get("/readyz")
+    assert response.status == 503
+    body = await response.json()
+    assert body["credentials"]["default"]["ready"] is True
+    assert body["credentials"]["callcenter"]["ready"] is False
+    assert body["ret_msg"].startswith("callcenter: ")
