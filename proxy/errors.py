@@ -29,6 +29,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any, ClassVar
 
+import orjson
 from aiohttp import web
 
 from proxy.sobot import v5
@@ -62,8 +63,9 @@ class ProxyError(Exception):
         super().__init_subclass__(**kwargs)
         cls.code = proxy_code(cls.status)
 
-    def to_response(self) -> web.Response:
-        response = error_response(self.status, self.ret_code, self.message)
+    def to_response(self, extra: Mapping[str, object] | None = None) -> web.Response:
+        """The answer: Sobot's v5 shape, and `extra` fields (a kind's own shape) beside."""
+        response = error_response(self.status, self.ret_code, self.message, extra)
         if self.closes_connection:
             response.force_close()
         return response
@@ -80,8 +82,8 @@ class NotProxied(ProxyError):
 class Unauthorized(ProxyError):
     status = 401
 
-    def to_response(self) -> web.Response:
-        response = super().to_response()
+    def to_response(self, extra: Mapping[str, object] | None = None) -> web.Response:
+        response = super().to_response(extra)
         response.headers["WWW-Authenticate"] = 'Bearer realm="sobot-proxy"'
         return response
 
@@ -168,5 +170,10 @@ def sobot_response(
     return web.Response(status=status, body=body, content_type="application/json")
 
 
-def error_response(status: int, ret_code: str, message: str) -> web.Response:
-    return sobot_response(ret_code, message, status=status)
+def error_response(
+    status: int, ret_code: str, message: str, extra: Mapping[str, object] | None = None
+) -> web.Response:
+    if not extra:
+        return sobot_response(ret_code, message, status=status)
+    body = orjson.dumps({"ret_code": ret_code, "ret_msg": message, **extra})
+    return web.Response(status=status, body=body, content_type="application/json")

@@ -216,6 +216,24 @@ def test_demo_serves_logs_only_json_and_stops_on_sigterm(tmp_path):
     assert_no_secret(proxy)
 
 
+def test_demo_shows_a_v5_and_a_v6_route(tmp_path):
+    with running("serve", "--demo", "--port", "0", cwd=tmp_path) as proxy:
+        base = f"http://127.0.0.1:{proxy.wait_for_event('listening')['port']}"
+        ready = wait_until_ready(base)
+        assert set(ready["credentials"]) == {"default", "callcenter"}
+        assert ready["credentials"]["callcenter"]["kind"] == "v6"
+        status, answer = http_get(f"{base}/callservice/v6/echo?x=1")
+        assert status == 200
+        assert answer["code"] == 200
+        assert answer["data"]["path"] == "/callservice/v6/echo"
+        assert answer["data"]["authorization_form"] == "bearer"
+        assert http_get(f"{base}/api/echo")[1]["ret_code"] == "000000"
+        started = proxy.wait_for_event("started")
+        assert "/callservice/ -> " in " ".join(started["routes"])
+        assert proxy.terminate() == 0
+    assert_no_secret(proxy)
+
+
 def test_serve_is_the_default_command(tmp_path):
     with running("--port", "0", "--demo", cwd=tmp_path) as proxy:
         listening = proxy.wait_for_event("listening")

@@ -342,3 +342,31 @@ async def test_readyz_reports_every_set_and_needs_all_of_them(make_proxy, fake: 
     assert body["credentials"]["default"]["ready"] is True
     assert body["credentials"]["callcenter"]["ready"] is False
     assert body["ret_msg"].startswith("callcenter: ")
+
+
+# --- the proxy's own errors, per kind -----------------------------------------------------------
+
+
+async def test_the_proxys_errors_on_a_v6_route_carry_the_v6_fields_too(make_proxy, fake: FakeSobot):
+    proxy = await make_proxy(
+        credentials=(CALLCENTER,),
+        routes=(RouteSettings("/callservice/", "http://127.0.0.1:9", "callcenter"),),
+        allow_methods=("GET",),
+    )
+    unreachable = await proxy.get("/callservice/v6/agents")
+    assert unreachable.status == 502
+    body = await unreachable.json()
+    assert body["ret_code"] == "980502"
+    assert body["code"] == 502
+    assert body["message"] == body["ret_msg"]
+    assert body["message"].startswith("cannot connect to Sobot at 127.0.0.1:9")
+    forbidden = await proxy.post("/callservice/v6/agents")
+    assert forbidden.status == 403
+    assert (await forbidden.json())["code"] == 403
+
+
+async def test_the_proxys_errors_on_a_v5_route_keep_sobots_v5_shape(make_proxy, fake: FakeSobot):
+    proxy = await make_proxy(allow_methods=("GET",))
+    forbidden = await proxy.post("/chat-facebook/api/messenger/send")
+    assert forbidden.status == 403
+    assert set(await forbidden.json()) == {"ret_code", "ret_msg"}

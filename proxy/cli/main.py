@@ -7,6 +7,7 @@ Configuration mistakes stop start-up with one line per problem on stderr and exi
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import socket
 import sys
@@ -24,6 +25,7 @@ from proxy.cli.workers import (
     die_with_the_supervisor,
     supervise,
 )
+from proxy.config.routes import CredentialSettings, RouteSettings
 from proxy.config.settings import (
     APP_KEY_ENV,
     APP_KEY_FILE_ENV,
@@ -45,6 +47,9 @@ from proxy.tokens.store import describe_store
 
 DEMO_APPID: Final = "demo-appid"
 DEMO_APP_KEY: Final = "demo-app-key"
+# The demo's V6 call centre: a credential set of its own, on a route of its own.
+DEMO_V6 = CredentialSettings("callcenter", "v6", "demo-v6-appid", "demo-v6-secret")
+DEMO_V6_ROUTE = RouteSettings("/callservice/", None, DEMO_V6.name)
 # In demo mode these come from the demo, whatever the environment says.
 _DEMO_IGNORED_ENV: Final = frozenset(
     {"SOBOT_APPID", APP_KEY_ENV, APP_KEY_FILE_ENV, "SOBOT_REGION", "SOBOT_BASE_URL"}
@@ -244,6 +249,12 @@ def _run_serve(
         settings = load_settings(flags, env)
         if args.demo and settings.workers > 1:
             raise ConfigError(["--demo runs one process: --workers must be 1 with it"])
+        if args.demo:
+            settings = dataclasses.replace(
+                settings,
+                credentials=(*settings.credentials, DEMO_V6),
+                routes=(*settings.routes, DEMO_V6_ROUTE),
+            )
     except ConfigError as exc:
         if demo_socket is not None:
             demo_socket.close()
@@ -279,7 +290,11 @@ def _run_serve(
 
     async def on_listening(host: str, port: int) -> None:
         if demo_socket is not None:
-            log.info("demo", hint=f"try: curl http://{host}:{port}/api/echo?hello=world")
+            log.info(
+                "demo",
+                hint=f"try: curl http://{host}:{port}/api/echo?hello=world (v5) and "
+                f"curl http://{host}:{port}/callservice/v6/echo (V6)",
+            )
         await announce(
             app[CREDENTIALS],
             app[ROUTES],
@@ -321,7 +336,7 @@ def _demo_upstream(
     """Start a fake Sobot on an already bound socket before the proxy starts."""
 
     async def context(_app: web.Application) -> AsyncIterator[None]:
-        fake = FakeSobot(DEMO_APPID, DEMO_APP_KEY)
+        fake = FakeSobot(DEMO_APPID, DEMO_APP_KEY, v6_appid=DEMO_V6.appid, v6_secret=DEMO_V6.secret)
         runner = fake.make_runner()
         await runner.setup()
         await web.SockSite(runner, sock).start()

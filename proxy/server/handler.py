@@ -97,7 +97,7 @@ class ApiHandler:
         self, request: web.BaseRequest, record: RequestRecord
     ) -> tuple[str, str, Credential | None, Route | None]:
         """(path, query, the kind whose token request it is, or the route it goes along), once
-        the request may be served at all."""
+        the request may be served at all (the allow-lists are the caller's to apply)."""
         # Authentication comes first, so a caller without a key learns nothing else.
         self._access.authenticate(request.headers)
         path, query = split_target(request.raw_path)
@@ -109,7 +109,6 @@ class ApiHandler:
             if route is None:
                 raise NotProxied(self._not_routed)
             record.route, record.credentials = route.prefix, route.credentials_name
-        self._access.authorize(request.method, path)
         return path, query, kind, route
 
     async def expect(self, request: web.Request) -> web.StreamResponse | None:
@@ -118,7 +117,8 @@ class ApiHandler:
         record = RequestRecord(request.method, request.path, request_id_for(request.headers))
         reserved = NOTHING_RESERVED
         try:
-            _, _, kind, _ = self._admit(request, record)
+            path, _, kind, _ = self._admit(request, record)
+            self._access.authorize(request.method, path)
             if request.headers.get(hdrs.EXPECT, "").lower() != "100-continue":
                 raise ExpectationFailed("only `Expect: 100-continue` is understood")
             if kind is None:
@@ -202,8 +202,10 @@ class ApiHandler:
     async def _respond(self, request: web.Request, record: RequestRecord) -> web.StreamResponse:
         """The answer to one request; what happened is noted in `record`."""
         reserved = request.pop(_RESERVED, None) if hdrs.EXPECT in request.headers else None
+        route = None
         try:
             path, query, kind, route = self._admit(request, record)
+            self._access.authorize(request.method, path)
             if kind is not None:
                 response, record.ret_code = await self._local_token.answer(request, kind)
                 record.status = response.status
@@ -212,6 +214,10 @@ class ApiHandler:
             return await self._forwarder.forward(request, route, path, query, record, reserved)
         except ProxyError as exc:
             record.status, record.ret_code, record.error = exc.status, exc.ret_code, exc.message
+            if route is not None and route.credential is not None:
+                # On a route of a kind with its own error shape (V6), its fields too.
+                credential = route.credential.credential
+                return exc.to_response(credential.error_fields(exc.status, exc.message))
             return exc.to_response()
         except asyncio.CancelledError:
             raise

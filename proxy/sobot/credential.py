@@ -7,6 +7,7 @@ secret). It knows, for its family of Sobot APIs:
     parse_token_answer(status, body, now)
                                     the token in the answer, or TokenRefused / MalformedAnswer
     inject(headers, token)          how a forwarded request carries the token
+    error_fields(status, message)   the kind's own fields in the proxy's error answers
     rejected(status, ret_code)      whether an answer means "this token is not accepted"
     is_token_path(path)             a client's own token request, answered locally...
     claimed_appid / check / grant / refuse
@@ -137,6 +138,11 @@ class Credential(Protocol):
 
     def describe(self, code: str) -> str:
         """A token endpoint's code, with its meaning when known, for logs and /readyz."""
+        ...
+
+    def error_fields(self, status: int, message: str) -> Mapping[str, object]:
+        """Fields of the kind's own error shape, added beside `ret_code` and `ret_msg` to the
+        proxy's own error answers on its routes (none for v5, whose shape those are)."""
         ...
 
 

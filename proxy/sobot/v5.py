@@ -239,3 +239,6 @@ class V5Credential:
 
     def describe(self, code: str) -> str:
         return describe(code)
+
+    def error_fields(self, status: int, message: str) -> Mapping[str, object]:
+        return {}  # ret_code and ret_msg are v5's own shape

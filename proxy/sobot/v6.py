@@ -31,6 +31,7 @@ import contextlib
 import hashlib
 import hmac
 import math
+from collections.abc import Mapping
 from http import HTTPStatus
 from typing import Any, ClassVar, Final
 
@@ -204,6 +205,10 @@ class V6Credential:
             with contextlib.suppress(ValueError):
                 meaning = HTTPStatus(int(code)).phrase
         return f"{code} ({meaning})" if meaning else code
+
+    def error_fields(self, status: int, message: str) -> Mapping[str, object]:
+        # As the vendor's V6 errors: a V6 client finds `code` and `message` where it looks.
+        return {"code": status, "message": message, "status": "Error"}
 
 
 def _json_object(body: bytes) -> dict[str, Any] | None:
