@@ -93,3 +93,30 @@ def test_the_example_routes_load_as_an_operator_would_uncomment_them():
         "/text/ai-agent-open/", "https://api-c.soboten.com", "default"
     )
     assert set(routes) == {*DEFAULT_FORWARD_PREFIXES, "/callservice/", "/text/ai-agent-open/"}
+
+
+def readme_section(title: str) -> str:
+    start = README.index(f"\n## {title}\n")
+    end = README.find("\n## ", start + 1)
+    return README[start:end]
+
+
+@pytest.mark.parametrize("key", sorted({*CREDENTIAL_KEYS, *ROUTE_KEYS}))
+def test_every_key_of_a_credential_set_or_route_is_in_the_readme(key):
+    assert re.search(rf"^#? ?{key} = ", readme_section("Routes and credentials"), re.MULTILINE), key
+
+
+def test_the_readmes_routes_example_loads(tmp_path):
+    """The worked example in "Routes and credentials" is a configuration the loader takes."""
+    section = readme_section("Routes and credentials")
+    example = section.split("```toml\n", 1)[1].split("```", 1)[0]
+    for name in ("sobot_app_key", "sobot_v6_secret"):
+        (tmp_path / name).write_text("a-secret-0123456789\n")
+    example = example.replace("/run/secrets/", f"{tmp_path}/")
+    (tmp_path / "sobot-proxy.toml").write_text(example)
+    settings = load_settings({"config": str(tmp_path / "sobot-proxy.toml")}, {})
+    assert [config.name for config in settings.credential_sets] == ["default", "callcenter"]
+    table = {route.prefix: (route.base_url, route.credentials) for route in settings.route_table}
+    assert table["/callservice/"] == ("https://sg.sobot.io", "callcenter")
+    assert table["/text/ai-agent-open/"] == ("https://api-c.soboten.com", "default")
+    assert set(DEFAULT_FORWARD_PREFIXES) < set(table)

@@ -121,7 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--probe-path",
         metavar="PATH",
         type=check.probe_path,
-        help="with --online, a read-only GET API (under /api/, with its query) to send the "
+        help="with --online, a read-only GET API (on a route with a credential set, with its query) to send the "
         "token to, proving Sobot accepts it; for example one your application already calls",
     )
 
