@@ -121,8 +121,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--probe-path",
         metavar="PATH",
         type=check.probe_path,
-        help="with --online, a read-only GET API (on a route with a credential set, with its query) to send the "
-        "token to, proving Sobot accepts it; for example one your application already calls",
+        help="with --online, a read-only GET API (with its query) to send a token to, proving "
+        "Sobot accepts it: the token of its route's credential set; for example one your "
+        "application already calls",
     )
 
     fake_cmd = commands.add_parser(
