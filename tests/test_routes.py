@@ -7,7 +7,8 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import time
-from collections.abc import AsyncIterator
+import tracemalloc
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import orjson
@@ -15,6 +16,7 @@ import pytest
 from aiohttp.test_utils import TestClient
 
 from proxy.config.routes import CredentialSettings, RouteSettings
+from proxy.server.routing import Route, RouteTable
 from proxy.testing.fake_sobot import FakeSobot
 from tests.conftest import (
     APP_KEY,
@@ -370,3 +372,43 @@ async def test_the_proxys_errors_on_a_v5_route_keep_sobots_v5_shape(make_proxy, 
     forbidden = await proxy.post("/chat-facebook/api/messenger/send")
     assert forbidden.status == 403
     assert set(await forbidden.json()) == {"ret_code", "ret_msg"}
+
+
+def peak_while(call: Callable[[str], object], paths: list[str]) -> int:
+    """The peak of traced memory while `call` is made on each of `paths`, above the start."""
+    each = iter(paths)  # made beforehand: the loop itself allocates nothing
+    tracemalloc.start()
+    try:
+        before, _ = tracemalloc.get_traced_memory()
+        tracemalloc.reset_peak()
+        for path in each:
+            call(path)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    return peak - before
+
+
+def test_a_route_lookup_allocates_nothing():
+    """The route table is built once; matching a path against it creates no object, not even a
+    short-lived one: the peak of traced memory moves no more than for a call that does nothing."""
+    table = RouteTable(
+        Route.to(prefix, "https://sg.sobot.io", None)
+        for prefix in (*V5_FAMILIES, "/callservice/", "/text/ai-agent-open/")
+    )
+    paths = ["/api/ws/5/ticket/list", "/callservice/v6/agents", "/nowhere/at/all"] * 1000
+    assert peak_while(table.match, paths) == peak_while(lambda _path: None, paths)
+    assert table.match("/callservice/v6/agents").prefix == "/callservice/"
+
+
+async def test_a_clients_token_request_is_logged_and_counted_under_its_route(
+    make_proxy, fake: FakeSobot, logs: CapturedLogs
+):
+    proxy = await v6_proxy(make_proxy)
+    assert (await proxy.post("/tokens/company", json=token_request())).status == 200
+    create_time = str(int(time.time()))
+    sign = hashlib.md5(f"{APPID}{create_time}{APP_KEY}".encode()).hexdigest()
+    query = {"appid": APPID, "create_time": create_time, "sign": sign}
+    assert (await proxy.get("/api/get_token", params=query)).status == 200
+    lines = [(line["route"], line.get("credentials")) for line in logs.events("request")]
+    assert lines == [("/tokens/company", "callcenter"), ("/api/", "default")]

@@ -103,12 +103,14 @@ class ApiHandler:
         path, query = split_target(request.raw_path)
         record.path = path
         kind = self._local_token.kind_of(path)
-        route = None
-        if kind is None:
-            route = self._routes.match(path)
-            if route is None:
-                raise NotProxied(self._not_routed)
-            record.route, record.credentials = route.prefix, route.credentials_name
+        route = self._routes.match(path)
+        if kind is not None:
+            # Answered locally; counted under the route it would have gone along, if any.
+            record.route = kind.token_path if route is None else route.prefix
+            return path, query, kind, None
+        if route is None:
+            raise NotProxied(self._not_routed)
+        record.route, record.credentials = route.prefix, route.credentials_name
         return path, query, kind, route
 
     async def expect(self, request: web.Request) -> web.StreamResponse | None:
@@ -207,7 +209,9 @@ class ApiHandler:
             path, query, kind, route = self._admit(request, record)
             self._access.authorize(request.method, path)
             if kind is not None:
-                response, record.ret_code = await self._local_token.answer(request, kind)
+                response, record.ret_code, record.credentials = await self._local_token.answer(
+                    request, kind
+                )
                 record.status = response.status
                 return response
             assert route is not None

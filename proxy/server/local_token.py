@@ -37,8 +37,11 @@ class LocalTokenEndpoint:
         """The kind whose token endpoint `path` is, if it is one the proxy answers."""
         return self._sets.token_kind(path)
 
-    async def answer(self, request: web.Request, kind: Credential) -> tuple[web.Response, str]:
-        """The answer for the client and the code it carries (for the request log)."""
+    async def answer(
+        self, request: web.Request, kind: Credential
+    ) -> tuple[web.Response, str, str | None]:
+        """The answer for the client, the code it carries and the credential set it was for,
+        if one (for the request log)."""
         body = await _read_small(request) if kind.reads_client_body else b""
         claim = ClientTokenRequest(request.query, body)
         now = self._wall_clock()
@@ -46,13 +49,14 @@ class LocalTokenEndpoint:
         if managed is None:
             # Checked against a set of its kind whose appid it does not name: the refusal is
             # "malformed" if it is, else "unknown appid", in the kind's own words.
-            return _response(kind.refuse(kind.check(claim, now)))
+            return (*_response(kind.refuse(kind.check(claim, now))), None)
         refusal = managed.credential.check(claim, now)
         if refusal is not None:
-            return _response(managed.credential.refuse(refusal))
+            return (*_response(managed.credential.refuse(refusal)), managed.name)
         tokens = managed.tokens
         token = await tokens.get()  # TokenUnavailable is answered by the caller
-        return _response(managed.credential.grant(token.value, tokens.seconds_left(token)))
+        granted = managed.credential.grant(token.value, tokens.seconds_left(token))
+        return (*_response(granted), managed.name)
 
 
 async def _read_small(request: web.Request) -> bytes:

@@ -10,8 +10,8 @@ class RequestRecord:
     method: str
     path: str
     request_id: str  # logged through the logging context, with every line of the request
-    route: str | None = None  # the prefix of the route it went along
-    credentials: str | None = None  # the credential set that route injects, or "none"
+    route: str | None = None  # the prefix of the route it went along (a token request's own)
+    credentials: str | None = None  # the credential set injected or asked for, or "none"
     status: int | None = None
     ret_code: str | None = None
     attempts: int = 0  # 0: answered by the proxy itself; 2: after the 900002 replay
@@ -28,6 +28,7 @@ class RequestRecord:
         }
         if self.route is not None:
             fields["route"] = self.route
+        if self.credentials is not None:
             fields["credentials"] = self.credentials
         if self.ret_code is not None:
             fields["ret_code"] = self.ret_code

@@ -1,9 +1,9 @@
 """The route table: which upstream and which credential set a request path goes to.
 
 Built once at start-up from Settings.route_table. A lookup walks the prefixes longest first
-and compares in place (str.startswith): it allocates nothing, and a handful of prefixes cost
-less than slicing the path to look it up in a dict. Prefixes end with `/`, so they match whole
-segments (`/callservice/` never matches `/callservicex/`).
+and compares in place (str.startswith): it allocates nothing (tests/test_routes.py measures it),
+and a handful of prefixes cost less than slicing the path to look it up in a dict. Prefixes end
+with `/`, so they match whole segments (`/callservice/` never matches `/callservicex/`).
 """
 
 from __future__ import annotations
@@ -45,7 +45,12 @@ class RouteTable:
 
     def match(self, path: str) -> Route | None:
         """The route of the longest prefix `path` starts with; None: no route serves it."""
-        for route in self._routes:
+        # Indexed, not `for route in`: a for loop makes an iterator object on every call.
+        routes = self._routes
+        index = 0
+        while index < len(routes):
+            route = routes[index]
             if path.startswith(route.prefix):
                 return route
+            index += 1
         return None
