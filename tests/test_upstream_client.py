@@ -22,6 +22,7 @@ from proxy import upstream
 from proxy.sobot.v5 import make_sign
 from proxy.testing.fake_sobot import FAULT_HEADER, FakeSobot, download_sha256
 from proxy.upstream import Client, Origin
+from proxy.upstream import client as upstream_client
 from tests.conftest import APP_KEY, APPID, blackhole
 
 OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
@@ -565,7 +566,7 @@ async def test_idle_connections_past_the_limit_are_closed(serve):
 
 
 async def test_connections_idle_too_long_are_not_reused(client, serve, monkeypatch):
-    monkeypatch.setattr(upstream, "KEEPALIVE", 0.05)
+    monkeypatch.setattr(upstream_client, "KEEPALIVE", 0.05)
     server = await serve(answering(OK, OK))
     assert await get(client, server.origin) == b"ok"
     await asyncio.sleep(0.1)  # the passing of time is the point here
@@ -832,7 +833,7 @@ async def test_a_second_answer_in_the_same_read_is_not_taken_for_the_first(clien
 
 
 async def test_the_head_limit_counts_the_head_not_the_body_read_with_it(client, serve, monkeypatch):
-    monkeypatch.setattr(upstream, "MAX_HEAD", 1024)
+    monkeypatch.setattr(upstream_client, "MAX_HEAD", 1024)
     body = b"x" * 65536
 
     async def handler(peer: Peer) -> None:
