@@ -26,7 +26,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from proxy.sobot import v5
+from proxy.sobot import v5, v6
 
 START_TIMEOUT = 10.0  # for the command to start listening
 EXIT_TIMEOUT = 10.0  # for the command to exit, by itself or after SIGTERM
@@ -195,6 +195,11 @@ def wait_until_ready(base: str) -> dict[str, Any]:
 
 STACK_APPID = "stack-appid"
 STACK_APP_KEY = "stack-app-key-0123456789"
+# The call centre's V6 credentials (the `callcenter` set of routes_config()); the same appid as
+# the v5 set's by default, so a test also shows the two kinds never share a stored token.
+STACK_V6_APPID = STACK_APPID
+STACK_V6_SECRET = "stack-v6-secret-0123456789"
+V6_ROUTE = "/callservice/"
 
 
 @dataclass
@@ -222,8 +227,23 @@ class Stack:
 
 
 @contextmanager
-def fake_sobot(cwd: Path, *, token_lifetime: float = 86400.0) -> Iterator[tuple[Running, str]]:
-    """A fake Sobot process for the stack's credentials, and its URL."""
+def fake_sobot(
+    cwd: Path, *, token_lifetime: float = 86400.0, v6_token_lifetime: float | None = None
+) -> Iterator[tuple[Running, str]]:
+    """A fake Sobot process for the stack's credentials, and its URL; with `v6_token_lifetime`,
+    serving the V6 call centre too (STACK_V6_APPID, STACK_V6_SECRET)."""
+    v6 = (
+        ()
+        if v6_token_lifetime is None
+        else (
+            "--v6-appid",
+            STACK_V6_APPID,
+            "--v6-secret",
+            STACK_V6_SECRET,
+            "--v6-token-lifetime",
+            str(v6_token_lifetime),
+        )
+    )
     with running(
         "fake-sobot",
         "--port",
@@ -234,9 +254,29 @@ def fake_sobot(cwd: Path, *, token_lifetime: float = 86400.0) -> Iterator[tuple[
         STACK_APP_KEY,
         "--token-lifetime",
         str(token_lifetime),
+        *v6,
         cwd=cwd,
     ) as fake:
         yield fake, f"http://127.0.0.1:{fake.wait_for_event('listening')['port']}"
+
+
+def routes_config(directory: Path, *, v6_secret: str = STACK_V6_SECRET, more: str = "") -> Path:
+    """A TOML file beside its secret's file: the `callcenter` V6 set (STACK_V6_APPID) on the
+    V6_ROUTE prefix, and `more` TOML after it. Its path, for `--config`."""
+    (directory / "v6.secret").write_text(v6_secret + "\n")
+    config = directory / "routes.toml"
+    config.write_text(
+        f"""[credentials.callcenter]
+kind = "v6"
+appid = "{STACK_V6_APPID}"
+app_key_file = "v6.secret"
+
+[[routes]]
+prefix = "{V6_ROUTE}"
+credentials = "callcenter"
+{more}"""
+    )
+    return config
 
 
 def proxy_env(fake_url: str, **settings: str) -> dict[str, str]:
@@ -311,14 +351,15 @@ async def steady_load(
     path: str = "/api/ws/5/ticket/save",
 ) -> None:
     """`per_url` clients per proxy, each POSTing in a loop until `stop`; outcomes are counted
-    as "<status> <ret_code>", or "connection failed"."""
+    as "<status> <ret_code>" (a V6 answer's `code` in its place), or "connection failed"."""
 
     async def client(url: str) -> None:
         while not stop.is_set():
             try:
                 async with session.post(f"{url}{path}", data=b"{}") as answer:
                     body = await answer.json(content_type=None)
-                    outcomes[f"{answer.status} {body.get('ret_code')}"] += 1
+                    code = body.get("ret_code", body.get("code"))
+                    outcomes[f"{answer.status} {code}"] += 1
             except aiohttp.ClientError:
                 outcomes["connection failed"] += 1
 
@@ -340,6 +381,21 @@ async def token_served_by(session: aiohttp.ClientSession, url: str) -> str | Non
         body = await answer.json(content_type=None)
     item = body.get("item") or {}
     return item.get("token") if body.get("ret_code") == v5.OK else None
+
+
+async def v6_token_served_by(session: aiohttp.ClientSession, url: str) -> str | None:
+    """The JWT a proxy hands a client that signs its own /tokens/company correctly."""
+    current_time = str(int(time.time() * 1000))
+    body = {
+        "responseType": "token",
+        "appId": STACK_V6_APPID,
+        "currentTime": current_time,
+        "sign": v6.make_sign(STACK_V6_APPID, current_time, STACK_V6_SECRET),
+    }
+    async with session.post(f"{url}/tokens/company", json=body) as answer:
+        granted = await answer.json(content_type=None)
+    token = granted.get("access_token") if answer.status == 200 else None
+    return token if isinstance(token, str) else None
 
 
 async def is_ready(session: aiohttp.ClientSession, url: str) -> bool:

@@ -508,3 +508,145 @@ def test_a_redis_password_is_masked_wherever_redis_py_would_take_it(url, shown):
     from proxy.cli.check import mask_store_url
 
     assert mask_store_url(url) == shown
+
+
+# --- routes and credential sets -----------------------------------------------------------------
+
+V6_APPID = "check-v6-appid"
+V6_SECRET = "check-v6-secret-0123456789"
+SECOND_HOST = "https://api-c.soboten.com"
+
+
+def routes_file(tmp_path, *, v6_secret: str = V6_SECRET) -> str:
+    """A TOML file with a V6 set on /callservice/, the AI agent on a second host and a route
+    that injects nothing; its secret in a file beside it."""
+    (tmp_path / "v6.secret").write_text(v6_secret + "\n")
+    config = tmp_path / "routes.toml"
+    config.write_text(
+        f"""[credentials.callcenter]
+kind = "v6"
+appid = "{V6_APPID}"
+app_key_file = "v6.secret"
+
+[[routes]]
+prefix = "/callservice/"
+credentials = "callcenter"
+
+[[routes]]
+prefix = "/text/ai-agent-open/"
+upstream = "{SECOND_HOST}"
+
+[[routes]]
+prefix = "/signed/"
+credentials = "none"
+"""
+    )
+    return str(config)
+
+
+@pytest.fixture
+async def v6_fake():
+    sobot = FakeSobot(APPID, APP_KEY, v6_appid=V6_APPID, v6_secret=V6_SECRET)
+    await sobot.start()
+    yield sobot
+    await sobot.stop()
+
+
+def test_check_prints_the_route_table_and_the_credential_sets(tmp_path):
+    result = check(tmp_path, "--config", routes_file(tmp_path), **CONFIGURED)
+    assert result.status == 0, result.output
+    lines = result.stdout.splitlines()
+    table = lines[lines.index("routes (longest prefix first):") :]
+    sg = "https://sg.sobot.io"
+    assert table == [
+        "routes (longest prefix first):",
+        f"  /text/ai-agent-open/  -> {SECOND_HOST}  credentials: default",
+        f"  /chat-facebook/api/   -> {sg}  credentials: default",
+        f"  /chat-third/api/      -> {sg}  credentials: default",
+        f"  /comm-open/api/       -> {sg}  credentials: default",
+        f"  /callservice/         -> {sg}  credentials: callcenter",
+        f"  /signed/              -> {sg}  credentials: none (nothing injected)",
+        f"  /api/                 -> {sg}  credentials: default",
+        "credential sets:",
+        f"  default  kind v5, appid {APPID}, secret set, token from {sg}",
+        f"  callcenter  kind v6, appid {V6_APPID}, secret set, token from {sg}",
+    ]
+    assert re.fullmatch(r"every path a route serves\s+default", result.setting("allow_paths"))
+    assert_no_secret(result, V6_SECRET)
+
+
+def v6_issued(fake: FakeSobot) -> str:
+    """The pattern of the line saying the V6 set's token call succeeded (its lifetime is read
+    from the JWT's exp, to the millisecond)."""
+    return (
+        rf"online: \[callcenter\] /tokens/company succeeded at {re.escape(fake.url)} for appid "
+        rf"{V6_APPID}: a token valid for 8640\d(\.\d+)? s was issued \(not shown\)"
+    )
+
+
+async def online_check(tmp_path, fake: FakeSobot, *args: str, v6_secret: str = V6_SECRET):
+    config = routes_file(tmp_path, v6_secret=v6_secret)
+    return await check_async(
+        tmp_path, "--config", config, "--online", "--rotate-token", *args, **online_env(fake)
+    )
+
+
+async def test_online_proves_every_credential_set(tmp_path, v6_fake):
+    result = await online_check(tmp_path, v6_fake)
+    assert result.status == 0, result.output
+    default_issued, default_works, v6_line, v6_works = online_lines(result)
+    assert default_issued == (
+        f"online: get_token succeeded at {v6_fake.url} for appid {APPID}: a token valid for "
+        "86400 s was issued (not shown)"
+    )
+    assert default_works == "online: the credentials work"
+    assert re.fullmatch(v6_issued(v6_fake), v6_line), v6_line
+    assert v6_works == "online: [callcenter] the credentials work"
+    # Each rotation is warned about, the V6 one under the set's name.
+    warned = result.stderr.splitlines()
+    assert [line.startswith("sobot-proxy: warning: [callcenter] ") for line in warned] == [
+        False,
+        True,
+    ]
+    assert (v6_fake.stats.get_token_calls, v6_fake.stats.v6_token_calls) == (1, 1)
+    assert_no_secret(result, V6_SECRET, *v6_fake.issued_tokens, *v6_fake.issued_v6_tokens)
+
+
+async def test_online_with_a_wrong_v6_secret_exits_1_though_the_default_set_works(
+    tmp_path, v6_fake
+):
+    wrong = "not-the-v6-secret-0123"
+    result = await online_check(tmp_path, v6_fake, v6_secret=wrong)
+    assert result.status == 1, result.output
+    assert online_lines(result)[1:] == [
+        "online: the credentials work",
+        "online: [callcenter] Sobot's tokens/company answered 401002 (signature error): "
+        "signature error",
+    ]
+    assert (v6_fake.stats.tokens_issued, v6_fake.stats.v6_tokens_issued) == (1, 0)
+    assert_no_secret(result, wrong, V6_SECRET, *v6_fake.issued_tokens)
+
+
+async def test_online_proves_the_v6_set_with_its_jwt_on_a_probe_path(tmp_path, v6_fake):
+    result = await online_check(tmp_path, v6_fake, "--probe-path", "/callservice/v6/x?page=1")
+    assert result.status == 0, result.output
+    lines = online_lines(result)
+    assert lines[1] == "online: the credentials work"  # the probe is not the default set's
+    assert re.fullmatch(v6_issued(v6_fake), lines[2]), lines[2]
+    assert lines[3:] == [
+        "online: [callcenter] Sobot accepted the new token: GET /callservice/v6/x?page=1 "
+        "answered HTTP 200"
+    ]
+    [probe] = v6_fake.received
+    assert (probe.path, probe.query, probe.kind) == ("/callservice/v6/x", "page=1", "v6")
+    assert (probe.token_state, probe.authorization_form) == ("valid", "bearer")
+    assert_no_secret(result, V6_SECRET, *v6_fake.issued_v6_tokens)
+
+
+async def test_online_with_a_v6_probe_answered_401_exits_1(tmp_path, v6_fake):
+    v6_fake.script({"code": 401, "message": "token is not valid"}, status=401)
+    result = await online_check(tmp_path, v6_fake, "--probe-path", "/callservice/v6/x")
+    assert result.status == 1, result.output
+    assert online_lines(result)[3:] == [
+        "online: [callcenter] Sobot rejected the new token on GET /callservice/v6/x: HTTP 401"
+    ]

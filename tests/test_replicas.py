@@ -15,17 +15,23 @@ from contextlib import ExitStack
 import aiohttp
 import redis.asyncio as aioredis
 
+from proxy.tokens.store import StoredToken
 from tests.conftest import RedisServer, eventually
 from tests.processes import (
+    HEX32,
     STACK_APPID,
+    STACK_V6_APPID,
+    V6_ROUTE,
     Running,
     fake_sobot,
     fake_stats_of,
     is_ready,
     proxy_env,
+    routes_config,
     running,
     steady_load,
     token_served_by,
+    v6_token_served_by,
     wait_until_ready,
 )
 
@@ -51,13 +57,20 @@ async def tokens_held(session: aiohttp.ClientSession, urls: list[str]) -> set[st
 
 @contextlib.asynccontextmanager
 async def under_load(
-    session: aiohttp.ClientSession, urls: list[str]
+    session: aiohttp.ClientSession,
+    urls: list[str],
+    paths: tuple[str, ...] = ("/api/ws/5/ticket/save",),
+    per_path: int = CLIENTS_PER_REPLICA,
 ) -> AsyncIterator[Counter[str]]:
-    """Steady load on every replica while the block runs; the outcomes, counted."""
+    """Steady load on every replica, `per_path` clients on each of `paths`, while the block
+    runs; the outcomes, counted."""
     outcomes: Counter[str] = Counter()
     stop = asyncio.Event()
-    load = asyncio.create_task(
-        steady_load(session, urls, per_url=CLIENTS_PER_REPLICA, stop=stop, outcomes=outcomes)
+    load = asyncio.gather(
+        *(
+            steady_load(session, urls, per_url=per_path, stop=stop, outcomes=outcomes, path=path)
+            for path in paths
+        )
     )
     try:
         yield outcomes
@@ -87,6 +100,79 @@ async def test_four_replicas_share_one_token_under_load(tmp_path, redis_server: 
     assert set(outcomes) == {"200 000000"}  # every request succeeded; no client saw 900002
     # About one per lifetime (renewed at 90% of it), plus the first: not one per replica.
     assert stats["get_token_calls"] <= lifetimes / 0.9 + 3
+
+
+async def test_four_replicas_share_one_v6_token_kept_apart_from_the_v5_one(
+    tmp_path, redis_server: RedisServer
+):
+    """A V6 set beside the default v5 set, both of one appid: the replicas share each kind's
+    token through Redis under a key of its own, renewing V6's at half its life once for all."""
+    lifetime, seconds = 3.0, 12.0
+    v5_key = f"sobot-proxy:{STACK_APPID}:token"
+    v6_key = f"sobot-proxy-v6:{STACK_V6_APPID}:token"
+    assert STACK_V6_APPID == STACK_APPID  # the keys differ by kind alone
+    with ExitStack() as stack:
+        _, fake_url = stack.enter_context(
+            fake_sobot(tmp_path, token_lifetime=lifetime, v6_token_lifetime=lifetime)
+        )
+        env = proxy_env(
+            fake_url,
+            SOBOT_TOKEN_STORE=redis_server.url,
+            SOBOT_PROXY_CONFIG=str(routes_config(tmp_path)),
+        )
+        urls, _ = start_replicas(stack, tmp_path, env)
+        async with (
+            aiohttp.ClientSession() as session,
+            aioredis.Redis.from_url(redis_server.url) as store,
+        ):
+            paths = ("/api/ws/5/ticket/save", f"{V6_ROUTE}v6/agents")
+            async with under_load(session, urls, paths, per_path=2) as outcomes:
+                await asyncio.sleep(seconds)  # the load's duration: nothing to wait for
+            stats = await fake_stats_of(session, fake_url)
+            lifetimes = seconds / lifetime
+            print(
+                f"\n{REPLICAS} replicas, v5 and v6 routes, {seconds:.0f} s, tokens living "
+                f"{lifetime:.0f} s ({lifetimes:.1f} lifetimes): {sum(outcomes.values())} "
+                f"requests {dict(outcomes)}; get_token calls {stats['get_token_calls']}, "
+                f"/tokens/company calls {stats['v6_token_calls']}; requests replayed after a "
+                f"900002 {stats['token_rejections']}, after a 401 {stats['v6_token_rejections']}"
+            )
+            # Every request succeeded: no client saw 900002 or a 401.
+            assert set(outcomes) == {"200 000000", "200 200"}
+            # V6 is renewed at half its life: about two calls per lifetime for all four
+            # together, plus the first; four replicas each renewing would make four times more.
+            assert stats["v6_token_calls"] <= lifetimes / 0.5 + 3
+            assert stats["get_token_calls"] <= lifetimes / 0.9 + 3
+            # Long-lived tokens from the next renewals on: then every replica soon holds, for
+            # a moment that lasts, the two tokens Redis holds.
+            for kind in ("v5", "v6"):
+                async with session.post(
+                    f"{fake_url}/_fake/lifetime", params={"kind": kind, "seconds": "3600"}
+                ) as answer:
+                    assert answer.status == 200
+
+            async def stored(key: str) -> str | None:
+                record = StoredToken.decode(await store.get(key) or b"")
+                return None if record is None else record.value
+
+            async def every_replica_serves_the_stored_tokens() -> bool:
+                v5_token, v6_token = await stored(v5_key), await stored(v6_key)
+                served_v5 = {await token_served_by(session, url) for url in urls}
+                served_v6 = {await v6_token_served_by(session, url) for url in urls}
+                return None not in (v5_token, v6_token) and (served_v5, served_v6) == (
+                    {v5_token},
+                    {v6_token},
+                )
+
+            await eventually(every_replica_serves_the_stored_tokens, within=15)
+            v5_token, v6_token = await stored(v5_key), await stored(v6_key)
+            token_keys = {key.decode() async for key in store.scan_iter("*:token")}
+    # One appid, two kinds, two keys: neither token ever stood in for the other.
+    assert token_keys == {v5_key, v6_key}
+    assert v5_token is not None
+    assert HEX32.fullmatch(v5_token)
+    assert v6_token is not None
+    assert v6_token.count(".") == 2  # a JWT
 
 
 async def test_redis_stopped_and_restarted_under_load(tmp_path, redis_server: RedisServer):

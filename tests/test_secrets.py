@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import time
 
+from proxy.config.routes import CredentialSettings, RouteSettings
+from proxy.sobot import v6
 from proxy.sobot.v5 import make_sign
 from proxy.testing.fake_sobot import FakeSobot
 from proxy.tokens.manager import Backoff
 from tests.conftest import APP_KEY, APPID, CapturedLogs, tokens_of
+from tests.processes import HEX32
 
 
 async def test_no_secret_reaches_a_log_line_or_an_answer(
@@ -124,3 +127,79 @@ async def test_log_lines_are_stamped_in_iso_8601_utc_with_microseconds(logs: Cap
     stamp = datetime.datetime.strptime(event["timestamp"], "%Y-%m-%dT%H:%M:%S.%fZ")
     stamp = stamp.replace(tzinfo=datetime.UTC)
     assert before - datetime.timedelta(seconds=1) <= stamp <= datetime.datetime.now(datetime.UTC)
+
+
+async def test_no_v6_secret_jwt_or_sign_reaches_a_log_line_or_an_error_answer(
+    make_proxy, logs: CapturedLogs, monkeypatch
+):
+    """The V6 app_secret, every JWT and every V6 sign, whatever happens on a V6 route and at
+    the local /tokens/company. Only a client that signs correctly gets the JWT, in that answer."""
+    v6_appid, v6_secret = "secrets-v6-appid", "secrets-v6-secret-0123456789"
+    fake = FakeSobot(APPID, APP_KEY, v6_appid=v6_appid, v6_secret=v6_secret)
+    await fake.start()
+    started_ms = int(time.time() * 1000)
+    proxy = await make_proxy(
+        base_url=fake.url,
+        credentials=(CredentialSettings("callcenter", "v6", v6_appid, v6_secret),),
+        routes=(RouteSettings("/callservice/", None, "callcenter"),),
+        backoff=Backoff(first=0, cap=0),  # every failure is retried
+    )
+    answers: list[bytes] = []
+    granted: list[bytes] = []
+
+    async def call(method: str, path: str, **kwargs) -> None:
+        response = await proxy.request(method, path, **kwargs)
+        answers.append(await response.read())
+
+    def token_request(secret: str = v6_secret, appid: str = v6_appid) -> dict[str, str]:
+        now = str(int(time.time() * 1000))
+        sign = v6.make_sign(appid, now, secret)
+        return {"responseType": "token", "appId": appid, "currentTime": now, "sign": sign}
+
+    await call("GET", "/callservice/v6/agents", headers={"Authorization": "Bearer clients-own"})
+    fake.expire_token("v6")  # a 401, a refresh and a replay
+    await call("POST", "/callservice/v6/calls", data=b'{"callee": "1"}')
+    fake.script({"code": 401, "message": "expired"}, times=2, status=401)  # a replay that fails
+    await call("GET", "/callservice/v6/agents")
+    for claim in (token_request("wrong-secret"), token_request(appid="other"), {"appId": 1}):
+        await call("POST", "/tokens/company", json=claim)
+    for mode in ("401", "malformed", "http500", "disconnect"):  # /tokens/company failures
+        fake.fail_get_token(mode, times=-1, kind="v6")
+        fake.expire_token("v6")
+        await call("GET", "/callservice/v6/agents")
+        await call("POST", "/tokens/company", json=token_request())
+        await call("GET", "/readyz")
+        fake.fail_get_token(mode, times=0, kind="v6")
+    await call("GET", "/callservice/v6/agents")
+    jwt = fake.current_v6_token
+
+    async def crash(*_args, **_kwargs):  # a crash in a handler, naming the secrets
+        raise RuntimeError(f"{v6_secret} {jwt}")
+
+    with monkeypatch.context() as patched:
+        patched.setattr("proxy.server.forward.Forwarder.forward", crash)
+        await call("GET", "/callservice/v6/agents")
+    await call("GET", "/readyz")
+    await call("GET", "/nowhere")
+    answer = await proxy.post("/tokens/company", json=token_request())
+    granted.append(await answer.read())
+    ended_ms = int(time.time() * 1000)
+    await fake.stop()
+
+    assert len(fake.issued_v6_tokens) >= 4  # the first, the refreshes, the one after failures
+    assert jwt is not None
+    assert jwt.encode() in granted[0]  # the one answer that carries it
+    assert logs.events("internal_error")
+    output = logs.raw
+    assert b'"kind":"v6"' in output  # the token calls were logged
+    for secret in (v6_secret, *fake.issued_v6_tokens):
+        assert secret.encode() not in output
+        for answer in answers:
+            assert secret.encode() not in answer
+    # Every sign made in the test's time, by the proxy or its clients: none was written.
+    signs = {
+        v6.make_sign(v6_appid, str(ms), v6_secret)
+        for ms in range(started_ms - 2000, ended_ms + 2000)
+    }
+    written = b"\n".join([output, *answers, *granted]).decode()
+    assert signs.isdisjoint(HEX32.findall(written))

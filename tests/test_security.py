@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import asyncio
 import ssl
+import time
 
 import pytest
 import trustme
 
+from proxy.config.routes import CredentialSettings, RouteSettings
 from proxy.server.forward import Forwarder
+from proxy.sobot import v6
 from proxy.sobot.v5 import make_sign
-from proxy.testing.fake_sobot import FakeSobot
+from proxy.testing.fake_sobot import V5_PREFIXES, FakeSobot
 from proxy.tokens.manager import Backoff
-from tests.conftest import APP_KEY, APPID, CapturedLogs, exact_url, send_raw
+from tests.conftest import APP_KEY, APPID, CapturedLogs, exact_url, send_raw, tokens_of
 
 KEYS = ("client-key-one-0123456789", "client-key-two-0123456789")
 
@@ -196,10 +199,9 @@ TRAVERSALS = [
 ]
 
 
-@pytest.mark.parametrize(("target", "status"), TRAVERSALS)
-async def test_no_target_reaches_the_upstream_outside_api(proxy, fake: FakeSobot, target, status):
+async def assert_answered_by_the_proxy(client, target: str, status: int) -> None:
     answer = await send_raw(
-        proxy, f"GET {target} HTTP/1.1\r\nHost: p\r\nConnection: close\r\n\r\n".encode()
+        client, f"GET {target} HTTP/1.1\r\nHost: p\r\nConnection: close\r\n\r\n".encode()
     )
     if target.startswith("/") or target.startswith("http://"):
         # The proxy's own answer: JSON with the status's own code.
@@ -208,8 +210,104 @@ async def test_no_target_reaches_the_upstream_outside_api(proxy, fake: FakeSobot
     else:
         # Not a target a GET can have: aiohttp's parser refuses it before the proxy sees it.
         assert answer.startswith(f"HTTP/1.0 {status} ".encode()), answer[:200]
+
+
+@pytest.mark.parametrize(("target", "status"), TRAVERSALS)
+async def test_no_target_reaches_the_upstream_outside_api(proxy, fake: FakeSobot, target, status):
+    await assert_answered_by_the_proxy(proxy, target, status)
     assert fake.stats.api_calls == 0
     assert fake.stats.outside_api_calls == 0
+
+
+# Every other kind of route: the other v5 families, a V6 route, and one that injects nothing.
+V6_APPID = "security-v6-appid"
+V6_SECRET = "security-v6-secret-0123456789"
+SIGNED_BY_CLIENT = "/signed-by-client/"
+OTHER_PREFIXES = (
+    "/chat-facebook/api/",
+    "/chat-third/api/",
+    "/comm-open/api/",
+    "/callservice/",
+    SIGNED_BY_CLIENT,
+)
+CALLCENTER = CredentialSettings("callcenter", "v6", V6_APPID, V6_SECRET)
+ROUTES = (
+    RouteSettings("/callservice/", None, "callcenter"),
+    RouteSettings(SIGNED_BY_CLIENT, None, None),
+)
+
+
+@pytest.fixture
+async def routed_fake():
+    """A Sobot serving every prefix of OTHER_PREFIXES, V6 included."""
+    sobot = FakeSobot(
+        APPID,
+        APP_KEY,
+        v6_appid=V6_APPID,
+        v6_secret=V6_SECRET,
+        prefixes=(*V5_PREFIXES, SIGNED_BY_CLIENT),
+    )
+    await sobot.start()
+    yield sobot
+    await sobot.stop()
+
+
+@pytest.mark.parametrize(
+    ("target", "status"),
+    [
+        pytest.param(target.replace("/api/", prefix, 1), status, id=f"{prefix}:{target}")
+        for prefix in OTHER_PREFIXES
+        for target, status in TRAVERSALS
+        if "/api/" in target
+    ],
+)
+async def test_no_target_reaches_the_upstream_outside_any_prefix(
+    make_proxy, routed_fake: FakeSobot, target, status
+):
+    proxy = await make_proxy(base_url=routed_fake.url, credentials=(CALLCENTER,), routes=ROUTES)
+    await assert_answered_by_the_proxy(proxy, target, status)
+    stats = routed_fake.stats
+    assert (stats.api_calls, stats.v6_api_calls, stats.outside_api_calls) == (0, 0, 0)
+
+
+@pytest.mark.parametrize(
+    "spelling",
+    [
+        "/tokens/company/",
+        "/TOKENS/company",
+        "/tokens/company;x=1",
+        "/tokens/%63ompany",
+        "/tokens/company.json",
+        "//tokens/company",
+    ],
+)
+async def test_every_spelling_of_tokens_company_is_answered_locally(
+    make_proxy, routed_fake: FakeSobot, spelling
+):
+    """Even with a route that would forward it (/tokens/, injecting nothing), no spelling of
+    the V6 token request reaches Sobot: each would rotate the token everyone shares."""
+    proxy = await make_proxy(
+        base_url=routed_fake.url,
+        credentials=(CALLCENTER,),
+        routes=(*ROUTES, RouteSettings("/tokens/", None, None)),
+    )
+    await tokens_of(proxy, "callcenter").get()
+    assert routed_fake.stats.v6_token_calls == 1  # the proxy's own
+    now = str(int(time.time() * 1000))
+    claim = {
+        "responseType": "token",
+        "appId": V6_APPID,
+        "currentTime": now,
+        "sign": v6.make_sign(V6_APPID, now, V6_SECRET),
+    }
+    response = await proxy.session.post(exact_url(proxy, spelling), json=claim)
+    assert response.status == 200
+    assert (await response.json())["access_token"] == routed_fake.current_v6_token
+    refused = await proxy.session.post(exact_url(proxy, spelling), json={**claim, "sign": "0" * 32})
+    assert refused.status == 401
+    assert "access_token" not in await refused.json()
+    stats = routed_fake.stats
+    assert (stats.v6_token_calls, stats.api_calls, stats.outside_api_calls) == (1, 0, 0)
 
 
 SMUGGLING = [

@@ -15,14 +15,19 @@ import aiohttp
 import pytest
 
 from tests.processes import (
+    HEX32,
     OPENER,
+    V6_ROUTE,
     Running,
     fake_sobot,
     fake_stats_of,
     json_object,
     proxy_env,
+    routes_config,
     running,
     steady_load,
+    token_served_by,
+    v6_token_served_by,
     wait_until_ready,
 )
 
@@ -138,3 +143,47 @@ def test_workers_share_the_spool_limit_between_them(tmp_path):
             page = answer.read().decode()
     [limit] = re.findall(r"^sobot_proxy_spool_limit_bytes ([0-9.e+]+)$", page, re.M)
     assert float(limit) == 256 * 1024 * 1024
+
+
+async def test_two_workers_share_one_v6_token_through_their_file(tmp_path):
+    """With a V6 set, each worker's first token comes through the workers' file: one
+    /tokens/company call for both, as one get_token; the V6 appid is the v5 one, and each
+    kind keeps its own file."""
+    with ExitStack() as stack:
+        _, fake_url = stack.enter_context(fake_sobot(tmp_path, v6_token_lifetime=86400.0))
+        env = proxy_env(fake_url, SOBOT_PROXY_CONFIG=str(routes_config(tmp_path)))
+        proxy = stack.enter_context(
+            running("serve", "--workers", "2", "--port", "0", cwd=tmp_path, env=env)
+        )
+        url = f"http://127.0.0.1:{proxy.wait_for_event('workers_started')['port']}"
+        # Each worker says `started` once every set's first token is held (or failed).
+        summaries = [proxy.wait_for_event("started") for _ in range(2)]
+        answers: Counter[str] = Counter()
+        served: set[tuple[str | None, str | None]] = set()
+        # A new connection per request, so the kernel spreads them over the workers.
+        connector = aiohttp.TCPConnector(force_close=True)
+        async with aiohttp.ClientSession(connector=connector) as session:
+            for _ in range(20):
+                for path in ("/api/ws/5/ticket/list", f"{V6_ROUTE}v6/agents"):
+                    async with session.get(f"{url}{path}") as answer:
+                        body = await answer.json()
+                    answers[f"{answer.status} {body.get('ret_code', body.get('code'))}"] += 1
+                served.add(
+                    (await token_served_by(session, url), await v6_token_served_by(session, url))
+                )
+            stats = await fake_stats_of(session, fake_url)
+    assert sorted(summary["workers"] for summary in summaries) == ["1/2", "2/2"]
+    for summary in summaries:
+        [default, callcenter] = summary["credentials"]
+        assert default.startswith("default (v5): obtained, expires in ")
+        assert callcenter.startswith("callcenter (v6): obtained, expires in ")
+    assert answers == {"200 000000": 20, "200 200": 20}
+    assert (stats["get_token_calls"], stats["v6_token_calls"]) == (1, 1)
+    # No request met a rejected token: each worker held the right token of each kind at once.
+    assert (stats["token_rejections"], stats["v6_token_rejections"]) == (0, 0)
+    # Both workers hand out the same two tokens: a v5 token and a JWT, never one for the other.
+    [(v5_token, v6_token)] = served
+    assert v5_token is not None
+    assert HEX32.fullmatch(v5_token)
+    assert v6_token is not None
+    assert v6_token.count(".") == 2

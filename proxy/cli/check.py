@@ -109,7 +109,7 @@ def _rows(settings: Settings, provenance: Provenance) -> list[tuple[str, str, st
 _EMPTY_MEANS: Final = {
     "temp_dir": f"{tempfile.gettempdir()} (the system's)",
     "ca_bundle": "the system's CAs",
-    "allow_paths": "every path a route forwards",
+    "allow_paths": "every path a route serves",
     "allow_methods": "every method",
 }
 
