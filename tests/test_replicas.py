@@ -152,7 +152,8 @@ async def test_four_replicas_share_one_v6_token_kept_apart_from_the_v5_one(
                     assert answer.status == 200
 
             async def stored(key: str) -> str | None:
-                record = StoredToken.decode(await store.get(key) or b"")
+                raw = await store.get(key)
+                record = StoredToken.decode(raw if isinstance(raw, bytes) else b"")
                 return None if record is None else record.value
 
             async def every_replica_serves_the_stored_tokens() -> bool:
