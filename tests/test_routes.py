@@ -25,6 +25,7 @@ from tests.conftest import (
     ProxyFactory,
     eventually,
     exact_url,
+    send_raw,
     tokens_of,
 )
 
@@ -414,3 +415,75 @@ async def test_a_clients_token_request_is_logged_and_counted_under_its_route(
     assert (await proxy.get("/api/get_token", params=query)).status == 200
     lines = [(line["route"], line.get("credentials")) for line in logs.events("request")]
     assert lines == [("/tokens/company", "callcenter"), ("/api/", "default")]
+
+
+# --- found in review ----------------------------------------------------------------------------
+
+
+async def test_a_client_that_stalls_its_token_request_body_gets_408(make_proxy, fake: FakeSobot):
+    proxy = await v6_proxy(make_proxy, upstream_timeout=0.5)
+    answer = await send_raw(
+        proxy,
+        b"POST /tokens/company HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b'Content-Length: 100\r\n\r\n{"a"',
+    )
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 408 ")
+    answer = orjson.loads(body)
+    assert answer["ret_code"] == "980408"
+    assert answer["code"] == 408  # a V6 request: V6's fields too
+    assert fake.stats.v6_token_calls == 1  # the proxy's own
+
+
+async def test_a_token_request_too_large_is_refused_before_its_body_is_invited(
+    make_proxy, fake: FakeSobot
+):
+    proxy = await v6_proxy(make_proxy)
+    reader, writer = await asyncio.open_connection(proxy.host, proxy.port)
+    try:
+        writer.write(
+            b"POST /tokens/company HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n"
+            b"Expect: 100-continue\r\n\r\n"
+        )
+        async with asyncio.timeout(10):
+            head = await reader.readuntil(b"\r\n\r\n")
+    finally:
+        writer.close()
+    assert head.startswith(b"HTTP/1.1 413 ")  # not 100 Continue first
+
+
+async def test_a_token_request_that_cannot_be_answered_carries_v6_fields(
+    make_proxy, fake: FakeSobot
+):
+    fake.fail_get_token("http500", times=-1, kind="v6")
+    proxy = await v6_proxy(make_proxy)
+    response = await proxy.post("/tokens/company", json=token_request())
+    assert response.status == 502
+    body = await response.json()
+    assert body["ret_code"] == "500"  # the token endpoint's own code: its HTTP status
+    assert body["code"] == 502
+    assert "access_token" not in body
+
+
+async def test_a_set_no_route_names_is_fetched_only_when_a_client_asks(make_proxy, fake: FakeSobot):
+    """Every token call may rotate the token the appid's other users hold: a set nothing routes
+    to is not fetched at start-up, nor renewed, and does not decide readiness."""
+    proxy = await make_proxy(credentials=(CALLCENTER,))
+    await tokens_of(proxy).get()
+    ready = await proxy.get("/readyz")
+    assert ready.status == 200
+    assert (await ready.json())["credentials"]["callcenter"] == {
+        "kind": "v6",
+        "ready": False,
+        "in_use": False,
+    }
+    assert fake.stats.v6_token_calls == 0
+    response = await proxy.post("/tokens/company", json=token_request())
+    assert (await response.json())["access_token"] == fake.current_v6_token
+    assert fake.stats.v6_token_calls == 1
+
+
+async def test_a_v6_route_does_not_carry_a_clients_v5_token(make_proxy, fake: FakeSobot):
+    proxy = await v6_proxy(make_proxy)
+    await proxy.get("/callservice/v6/agents", headers={"token": "a-v5-token-it-holds"})
+    assert "token" not in fake.received[0].headers

@@ -11,7 +11,13 @@ import pytest
 from multidict import CIMultiDict
 
 from proxy.sobot import v6
-from proxy.sobot.credential import ClientTokenRequest, MalformedAnswer, TokenRefused
+from proxy.sobot.credential import (
+    MAX_LIFETIME,
+    ClientTokenRequest,
+    MalformedAnswer,
+    TokenRefused,
+    spelled_as,
+)
 from proxy.sobot.kinds import KINDS
 from proxy.sobot.v5 import V5Credential
 from proxy.sobot.v6 import V6Credential
@@ -120,6 +126,26 @@ def test_expires_in_under_its_other_spelling_and_in_data():
 
 
 @pytest.mark.parametrize(
+    "exp",
+    [str(NOW - 1), str(NOW), str((NOW + 3600) * 1000), "1e300", str(2**70)],
+    ids=["past", "now", "milliseconds", "huge", "beyond-64-bits"],
+)
+def test_an_exp_that_cannot_be_meant_gives_way_to_expires_in(exp):
+    """Already past (a clock apart from ours) or beyond MAX_LIFETIME (a unit misread, or
+    garbled): expires_in decides, so the token is renewed in time and its answers stay sane."""
+    token = jwt(b'{"exp": ' + exp.encode() + b"}")
+    issued = parse({"access_token": token, "expires_in": 86400000})
+    assert issued.lifetime == 86400.0
+
+
+def test_a_lifetime_is_never_believed_past_max_lifetime():
+    issued = parse({"access_token": "opaque", "expires_in": 1e300})
+    assert issued.lifetime == MAX_LIFETIME
+    granted = orjson.loads(credential().grant("opaque", 1e300).body)
+    assert granted["expires_in"] == int(MAX_LIFETIME * 1000)
+
+
+@pytest.mark.parametrize(
     "body",
     [
         b"<html>502 Bad Gateway</html>",
@@ -135,8 +161,7 @@ def test_expires_in_under_its_other_spelling_and_in_data():
         {"access_token": "opaque", "expires_in": -5},
         {"access_token": "opaque", "expires_in": "soon"},
         {"access_token": "opaque", "expires_in": True},
-        {"access_token": jwt({"exp": NOW - 1}), "expires_in": 86400000},  # already past
-        {"access_token": jwt({"exp": NOW}), "expires_in": 86400000},
+        {"access_token": jwt({"exp": NOW - 1})},  # already past, and nothing else to go by
         {"code": 200, "status": "Success", "data": {"expires_in": 60}},
     ],
 )
@@ -201,7 +226,7 @@ def test_only_a_401_means_the_token_was_rejected(status, rejected):
     ],
 )
 def test_the_token_path_however_it_is_spelled(path, is_token_path):
-    assert credential().is_token_path(path) is is_token_path
+    assert spelled_as(path, v6.TOKEN_PATH) is is_token_path
 
 
 # -- a client's own token request ------------------------------------------------------------

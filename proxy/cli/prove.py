@@ -44,6 +44,7 @@ from proxy import upstream
 from proxy.config.routes import DEFAULT_CREDENTIALS, CredentialSettings
 from proxy.config.settings import MIB, Settings
 from proxy.logs import Secrets
+from proxy.server.paths import split_target
 from proxy.sobot import v5
 from proxy.sobot.credential import Credential
 from proxy.sobot.kinds import KINDS
@@ -129,6 +130,7 @@ def probe_problem(settings: Settings, probe: str) -> str | None:
 
 def _route_of(settings: Settings, path: str) -> tuple[str, str | None] | None:
     """(base URL, credential set) of the route `path` goes along; None: no route serves it."""
+    path = split_target(path)[0]  # as the proxy takes it: `//api/x` is `/api/x`
     for route in settings.route_table:
         if path.startswith(route.prefix):
             return route.base_url, route.credentials

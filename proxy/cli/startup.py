@@ -29,7 +29,10 @@ async def announce(
 
     `worker` is "i/N" in a worker of several; `token_store` is as describe_store gives it.
     """
-    statuses = [(managed, await managed.tokens.first_outcome()) for managed in sets]
+    statuses = [
+        (managed, await managed.tokens.first_outcome() if managed.in_use else None)
+        for managed in sets
+    ]
     region = next((name for name, base in REGIONS.items() if base == settings.base_url), None)
     fields: dict[str, object] = {
         "upstream": settings.base_url if region is None else f"{settings.base_url} ({region})",
@@ -67,7 +70,9 @@ def _lines(value: object, width: int) -> str:
     return str(value)
 
 
-def _token(status: TokenStatus) -> str:
+def _token(status: TokenStatus | None) -> str:
+    if status is None:
+        return "not fetched: no route uses it (fetched when a client asks for its token)"
     if status.ready:
         return f"obtained, expires in {status.expires_in:.0f} s"
     return f"not yet: {status.problem}"

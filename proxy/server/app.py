@@ -33,7 +33,7 @@ from proxy.logs import Secrets, get_logger
 from proxy.server.access import AccessPolicy
 from proxy.server.body import SpoolBudget
 from proxy.server.connections import ClientConnections
-from proxy.server.credentials import CredentialSets, ManagedCredential
+from proxy.server.credentials import CredentialSet, CredentialSets
 from proxy.server.forward import Forwarder
 from proxy.server.handler import ApiHandler, write_whole
 from proxy.server.health import healthz, readyz
@@ -132,6 +132,7 @@ def make_app(
         # keep a token from being renewed.
         get_token_client = token_client(settings, tls)
         stores: list[TokenStore] = []
+        routed = {route.credentials for route in settings.route_table}
         sets = CredentialSets(
             [
                 _managed(
@@ -144,6 +145,7 @@ def make_app(
                     backoff=backoff or Backoff(),
                     workers_directory=workers_directory,
                     stores=stores,
+                    in_use=config.name in routed,
                 )
                 for config in settings.credential_sets
             ]
@@ -171,12 +173,13 @@ def make_app(
                 ),
             ),
             routes=routes,
-            local_token=LocalTokenEndpoint(sets),
+            local_token=LocalTokenEndpoint(sets, read_timeout=settings.upstream_timeout),
             metrics=metrics,
             log=log,
         )
         for managed in sets:
-            managed.tokens.start()
+            if managed.in_use:
+                managed.tokens.start()
         try:
             yield
         finally:
@@ -225,7 +228,8 @@ def _managed(
     backoff: Backoff,
     workers_directory: str | None,
     stores: list[TokenStore],
-) -> ManagedCredential:
+    in_use: bool,
+) -> CredentialSet:
     """One credential set, with its token source, store (added to `stores`, for closing) and
     manager (not started yet)."""
     credential = KINDS[config.kind](config.appid, config.secret, config.authorization_scheme)
@@ -262,7 +266,7 @@ def _managed(
         check_hint=_check_hint(config.name),
     )
     metrics.watch_token(config.name, tokens.expires_in)
-    return ManagedCredential(config.name, credential, tokens)
+    return CredentialSet(config.name, credential, tokens, in_use)
 
 
 def _check_hint(name: str) -> str:

@@ -9,17 +9,22 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
-from proxy.sobot.credential import Credential
+from proxy.sobot.credential import Credential, names, spelling
 from proxy.tokens.manager import TokenManager
 
 
 @dataclass(frozen=True, slots=True)
-class ManagedCredential:
-    """One credential set: its name, its kind (with the appid and secret), its token."""
+class CredentialSet:
+    """One credential set: its name, its kind (with the appid and secret), its token.
+
+    `in_use`: a route injects it. Only then is its token fetched at start-up and renewed in the
+    background; a set no route names is fetched when a client asks for its token, since every
+    token call may rotate the token other users of the appid hold."""
 
     name: str
     credential: Credential
     tokens: TokenManager
+    in_use: bool = True
 
 
 class CredentialSets:
@@ -27,9 +32,9 @@ class CredentialSets:
 
     __slots__ = ("_by_kind", "_sets", "_token_kinds")
 
-    def __init__(self, sets: Sequence[ManagedCredential]) -> None:
+    def __init__(self, sets: Sequence[CredentialSet]) -> None:
         self._sets = tuple(sets)
-        self._by_kind: dict[str, dict[str, ManagedCredential]] = {}
+        self._by_kind: dict[str, dict[str, CredentialSet]] = {}
         for managed in self._sets:
             self._by_kind.setdefault(managed.credential.kind, {})[managed.credential.appid] = (
                 managed
@@ -39,24 +44,25 @@ class CredentialSets:
             next(iter(by_appid.values())).credential for by_appid in self._by_kind.values()
         )
 
-    def __iter__(self) -> Iterator[ManagedCredential]:
+    def __iter__(self) -> Iterator[CredentialSet]:
         return iter(self._sets)
 
     @property
-    def default(self) -> ManagedCredential:
+    def default(self) -> CredentialSet:
         return self._sets[0]
 
-    def named(self, name: str) -> ManagedCredential:
+    def named(self, name: str) -> CredentialSet:
         return next(managed for managed in self._sets if managed.name == name)
 
     def token_kind(self, path: str) -> Credential | None:
         """The kind whose token endpoint `path` is (in any spelling), among the kinds served."""
+        spelled = spelling(path)  # once, for every kind
         for credential in self._token_kinds:
-            if credential.is_token_path(path):
+            if names(spelled, credential.token_path):
                 return credential
         return None
 
-    def for_appid(self, kind: str, appid: str | None) -> ManagedCredential | None:
+    def for_appid(self, kind: str, appid: str | None) -> CredentialSet | None:
         """The set of `kind` with `appid`, if one is served."""
         if appid is None:
             return None

@@ -169,7 +169,7 @@ class Forwarder:
         if request.content_length is not None and body is not None:
             headers[hdrs.CONTENT_LENGTH] = str(request.content_length)
         data = None if body is None else body.first_pass()
-        managed = route.credential
+        managed = route.credential_set
         if managed is None:
             answer = await self._send(request.method, route, target, headers, data, body, record)
         else:

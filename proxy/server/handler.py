@@ -118,17 +118,21 @@ class ApiHandler:
         started = time.perf_counter()
         record = RequestRecord(request.method, request.path, request_id_for(request.headers))
         reserved = NOTHING_RESERVED
+        shape = None
         try:
-            path, _, kind, _ = self._admit(request, record)
+            path, _, kind, route = self._admit(request, record)
+            shape = _shape(kind, route)
             self._access.authorize(request.method, path)
             if request.headers.get(hdrs.EXPECT, "").lower() != "100-continue":
                 raise ExpectationFailed("only `Expect: 100-continue` is understood")
-            if kind is None:
+            if kind is not None:
+                self._local_token.admit(request)
+            else:
                 # Capacity, declared size and spool room: the refusal comes instead of the 100.
                 reserved = self._forwarder.admit(request)
         except ProxyError as exc:
             record.status, record.ret_code, record.error = exc.status, exc.ret_code, exc.message
-            response = exc.to_response()
+            response = _error_response(exc, shape)
             response.headers[REQUEST_ID_HEADER] = record.request_id
             response.force_close()  # the body was never invited: it cannot follow on this one
             with structlog.contextvars.bound_contextvars(request_id=record.request_id):
@@ -204,9 +208,10 @@ class ApiHandler:
     async def _respond(self, request: web.Request, record: RequestRecord) -> web.StreamResponse:
         """The answer to one request; what happened is noted in `record`."""
         reserved = request.pop(_RESERVED, None) if hdrs.EXPECT in request.headers else None
-        route = None
+        shape = None
         try:
             path, query, kind, route = self._admit(request, record)
+            shape = _shape(kind, route)
             self._access.authorize(request.method, path)
             if kind is not None:
                 response, record.ret_code, record.credentials = await self._local_token.answer(
@@ -218,11 +223,7 @@ class ApiHandler:
             return await self._forwarder.forward(request, route, path, query, record, reserved)
         except ProxyError as exc:
             record.status, record.ret_code, record.error = exc.status, exc.ret_code, exc.message
-            if route is not None and route.credential is not None:
-                # On a route of a kind with its own error shape (V6), its fields too.
-                credential = route.credential.credential
-                return exc.to_response(credential.error_fields(exc.status, exc.message))
-            return exc.to_response()
+            return _error_response(exc, shape)
         except asyncio.CancelledError:
             raise
         except Exception:
@@ -253,3 +254,21 @@ class ApiHandler:
             for task in running:
                 task.cancel()
             await asyncio.gather(*running, return_exceptions=True)
+
+
+def _shape(kind: Credential | None, route: Route | None) -> Credential | None:
+    """The kind whose error shape a request's errors take: its token request's, or that of the
+    credential set its route injects."""
+    if kind is not None:
+        return kind
+    if route is not None and route.credential_set is not None:
+        return route.credential_set.credential
+    return None
+
+
+def _error_response(error: ProxyError, shape: Credential | None) -> web.Response:
+    """The proxy's own error answer, with the fields of the kind's own shape (V6's) beside
+    Sobot's v5 `ret_code` and `ret_msg`."""
+    if shape is None:
+        return error.to_response()
+    return error.to_response(shape.error_fields(error.status, error.message))

@@ -1,8 +1,8 @@
-"""`/healthz` (the process answers) and `/readyz` (every credential set holds a valid token).
-Never forwarded.
+"""`/healthz` (the process answers) and `/readyz` (every credential set in use holds a valid
+token). Never forwarded.
 
-Every configured credential set is in use (a route injects it, or clients may ask for its
-token), so the proxy is ready only when each holds one. The body reports each set; its top-level
+A set is in use when a route injects it; one no route names is fetched only when a client asks
+for its token, and does not decide readiness. The body reports each set; its top-level
 `token_expires_in` is the `default` set's, as before there were several.
 """
 
@@ -22,14 +22,18 @@ async def healthz(_request: web.Request) -> web.Response:
 
 
 def readyz(sets: CredentialSets) -> web.Response:
-    """200 while every set holds a valid token; 503 with the reason (in Sobot's shape, from the
-    first set without one) otherwise."""
+    """200 while every set in use holds a valid token; 503 with the reason (in Sobot's shape,
+    from the first set without one) otherwise."""
     report: dict[str, dict[str, object]] = {}
     failing = None
     for managed in sets:
         status = managed.tokens.status()
         entry: dict[str, object] = {"kind": managed.credential.kind, "ready": status.ready}
-        if status.ready:
+        if not managed.in_use:
+            entry["in_use"] = False  # no route injects it: fetched when a client asks
+            if status.ready:
+                entry["token_expires_in"] = status.expires_in
+        elif status.ready:
             entry["token_expires_in"] = status.expires_in
             if status.problem:  # a token is held, but its renewal is failing
                 entry["warning"] = status.problem

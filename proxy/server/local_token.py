@@ -12,13 +12,14 @@ which is what such clients already handle.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Callable
 from typing import Final
 
 from aiohttp import web
 
-from proxy.errors import BodyTooLarge
+from proxy.errors import BodyTooLarge, ClientTimeout
 from proxy.server.credentials import CredentialSets
 from proxy.sobot.credential import ClientTokenRequest, Credential, LocalAnswer
 
@@ -28,21 +29,32 @@ MAX_BODY: Final = 16 * 1024
 
 class LocalTokenEndpoint:
     def __init__(
-        self, sets: CredentialSets, *, wall_clock: Callable[[], float] = time.time
+        self,
+        sets: CredentialSets,
+        *,
+        read_timeout: float,
+        wall_clock: Callable[[], float] = time.time,
     ) -> None:
+        """`read_timeout`: how long a client has to send a token request's body."""
         self._sets = sets
+        self._read_timeout = read_timeout
         self._wall_clock = wall_clock
 
     def kind_of(self, path: str) -> Credential | None:
         """The kind whose token endpoint `path` is, if it is one the proxy answers."""
         return self._sets.token_kind(path)
 
+    def admit(self, request: web.BaseRequest) -> None:
+        """Before the body is read (`Expect: 100-continue`): refuse a body too large."""
+        if request.content_length is not None and request.content_length > MAX_BODY:
+            raise BodyTooLarge(f"a token request's body is at most {MAX_BODY} bytes")
+
     async def answer(
         self, request: web.Request, kind: Credential
     ) -> tuple[web.Response, str, str | None]:
         """The answer for the client, the code it carries and the credential set it was for,
         if one (for the request log)."""
-        body = await _read_small(request) if kind.reads_client_body else b""
+        body = await self._read_small(request) if kind.reads_client_body else b""
         claim = ClientTokenRequest(request.query, body)
         now = self._wall_clock()
         managed = self._sets.for_appid(kind.kind, kind.claimed_appid(claim))
@@ -58,16 +70,20 @@ class LocalTokenEndpoint:
         granted = managed.credential.grant(token.value, tokens.seconds_left(token))
         return (*_response(granted), managed.name)
 
-
-async def _read_small(request: web.Request) -> bytes:
-    if request.content_length is not None and request.content_length > MAX_BODY:
-        raise BodyTooLarge(f"a token request's body is at most {MAX_BODY} bytes")
-    body = bytearray()
-    while chunk := await request.content.readany():
-        body += chunk
-        if len(body) > MAX_BODY:
-            raise BodyTooLarge(f"a token request's body is at most {MAX_BODY} bytes")
-    return bytes(body)
+    async def _read_small(self, request: web.Request) -> bytes:
+        """The whole body, at most MAX_BODY bytes, within the read timeout (a few dozen bytes
+        are due at once: one timer for the whole, not one per read)."""
+        self.admit(request)
+        body = bytearray()
+        try:
+            async with asyncio.timeout(self._read_timeout):
+                while chunk := await request.content.readany():
+                    body += chunk
+                    if len(body) > MAX_BODY:
+                        raise BodyTooLarge(f"a token request's body is at most {MAX_BODY} bytes")
+        except TimeoutError:
+            raise ClientTimeout("the client stopped sending its token request's body") from None
+        return bytes(body)
 
 
 def _response(answer: LocalAnswer) -> tuple[web.Response, str]:

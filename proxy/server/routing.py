@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from urllib.parse import urlsplit
 
 from proxy import upstream
-from proxy.server.credentials import ManagedCredential
+from proxy.server.credentials import CredentialSet
 
 
 @dataclass(frozen=True, slots=True)
@@ -22,16 +22,16 @@ class Route:
     base_url: str  # for logs and `check`
     origin: upstream.Origin
     base_path: str  # the base URL's path, "" or "/prefix": requests go to base_path + path
-    credential: ManagedCredential | None  # None: forwarded without injecting anything
+    credential_set: CredentialSet | None  # None: forwarded without injecting anything
 
     @classmethod
-    def to(cls, prefix: str, base_url: str, credential: ManagedCredential | None) -> Route:
+    def to(cls, prefix: str, base_url: str, credential_set: CredentialSet | None) -> Route:
         origin = upstream.Origin.of(base_url)
-        return cls(prefix, base_url, origin, urlsplit(base_url).path, credential)
+        return cls(prefix, base_url, origin, urlsplit(base_url).path, credential_set)
 
     @property
     def credentials_name(self) -> str:
-        return "none" if self.credential is None else self.credential.name
+        return "none" if self.credential_set is None else self.credential_set.name
 
 
 class RouteTable:

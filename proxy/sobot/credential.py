@@ -9,7 +9,8 @@ secret). It knows, for its family of Sobot APIs:
     inject(headers, token)          how a forwarded request carries the token
     error_fields(status, message)   the kind's own fields in the proxy's error answers
     rejected(status, ret_code)      whether an answer means "this token is not accepted"
-    is_token_path(path)             a client's own token request, answered locally...
+    token_path                      a client's own token request, answered locally (in any
+                                    spelling an upstream might take for it: spelling())...
     claimed_appid / check / grant / refuse
                                     ...and how: which set it names, whether its sign verifies,
                                     and the answers in the family's own shape
@@ -22,10 +23,19 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import ClassVar, Protocol
+from typing import ClassVar, Final, Protocol
 from urllib.parse import unquote
 
 from multidict import CIMultiDict
+
+# A token request signed with a time further than this from the proxy's clock is refused (v5's
+# create_time, V6's currentTime), as Sobot refuses it; it also keeps a captured sign from being
+# usable for long.
+MAX_CLOCK_SKEW: Final = 300
+# The longest a token is believed to live, whatever its answer says: a day is what the vendor
+# documents; a lifetime past this is a misread (a unit, a garbled claim), and renewing a
+# month-old token early costs one token call, where never renewing would cost every request.
+MAX_LIFETIME: Final = 30 * 86400.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,10 +125,6 @@ class Credential(Protocol):
         injected token was not accepted: the one answer that is replayed with a new token."""
         ...
 
-    def is_token_path(self, path: str) -> bool:
-        """Whether an upstream could take `path` for this kind's token endpoint."""
-        ...
-
     def claimed_appid(self, request: ClientTokenRequest) -> str | None:
         """The appid a client's token request names (None: it names none)."""
         ...
@@ -146,8 +152,8 @@ class Credential(Protocol):
         ...
 
 
-def spelled_as(path: str, token_path: str) -> bool:
-    """Whether an upstream could take `path` for `token_path`, however it is spelled.
+def spelling(path: str) -> str:
+    """`path` as an upstream might take it, for comparing with a token path (names()).
 
     An upstream may decode percent-encodings (`get%5ftoken`), drop `;parameters`, fold case,
     trim white space (Spring's path matching once did), take `get_token.json` for `get_token`
@@ -155,8 +161,23 @@ def spelled_as(path: str, token_path: str) -> bool:
     answered locally, never forwarded, since every token request rotates the token.
     """
     segments = (unquote(segment.partition(";")[0]).strip() for segment in path.split("/"))
-    spelled = "/".join(segments).rstrip("/").lower()
+    return "/".join(segments).rstrip("/").lower()
+
+
+def names(spelled: str, token_path: str) -> bool:
+    """Whether a path of this `spelling()` is `token_path` to an upstream (`x.json` too)."""
     if spelled == token_path:
         return True
     suffix = spelled[len(token_path) :]
     return spelled.startswith(token_path + ".") and "/" not in suffix
+
+
+def spelled_as(path: str, token_path: str) -> bool:
+    """Whether an upstream could take `path` for `token_path`, however it is spelled."""
+    return names(spelling(path), token_path)
+
+
+def header_safe(token: str) -> bool:
+    """Whether `token` can go in a request's head as it is: no white space or control character
+    (a CR LF in it would end the header, and begin another)."""
+    return bool(token) and token.isascii() and token.isprintable() and " " not in token

@@ -21,18 +21,18 @@ import orjson
 from multidict import CIMultiDict
 
 from proxy.sobot.credential import (
+    MAX_CLOCK_SKEW,
+    MAX_LIFETIME,
     ClientTokenRequest,
     IssuedToken,
     LocalAnswer,
     MalformedAnswer,
     TokenRefused,
     TokenRequest,
-    spelled_as,
+    header_safe,
 )
 
 GET_TOKEN_PATH: Final = "/api/get_token"
-# Sobot refuses a get_token whose create_time is further than this from its clock (900003).
-MAX_CLOCK_SKEW: Final = 300
 TOKEN_HEADER: Final = "token"
 
 OK: Final = "000000"
@@ -138,12 +138,13 @@ def parse_token_answer(body: bytes) -> tuple[str, str, IssuedToken | None]:
     if not isinstance(item, dict):
         raise MalformedAnswer("the answer has no item object")
     token = item.get("token")
-    if not isinstance(token, str) or not token:
+    if not isinstance(token, str) or not header_safe(token):
         raise MalformedAnswer("the answer has no token")
     lifetime = _seconds(item.get("expires_in", item.get("expire_in")))
     if lifetime is None:
         raise MalformedAnswer("the answer has no valid expires_in")
-    return ret_code, ret_msg, IssuedToken(token, lifetime)
+    # Capped: a lifetime past MAX_LIFETIME is a misread, and renewing early costs little.
+    return ret_code, ret_msg, IssuedToken(token, min(lifetime, MAX_LIFETIME))
 
 
 def _seconds(value: Any) -> float | None:
@@ -216,9 +217,6 @@ class V5Credential:
 
     def rejected(self, status: int, ret_code: str | None) -> bool:
         return ret_code in TOKEN_REJECTED
-
-    def is_token_path(self, path: str) -> bool:
-        return spelled_as(path, GET_TOKEN_PATH)
 
     def claimed_appid(self, request: ClientTokenRequest) -> str | None:
         return request.query.get("appid")

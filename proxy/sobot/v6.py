@@ -39,15 +39,16 @@ import orjson
 from multidict import CIMultiDict
 
 from proxy.sobot.credential import (
+    MAX_CLOCK_SKEW,
+    MAX_LIFETIME,
     ClientTokenRequest,
     IssuedToken,
     LocalAnswer,
     MalformedAnswer,
     TokenRefused,
     TokenRequest,
-    spelled_as,
+    header_safe,
 )
-from proxy.sobot.v5 import MAX_CLOCK_SKEW
 
 TOKEN_PATH: Final = "/tokens/company"
 RESPONSE_TYPE: Final = "token"
@@ -135,26 +136,26 @@ class V6Credential:
                 str(message),
                 configuration_error=bool({refusal, str(status)} & _CONFIGURATION_ERRORS),
             )
-        if not isinstance(token, str) or not _header_safe(token):
+        if not isinstance(token, str) or not header_safe(token):
             raise MalformedAnswer("the answer has no access_token")
         expiry = _jwt_expiry(token)
-        if expiry is not None:
-            if expiry <= now:
-                raise MalformedAnswer("the token's exp claim is already past")
+        if expiry is not None and 0 < expiry - now <= MAX_LIFETIME:
             return IssuedToken(token, expiry - now)
+        # No exp, or one that cannot be meant (already past: a clock apart from ours; beyond
+        # MAX_LIFETIME: milliseconds, or garbled): expires_in decides.
         lifetime = _lifetime(_first(places, "expires_in", "expiresIn"))
         if lifetime is None:
-            raise MalformedAnswer("the answer has neither a readable exp nor a valid expires_in")
-        return IssuedToken(token, lifetime)
+            raise MalformedAnswer("the answer has neither a plausible exp nor a valid expires_in")
+        return IssuedToken(token, min(lifetime, MAX_LIFETIME))
 
     def inject(self, headers: CIMultiDict[str], token: str) -> None:
+        # A client's v5 `token` (which it may hold from the proxy's own get_token) is not for
+        # this host.
+        headers.popall("token", None)
         headers["Authorization"] = self._prefix + token  # replaces every one the client sent
 
     def rejected(self, status: int, ret_code: str | None) -> bool:
         return status == 401
-
-    def is_token_path(self, path: str) -> bool:
-        return spelled_as(path, TOKEN_PATH)
 
     def claimed_appid(self, request: ClientTokenRequest) -> str | None:
         appid = (_json_object(request.body) or {}).get("appId")
@@ -190,7 +191,7 @@ class V6Credential:
 
     def grant(self, token: str, seconds_left: float) -> LocalAnswer:
         # Rounded down, so a client that trusts expires_in never uses the token past its end.
-        milliseconds = max(0, math.floor(seconds_left * 1000))
+        milliseconds = max(0, math.floor(min(seconds_left, MAX_LIFETIME) * 1000))
         body = {"response_type": RESPONSE_TYPE, "access_token": token, "expires_in": milliseconds}
         return LocalAnswer(200, orjson.dumps(body), "200")
 
@@ -226,11 +227,6 @@ def _first(places: tuple[dict[str, Any], ...], *names: str) -> Any:
             if place.get(name) is not None:
                 return place[name]
     return None
-
-
-def _header_safe(token: str) -> bool:
-    # Written into a forwarded request's head: no white space or control character may end it.
-    return bool(token) and token.isascii() and token.isprintable() and " " not in token
 
 
 def _jwt_expiry(token: str) -> float | None:

@@ -173,7 +173,7 @@ class CredentialTokenSource:
     async def _exchange(self, call: TokenRequest) -> tuple[int, bytes]:
         """Send the token call; its status and up to MAX_ANSWER + 1 bytes of its answer."""
         headers = CIMultiDict(_HEADERS)
-        headers.extend(call.headers)
+        headers.update(call.headers)  # the call's own replace the defaults (Accept)
         body = None
         if call.body is not None:
             headers["Content-Length"] = str(len(call.body))
