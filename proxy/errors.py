@@ -13,8 +13,8 @@
     ├── Overloaded          503     980503  more requests waiting for Sobot than allowed
     ├── SpoolFull           503     980503  no room left to keep another large request body
     ├── UpstreamTimeout     504     980504  Sobot did not answer within the timeout
-    ├── TokenUnavailable    502     <get_token's code, or 980502>
-    ├── NotReady            503     <get_token's code, or 980503>  /readyz with no valid token
+    ├── TokenUnavailable    502     <the token call's code, or 980502>
+    ├── NotReady            503     <the token call's code, or 980503>  /readyz: a set lacks a token
     ├── SpoolFailed         507     980507  keeping a request body on disk failed (disk full, ...)
     └── InternalError       500     980500  a bug in the proxy; details go to the log only
 

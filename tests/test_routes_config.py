@@ -639,3 +639,21 @@ def test_allow_paths_and_metrics_routes_apply_under_every_route():
     settings = load_settings({}, env)
     assert settings.allow_paths == ("/callservice/v6/", "/api/5/user/")
     assert settings.metrics_routes == ("/text/ai-agent-open/ask/",)
+
+
+def test_repeats_are_found_among_sets_and_routes_with_other_mistakes_too():
+    """One run lists every problem: a set or a route with a mistake is still compared."""
+    toml = (
+        '[credentials.cc]\nkind = "v6"\nappid = "same"\n'  # no secret
+        f'[credentials.cc3]\nkind = "v6"\nappid = "same"\napp_key = "{V6_SECRET}"\n'
+        '[[routes]]\nprefix = "/a/"\n'
+        '[[routes]]\nprefix = "/b/"\nupstream = "http://sobot.example"\n'  # plain http
+        '[[routes]]\nprefix = "/b/"\n'
+    )
+    problems = problems_of(toml)
+    assert (
+        f"{CONFIG}: credentials.cc3.appid: the same v6 appid as credentials.cc: two sets of "
+        "one appid would rotate each other's token" in problems
+    )
+    assert f"{CONFIG}: routes[3].prefix: '/b/' is also the prefix of routes[2]" in problems
+    assert len(problems) == 4, problems  # and the missing secret, and the plain http

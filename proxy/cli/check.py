@@ -22,8 +22,8 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 from proxy.config.settings import MIB, OPTIONS, REGIONS, Origin, Provenance, Settings, is_loopback
 from proxy.errors import BadRequest
 from proxy.server.paths import split_target
-from proxy.sobot import v5, v6
 from proxy.sobot.credential import spelled_as
+from proxy.sobot.kinds import TOKEN_PATHS
 
 EXIT_OK: Final = 0
 EXIT_REFUSED: Final = 1
@@ -110,6 +110,7 @@ _EMPTY_MEANS: Final = {
     "temp_dir": f"{tempfile.gettempdir()} (the system's)",
     "ca_bundle": "the system's CAs",
     "allow_paths": "every path a route serves",
+    "forward_prefixes": "none: only [[routes]] are forwarded",
     "allow_methods": "every method",
 }
 
@@ -180,7 +181,7 @@ def probe_path(value: str) -> str:
         path, _query = split_target(value)
     except BadRequest as exc:
         raise argparse.ArgumentTypeError(f"{value!r}: {exc.message}") from None
-    if spelled_as(path, v5.GET_TOKEN_PATH) or spelled_as(path, v6.TOKEN_PATH):
+    if any(spelled_as(path, token_path) for token_path in TOKEN_PATHS):
         raise argparse.ArgumentTypeError(
             f"{value!r} is a token request, which would rotate the token: name a read-only API"
         )

@@ -76,7 +76,8 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="sobot-proxy",
-        description="Authenticating reverse proxy for the Sobot Open API (v5).",
+        description="Authenticating reverse proxy for the Sobot Open APIs (v5 and the V6 call "
+        "centre).",
     )
     parser.add_argument("--version", action="version", version=f"sobot-proxy {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
@@ -107,15 +108,16 @@ def build_parser() -> argparse.ArgumentParser:
     check_cmd.add_argument(
         "--online",
         action="store_true",
-        help="prove the credentials work: with a Redis token store holding a token, by that "
-        "shared token (get_token is not called); otherwise by get_token, only with "
-        "--rotate-token",
+        help="prove each credential set works: with a Redis token store holding its token, by "
+        "that shared token (the token call is not made); otherwise by its token call "
+        "(get_token, /tokens/company), only with --rotate-token",
     )
     check_cmd.add_argument(
         "--rotate-token",
         action="store_true",
-        help="allow --online to call get_token, which issues a new token and invalidates the "
-        "one every running proxy (and any other client) of the appid holds",
+        help="allow --online to make token calls (get_token, /tokens/company), which issue a new "
+        "token and may invalidate the one every running proxy (and any other client) of the "
+        "appid holds",
     )
     check_cmd.add_argument(
         "--probe-path",

@@ -7,7 +7,7 @@ for them to drain.
 
 The workers share one token: through Redis when a shared store is configured, otherwise through
 a private directory the parent creates (WORKERS_DIRECTORY_ENV): a token file and an flock for
-renewal (store.FileTokenStore). A file and a lock are enough on one host; the parent stays out
+renewal (FileTokenStore). A file and a lock are enough on one host; the parent stays out
 of the token's way and does no I/O of its own.
 """
 

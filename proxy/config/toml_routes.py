@@ -107,7 +107,7 @@ def parse_route_tables(
         for name, table in given_sets.items()
         if (credential := _credential_set(reader, name, table)) is not None
     ]
-    _check_appids_are_distinct(reader, credentials, default_appid)
+    _check_appids_are_distinct(reader, given_sets, default_appid)
     # A set with a mistake in it is still known: a route naming it is not a second problem.
     declared = (name for name in given_sets if _valid_name(name))
     known = (DEFAULT_CREDENTIALS, NO_CREDENTIALS, *declared)
@@ -116,19 +116,23 @@ def parse_route_tables(
         reader.problem("routes", "must be an array of tables ([[routes]])")
         given_routes = []
     routes: list[RouteSettings] = []
+    # On the prefixes as given, so a route with another mistake is compared too.
     first_with_prefix: dict[str, str] = {}
     for number, table in enumerate(given_routes, start=1):
-        route = _route(reader, f"routes[{number}]", table, known)
-        if route is None:
+        prefix = table.get("prefix") if isinstance(table, dict) else None
+        if not isinstance(prefix, str):
             continue
-        if route.prefix in first_with_prefix:
+        if prefix.strip() in first_with_prefix:
             reader.problem(
                 f"routes[{number}].prefix",
-                f"{route.prefix!r} is also the prefix of {first_with_prefix[route.prefix]}",
+                f"{prefix.strip()!r} is also the prefix of {first_with_prefix[prefix.strip()]}",
             )
-            continue
-        first_with_prefix[route.prefix] = f"routes[{number}]"
-        routes.append(route)
+        else:
+            first_with_prefix[prefix.strip()] = f"routes[{number}]"
+    for number, table in enumerate(given_routes, start=1):
+        route = _route(reader, f"routes[{number}]", table, known)
+        if route is not None and first_with_prefix.get(route.prefix) == f"routes[{number}]":
+            routes.append(route)
     return RouteTables(tuple(credentials), tuple(routes))
 
 
@@ -172,7 +176,7 @@ def _credential_set(reader: _Reader, name: str, table: Any) -> CredentialSetting
         scheme = reader.parsed(
             f"{where}.authorization_scheme", _authorization_scheme, table["authorization_scheme"]
         )
-        if kind == "v5":
+        if kind is not None and kind != "v6":
             reader.problem(
                 f"{where}.authorization_scheme",
                 "only a v6 set takes it (a v5 token goes in the `token` header)",
@@ -270,20 +274,28 @@ def _authorization_scheme(value: Any) -> str:
 
 
 def _check_appids_are_distinct(
-    reader: _Reader, credentials: list[CredentialSettings], default_appid: str | None
+    reader: _Reader, given_sets: Mapping[str, Any], default_appid: str | None
 ) -> None:
     """Two sets of one kind and appid would each rotate the other's token, and a client's own
-    token request (which names only the appid) could not tell them apart."""
+    token request (which names only the appid) could not tell them apart.
+
+    Checked on the values as given, so a set with another mistake is compared too: every
+    problem shows in one run."""
     first: dict[tuple[str, str], str] = {}
     if default_appid is not None:
         first["v5", default_appid] = "the default set (SOBOT_APPID)"
-    for credential in credentials:
-        key = (credential.kind, credential.appid)
+    for name, table in given_sets.items():
+        if not isinstance(table, dict):
+            continue
+        kind, appid = table.get("kind"), table.get("appid")
+        if not (isinstance(kind, str) and isinstance(appid, str) and appid.strip()):
+            continue
+        key = (kind.strip().lower(), appid.strip())
         if key in first:
             reader.problem(
-                _key_path("credentials", credential.name, "appid"),
-                f"the same {credential.kind} appid as {first[key]}: two sets of one appid "
+                _key_path("credentials", name, "appid"),
+                f"the same {key[0]} appid as {first[key]}: two sets of one appid "
                 "would rotate each other's token",
             )
         else:
-            first[key] = _key_path("credentials", credential.name)
+            first[key] = _key_path("credentials", name)

@@ -1,4 +1,5 @@
-"""A request body streamed to Sobot as it arrives, and kept for the one 900002 replay.
+"""A request body streamed to Sobot as it arrives, and kept for the one replay after a rejected
+token (v5: 900002; V6: 401).
 
 The first attempt reads the client's body chunk by chunk, sending each chunk on and appending it
 to a spool: in memory up to SPOOL_MEMORY_LIMIT, beyond that (the whole body) in an anonymous

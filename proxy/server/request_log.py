@@ -14,7 +14,7 @@ class RequestRecord:
     credentials: str | None = None  # the credential set injected or asked for, or "none"
     status: int | None = None
     ret_code: str | None = None
-    attempts: int = 0  # 0: answered by the proxy itself; 2: after the 900002 replay
+    attempts: int = 0  # 0: answered by the proxy itself; 2: after the replay (900002, 401)
     upstream_s: float = 0.0
     error: str | None = None
 

@@ -14,3 +14,6 @@ KINDS: Final[Mapping[str, Callable[[str, str, str], Credential]]] = {
     "v5": lambda appid, secret, _scheme: V5Credential(appid, secret),
     "v6": lambda appid, secret, scheme: V6Credential(appid, secret, authorization_scheme=scheme),
 }
+
+# Every kind's token endpoint, as clients call it: never forwarded, whichever kinds are served.
+TOKEN_PATHS: Final = (V5Credential.token_path, V6Credential.token_path)

@@ -156,7 +156,7 @@ class TokenManager:
         return await self._shared_fetch(stale=None if self._held is None else self._held.value)
 
     async def replace(self, rejected: Token) -> Token:
-        """A token to replay with after Sobot rejected `rejected` (900002 / 900001)."""
+        """A token to replay with after Sobot rejected `rejected` (v5: 900002 / 900001; V6: 401)."""
         current = self._cache.get(_KEY)
         if current is not None and current.value != rejected.value:
             return current  # a newer one is held already
@@ -421,7 +421,7 @@ class TokenManager:
             if error.configuration_error:
                 problem = f"Sobot rejected the configuration ({error.message}): {self._check_hint}"
         elif token is None:
-            problem = "no token yet: the first get_token is under way"
+            problem = "no token yet: the first token call is under way"
         return TokenStatus(
             ready=token is not None,
             expires_in=None if token is None else round(self.seconds_left(token), 1),

@@ -1,7 +1,7 @@
 """A lean HTTP/1.1 client for the upstream path: pooled keep-alive connections, httptools' parser.
 
 aiohttp's ClientSession was about half of the proxy's CPU per forwarded request. Forwarding needs
-much less of it: one origin, bodies passed through as they are (never decompressed, never
+much less of it: a few origins, bodies passed through as they are (never decompressed, never
 re-encoded), no cookies, no redirects, no automatic headers. This is that much, on llhttp (through
 httptools) over the event loop's own transports.
 
@@ -13,7 +13,8 @@ httptools) over the event loop's own transports.
 
 - A request is never sent twice: a kept-alive connection that turns out dead fails the request
   (ServerDisconnected), where aiohttp's client would resend an idempotent one. Only the
-  forwarder's 900002 replay may send a request again (get_token is never resent).
+  forwarder's replay after a rejected token may send a request again (a token call is never
+  resent).
 - Idle connections are reused last-in first-out, and closed after KEEPALIVE seconds idle (aiohttp's
   default): a connection the server is about to time out is the likeliest to die under a request.
 - The read timeout bounds every wait for bytes once the request is sent, as aiohttp's sock_read
