@@ -568,7 +568,7 @@ def test_check_prints_the_route_table_and_the_credential_sets(tmp_path):
         f"  /signed/              -> {sg}  credentials: none (nothing injected)",
         f"  /api/                 -> {sg}  credentials: default",
         "credential sets:",
-        f"  default  kind v5, appid {APPID}, secret set, token from {sg}",
+        f"  default     kind v5, appid {APPID}, secret set, token from {sg}",
         f"  callcenter  kind v6, appid {V6_APPID}, secret set, token from {sg}",
     ]
     assert re.fullmatch(r"every path a route serves\s+default", result.setting("allow_paths"))

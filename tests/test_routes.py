@@ -487,3 +487,39 @@ async def test_a_v6_route_does_not_carry_a_clients_v5_token(make_proxy, fake: Fa
     proxy = await v6_proxy(make_proxy)
     await proxy.get("/callservice/v6/agents", headers={"token": "a-v5-token-it-holds"})
     assert "token" not in fake.received[0].headers
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/text/ai-agent-open/%73elf/ask",  # %73 is "s"
+        "/text/ai-agent-open/self;x=1/ask",  # a servlet container drops `;x=1`
+        "/text/ai-agent-open/sel%66;jsessionid=2/ask",
+    ],
+)
+async def test_a_deeper_route_cannot_be_bypassed_by_spelling(
+    make_proxy, fake: FakeSobot, second_host: FakeSobot, path
+):
+    """The route is chosen from the path as the upstream will take it: an encoded or
+    parametered spelling of `/text/ai-agent-open/self/` goes along that route (here: no
+    credentials), never along the shorter one, and the allow-list sees the same path."""
+    proxy = await make_proxy(
+        routes=(
+            RouteSettings("/text/ai-agent-open/", second_host.url, "default"),
+            RouteSettings("/text/ai-agent-open/self/", second_host.url, None),
+        ),
+        allow_paths=("/text/ai-agent-open/self/",),
+    )
+    await proxy.session.get(exact_url(proxy, path))
+    [received] = second_host.received
+    assert "token" not in received.headers  # the `none` route's: nothing injected
+    shorter = await proxy.session.get(exact_url(proxy, "/text/ai-agent-open/%6fther"))
+    assert shorter.status == 403  # `/text/ai-agent-open/other` is outside the allow-list
+
+
+async def test_an_encoded_newline_is_refused_by_the_proxy_not_aiohttps_router(proxy, fake):
+    response = await proxy.session.get(exact_url(proxy, "/api/a%0ab"))
+    assert response.status == 400
+    assert (await response.json())["ret_code"] == "980400"
+    assert "X-Request-Id" in response.headers  # answered (and logged) by the proxy's handler
+    assert fake.stats.api_calls == 0

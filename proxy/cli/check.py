@@ -198,10 +198,11 @@ def describe_routes(settings: Settings) -> list[str]:
     lines = ["routes (longest prefix first):"]
     lines += [f"  {prefix:<{width}}  -> {url}  credentials: {name}" for prefix, url, name in rows]
     lines.append("credential sets:")
+    name_width = max(len(config.name) for config in settings.credential_sets)
     for config in settings.credential_sets:
         token_from = config.base_url or settings.base_url
         lines.append(
-            f"  {config.name}  kind {config.kind}, appid {config.appid}, secret set, "
-            f"token from {token_from}"
+            f"  {config.name:<{name_width}}  kind {config.kind}, appid {config.appid}, secret "
+            f"set, token from {token_from}"
         )
     return lines

@@ -10,13 +10,13 @@ from __future__ import annotations
 import hashlib
 import hmac
 from typing import Final
-from urllib.parse import unquote
 
 from aiohttp import hdrs
 from multidict import CIMultiDictProxy
 
 from proxy.config.settings import Settings
 from proxy.errors import Forbidden, Unauthorized
+from proxy.server.paths import as_served
 
 _BEARER: Final = "bearer "
 
@@ -50,9 +50,9 @@ class AccessPolicy:
         """Raise Forbidden unless the allow-lists (when set) admit this method and path."""
         if self._allow_methods and method not in self._allow_methods:
             raise Forbidden(f"the method {method} is not allowed through this proxy")
-        # Matched on the decoded path: encoded slashes and dot segments never get this far
-        # (server/paths.py), so decoding cannot make one path pass for another.
-        if self._allow_paths and not unquote(path).startswith(self._allow_paths):
+        # Matched on the path as the upstream takes it (paths.as_served): encoded slashes and
+        # dot segments never get this far, so decoding cannot make one path pass for another.
+        if self._allow_paths and not as_served(path).startswith(self._allow_paths):
             raise Forbidden("this path is not allowed through this proxy")
 
 

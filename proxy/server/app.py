@@ -198,7 +198,9 @@ def make_app(
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", _readyz)
     app.router.add_get("/metrics", _metrics)
-    app.router.add_route("*", "/{tail:.*}", _api, expect_handler=_expect)
+    # Every path, a decoded newline in it too (`.` would stop at one, and aiohttp's own 404
+    # would answer without the proxy's checks): the handler refuses what it must.
+    app.router.add_route("*", r"/{tail:[\s\S]*}", _api, expect_handler=_expect)
     return app
 
 

@@ -28,7 +28,7 @@ from proxy.server.exact_head import PiecewiseResponse
 from proxy.server.forward import Forwarder
 from proxy.server.local_token import LocalTokenEndpoint
 from proxy.server.metrics import Metrics
-from proxy.server.paths import split_target
+from proxy.server.paths import as_served, split_target
 from proxy.server.request_id import HEADER as REQUEST_ID_HEADER
 from proxy.server.request_id import request_id_for
 from proxy.server.request_log import RequestRecord
@@ -103,7 +103,8 @@ class ApiHandler:
         path, query = split_target(request.raw_path)
         record.path = path
         kind = self._local_token.kind_of(path)
-        route = self._routes.match(path)
+        served = as_served(path)
+        route = self._routes.match(served)
         if kind is not None:
             # Answered locally; counted under the route it would have gone along, if any.
             record.route = kind.token_path if route is None else route.prefix

@@ -55,3 +55,19 @@ def split_target(raw_target: str) -> tuple[str, str]:
         if decoded.partition(";")[0] in (".", "..") or "/" in decoded or "\\" in decoded:
             raise BadRequest("dot segments, encoded slashes and backslashes are not forwarded")
     return path, mark + query
+
+
+def as_served(path: str) -> str:
+    """`path` (from split_target) as the upstream will take it, to choose its route and apply
+    the allow-lists: percent-encodings decoded, each segment's `;parameters` dropped (Java
+    servlet containers drop them), case kept.
+
+    Otherwise `/text/ai-agent-open/%73elf/` or `.../self;x/` would go along a shorter route
+    than `/text/ai-agent-open/self/`, which the upstream serves them as. split_target has
+    refused every encoding that could make a new segment (`%2f`, dot segments), so decoding
+    keeps the segments as they are. Most paths have nothing to decode: they come back as they
+    are, with nothing allocated.
+    """
+    if "%" not in path and ";" not in path:
+        return path
+    return "/".join(unquote(segment.partition(";")[0]) for segment in path.split("/"))
