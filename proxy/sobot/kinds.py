@@ -15,5 +15,5 @@ KINDS: Final[Mapping[str, Callable[[str, str, str], Credential]]] = {
     "v6": lambda appid, secret, scheme: V6Credential(appid, secret, authorization_scheme=scheme),
 }
 
-# Every kind's token endpoint, as clients call it: never forwarded, whichever kinds are served.
+# Every kind's token endpoint, as clients call it (`check` refuses one as a probe: it rotates).
 TOKEN_PATHS: Final = (V5Credential.token_path, V6Credential.token_path)
