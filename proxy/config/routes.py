@@ -38,6 +38,9 @@ class CredentialSettings:
     base_url: str | None = None
     # v6: `Authorization: <scheme> <token>`; "" sends the bare token.
     authorization_scheme: str = DEFAULT_AUTHORIZATION_SCHEME
+    # The file the secret was read from (None: given as a value), for a reload to read again.
+    # Where the secret came from, not what the set is: left out of ==.
+    secret_file: str | None = field(default=None, compare=False)
 
 
 @dataclass(frozen=True, slots=True)

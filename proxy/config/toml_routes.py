@@ -18,7 +18,7 @@ import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, NamedTuple
 
 from proxy.config import values
 from proxy.config.routes import (
@@ -64,7 +64,7 @@ class RouteTables:
 
 
 @dataclass(frozen=True, slots=True)
-class _Reader:
+class Reader:
     """What parsing needs besides the tables: how to name a key, read a file, and report."""
 
     file_label: str  # the TOML file as it was named
@@ -96,21 +96,45 @@ def parse_route_tables(
     """The sets and routes of a TOML file's top-level values, every problem added to `problems`.
 
     `default_appid` (SOBOT_APPID, None if it is missing or bad) is checked against the sets'.
+    The loader reads tenants too (tenants.py); this is the same without them.
     """
-    reader = _Reader(file_label, read_text, allow_insecure_upstream, problems)
-    given_sets = toml_values.get("credentials", {})
+    reader = Reader(file_label, read_text, allow_insecure_upstream, problems)
+    appids = AppidRegister(reader, default_appid)
+    credentials, declared = credential_sets(reader, toml_values.get("credentials", {}), appids)
+    routes = parse_routes(reader, toml_values, (DEFAULT_CREDENTIALS, NO_CREDENTIALS, *declared))
+    return RouteTables(credentials, routes)
+
+
+def credential_sets(
+    reader: Reader,
+    given_sets: Any,
+    appids: AppidRegister,
+    *,
+    under: tuple[str, ...] = (),
+    default_means: str = "the set of SOBOT_APPID and SOBOT_APP_KEY",
+) -> tuple[tuple[CredentialSettings, ...], tuple[str, ...]]:
+    """The `[credentials.NAME]` sets under the key path `under` (a tenant's, or the top
+    level's), and the names declared there: a set with a mistake in it is still declared, so
+    a route naming it is not a second problem."""
+    where = key_path(*under, "credentials")
     if not isinstance(given_sets, dict):
-        reader.problem("credentials", "must be tables of credential sets ([credentials.NAME])")
-        given_sets = {}
-    credentials = [
+        reader.problem(where, f"must be tables of credential sets ([{where}.NAME])")
+        return (), ()
+    credentials = tuple(
         credential
         for name, table in given_sets.items()
-        if (credential := _credential_set(reader, name, table)) is not None
-    ]
-    _check_appids_are_distinct(reader, given_sets, default_appid)
-    # A set with a mistake in it is still known: a route naming it is not a second problem.
-    declared = (name for name in given_sets if _valid_name(name))
-    known = (DEFAULT_CREDENTIALS, NO_CREDENTIALS, *declared)
+        if (credential := credential_set(reader, name, table, under, default_means)) is not None
+    )
+    for name, table in given_sets.items():
+        if isinstance(table, dict):
+            appids.add(key_path(*under, "credentials", name), table.get("kind"), table.get("appid"))
+    return credentials, tuple(name for name in given_sets if _valid_name(name))
+
+
+def parse_routes(
+    reader: Reader, toml_values: Mapping[str, Any], known: tuple[str, ...]
+) -> tuple[RouteSettings, ...]:
+    """The `[[routes]]`, each naming one of the `known` credential sets."""
     given_routes = toml_values.get("routes", [])
     if not isinstance(given_routes, list):
         reader.problem("routes", "must be an array of tables ([[routes]])")
@@ -133,44 +157,52 @@ def parse_route_tables(
         route = _route(reader, f"routes[{number}]", table, known)
         if route is not None and first_with_prefix.get(route.prefix) == f"routes[{number}]":
             routes.append(route)
-    return RouteTables(tuple(credentials), tuple(routes))
+    return tuple(routes)
 
 
-def _key_path(*parts: str) -> str:
+def key_path(*parts: str) -> str:
     """A dotted key path, with a part quoted as TOML would need it ("a b")."""
     return ".".join(part if _NAME.fullmatch(part) else json.dumps(part) for part in parts)
 
 
-def _unknown_keys(
-    reader: _Reader, where: str, table: Mapping[str, Any], known: tuple[str, ...]
+def unknown_keys(
+    reader: Reader, where: str, table: Mapping[str, Any], known: tuple[str, ...]
 ) -> None:
     for key in table:
         if key not in known:
-            reader.problem(f"{where}.{_key_path(key)}", f"unknown key (known: {', '.join(known)})")
+            reader.problem(f"{where}.{key_path(key)}", f"unknown key (known: {', '.join(known)})")
 
 
 def _valid_name(name: str) -> bool:
     return bool(_NAME.fullmatch(name)) and name.lower() not in _RESERVED
 
 
-def _credential_set(reader: _Reader, name: str, table: Any) -> CredentialSettings | None:
-    where = _key_path("credentials", name)
+def credential_set(
+    reader: Reader,
+    name: str,
+    table: Any,
+    under: tuple[str, ...] = (),
+    default_means: str = "the set of SOBOT_APPID and SOBOT_APP_KEY",
+) -> CredentialSettings | None:
+    """One `[credentials.NAME]` set under the key path `under`; `default_means` says what the
+    reserved name `default` already stands for there."""
+    where = key_path(*under, "credentials", name)
     if not _NAME.fullmatch(name):
         reader.problem(where, "a credential set's name is letters, digits, _ and - only")
         return None
     if name.lower() in _RESERVED:
-        reserved = f"the name {name!r} is reserved ({_RESERVED[name.lower()]}): choose another"
-        reader.problem(where, reserved)
+        means = default_means if name.lower() == DEFAULT_CREDENTIALS else _RESERVED[name.lower()]
+        reader.problem(where, f"the name {name!r} is reserved ({means}): choose another")
         return None
     if not isinstance(table, dict):
-        reader.problem(where, f"must be a table ([credentials.{name}] with kind, appid, ...)")
+        reader.problem(where, f"must be a table ([{where}] with kind, appid, ...)")
         return None
-    _unknown_keys(reader, where, table, CREDENTIAL_KEYS)
+    unknown_keys(reader, where, table, CREDENTIAL_KEYS)
     problems_before = len(reader.problems)
-    kind = _required(reader, where, table, "kind", values.choice(tuple(KINDS)))
-    appid = _required(reader, where, table, "appid", values.text)
-    secret = _secret(reader, where, table)
-    base_url = _upstream(reader, where, table)
+    kind = required(reader, where, table, "kind", values.choice(tuple(KINDS)))
+    appid = required(reader, where, table, "appid", values.text)
+    given_secret = secret(reader, where, table)
+    base_url = upstream(reader, where, table)
     scheme = DEFAULT_AUTHORIZATION_SCHEME
     if "authorization_scheme" in table:
         scheme = reader.parsed(
@@ -181,21 +213,23 @@ def _credential_set(reader: _Reader, name: str, table: Any) -> CredentialSetting
                 f"{where}.authorization_scheme",
                 "only a v6 set takes it (a v5 token goes in the `token` header)",
             )
-    if secret is None or len(reader.problems) > problems_before:
+    if given_secret is None or len(reader.problems) > problems_before:
         return None
-    return CredentialSettings(name, kind, appid, secret, base_url, scheme)
+    return CredentialSettings(
+        name, kind, appid, given_secret.value, base_url, scheme, secret_file=given_secret.file
+    )
 
 
 def _route(
-    reader: _Reader, where: str, table: Any, known_credentials: tuple[str, ...]
+    reader: Reader, where: str, table: Any, known_credentials: tuple[str, ...]
 ) -> RouteSettings | None:
     if not isinstance(table, dict):
         reader.problem(where, "must be a table ([[routes]] with a prefix)")
         return None
-    _unknown_keys(reader, where, table, ROUTE_KEYS)
+    unknown_keys(reader, where, table, ROUTE_KEYS)
     problems_before = len(reader.problems)
-    prefix = _required(reader, where, table, "prefix", values.path_prefix)
-    base_url = _upstream(reader, where, table)
+    prefix = required(reader, where, table, "prefix", values.path_prefix)
+    base_url = upstream(reader, where, table)
     credentials: str | None = DEFAULT_CREDENTIALS
     if "credentials" in table:
         given = table["credentials"]
@@ -210,8 +244,8 @@ def _route(
     return RouteSettings(prefix, base_url, credentials)
 
 
-def _required(
-    reader: _Reader, where: str, table: Mapping[str, Any], key: str, parse: Callable[[Any], Any]
+def required(
+    reader: Reader, where: str, table: Mapping[str, Any], key: str, parse: Callable[[Any], Any]
 ) -> Any:
     if key not in table:
         reader.problem(f"{where}.{key}", "is required")
@@ -219,33 +253,48 @@ def _required(
     return reader.parsed(f"{where}.{key}", parse, table[key])
 
 
-def _upstream(reader: _Reader, where: str, table: Mapping[str, Any]) -> str | None:
-    """The base URL of `upstream` or `region`; None for the main upstream (or a problem)."""
-    if "upstream" in table and "region" in table:
-        reader.problem(where, "set only one of upstream and region")
+def upstream(
+    reader: Reader, where: str, table: Mapping[str, Any], url_key: str = "upstream"
+) -> str | None:
+    """The base URL of `region` or `url_key` (`upstream`; a tenant's is `base_url`); None for
+    the main upstream (or a problem)."""
+    if url_key in table and "region" in table:
+        reader.problem(where, f"set only one of {url_key} and region")
         return None
     if "region" in table:
         region = reader.parsed(f"{where}.region", values.region, table["region"])
         return None if region is None else values.REGIONS[region]
-    if "upstream" not in table:
+    if url_key not in table:
         return None
-    url: str | None = reader.parsed(f"{where}.upstream", values.base_url, table["upstream"])
+    url: str | None = reader.parsed(f"{where}.{url_key}", values.base_url, table[url_key])
     if url is not None and values.in_clear(url) and not reader.allow_insecure_upstream:
-        reader.problem(f"{where}.upstream", f"{url} {_PLAIN_HTTP_REFUSED}")
+        reader.problem(f"{where}.{url_key}", f"{url} {_PLAIN_HTTP_REFUSED}")
     return url
 
 
-def _secret(reader: _Reader, where: str, table: Mapping[str, Any]) -> str | None:
-    """The set's secret, as `app_key` or read from `app_key_file` (beside the TOML file when
+class Secret(NamedTuple):
+    """A secret, and the file it was read from (None: given as a value), for a reload."""
+
+    value: str
+    file: str | None
+
+
+def secret(
+    reader: Reader,
+    where: str,
+    table: Mapping[str, Any],
+    missing: str = "set app_key or app_key_file (for v6: the app_secret)",
+) -> Secret | None:
+    """The secret of `app_key`, or read from `app_key_file` (beside the TOML file when
     relative), stripped. Never part of a message: only the key and the file's name are."""
     if "app_key" in table and "app_key_file" in table:
         reader.problem(where, "set only one of app_key and app_key_file")
         return None
     if "app_key" in table:
         value: str | None = reader.parsed(f"{where}.app_key", values.text, table["app_key"])
-        return value
+        return None if value is None else Secret(value, None)
     if "app_key_file" not in table:
-        reader.problem(where, "set app_key or app_key_file (for v6: the app_secret)")
+        reader.problem(where, missing)
         return None
     file_name = reader.parsed(f"{where}.app_key_file", values.text, table["app_key_file"])
     if file_name is None:
@@ -253,15 +302,15 @@ def _secret(reader: _Reader, where: str, table: Mapping[str, Any]) -> str | None
     # A relative file named in a TOML file is found beside that file.
     path = Path(reader.file_label).parent / file_name
     try:
-        secret = reader.read_text(path).strip()
+        text = reader.read_text(path).strip()
     except (OSError, UnicodeDecodeError) as exc:
         reason = exc.strerror if isinstance(exc, OSError) else "not text"
         reader.problem(f"{where}.app_key_file", f"cannot read {file_name} ({reason or exc})")
         return None
-    if not secret:
+    if not text:
         reader.problem(f"{where}.app_key_file", f"{file_name} is empty")
         return None
-    return secret
+    return Secret(text, str(path))
 
 
 def _authorization_scheme(value: Any) -> str:
@@ -273,29 +322,32 @@ def _authorization_scheme(value: Any) -> str:
     return value
 
 
-def _check_appids_are_distinct(
-    reader: _Reader, given_sets: Mapping[str, Any], default_appid: str | None
-) -> None:
-    """Two sets of one kind and appid would each rotate the other's token, and a client's own
-    token request (which names only the appid) could not tell them apart.
+class AppidRegister:
+    """Every (kind, appid) seen, to refuse a repeat: two sets of one kind and appid would each
+    rotate the other's token, and a client's own token request (which names only the appid)
+    could not tell them apart. The same holds across tenants: each tenant's main appid is a v5
+    set.
 
-    Checked on the values as given, so a set with another mistake is compared too: every
-    problem shows in one run."""
-    first: dict[tuple[str, str], str] = {}
-    if default_appid is not None:
-        first["v5", default_appid] = "the default set (SOBOT_APPID)"
-    for name, table in given_sets.items():
-        if not isinstance(table, dict):
-            continue
-        kind, appid = table.get("kind"), table.get("appid")
+    Fed the values as given, so a set with another mistake is compared too: every problem shows
+    in one run."""
+
+    def __init__(self, reader: Reader, default_appid: str | None) -> None:
+        self._reader = reader
+        self._first: dict[tuple[str, str], str] = {}
+        if default_appid is not None:
+            self._first["v5", default_appid] = "the default set (SOBOT_APPID)"
+
+    def add(self, where: str, kind: Any, appid: Any, *, tenant: bool = False) -> None:
+        """`where`: the set's key path; `tenant`: it is a tenant's main appid (kind v5)."""
         if not (isinstance(kind, str) and isinstance(appid, str) and appid.strip()):
-            continue
+            return
         key = (kind.strip().lower(), appid.strip())
-        if key in first:
-            reader.problem(
-                _key_path("credentials", name, "appid"),
-                f"the same {key[0]} appid as {first[key]}: two sets of one appid "
-                "would rotate each other's token",
-            )
-        else:
-            first[key] = _key_path("credentials", name)
+        first = self._first.setdefault(key, where)
+        if first == where:
+            return
+        why = (
+            "a client's own get_token could not tell the two apart"
+            if tenant
+            else "two sets of one appid would rotate each other's token"
+        )
+        self._reader.problem(f"{where}.appid", f"the same {key[0]} appid as {first}: {why}")
