@@ -24,7 +24,14 @@ from proxy.config.routes import (
     RouteSettings,
     resolve_routes,
 )
-from proxy.config.toml_routes import TABLES, parse_route_tables
+from proxy.config.tenants import (
+    ALL_TABLES,
+    DEFAULT_TENANT,
+    TenantSettings,
+    bind_client_keys,
+    has_client_key,
+    parse_tables,
+)
 from proxy.config.values import REGIONS as REGIONS  # re-exported: the CLI reads it here
 from proxy.config.values import (
     REGIONS_HELP,
@@ -66,6 +73,9 @@ class Settings:
     shutdown_grace: float = 25.0
     temp_dir: str | None = None  # None: the system's ($TMPDIR, else /tmp)
     client_keys: tuple[str, ...] = field(default=(), repr=False)  # empty: no inbound auth
+    # The tenant each client key is bound to, in the order of client_keys; empty when every key
+    # is `default`'s (as in every configuration without tenants). Read client_key_bindings.
+    client_key_tenants: tuple[str, ...] = ()
     allow_unauthenticated: bool = False
     allow_paths: tuple[str, ...] = ()  # empty: every path a route forwards
     allow_methods: tuple[str, ...] = ()  # empty: every method
@@ -81,12 +91,42 @@ class Settings:
     forward_prefixes: tuple[str, ...] = DEFAULT_FORWARD_PREFIXES  # to the main upstream, `default`
     credentials: tuple[CredentialSettings, ...] = ()  # [credentials.NAME] sets, besides `default`
     routes: tuple[RouteSettings, ...] = ()  # [[routes]], as given
+    tenants: tuple[TenantSettings, ...] = ()  # [tenants.NAME], besides `default`
+    # The file the app_key was read from (None: given as a value), for a reload to read again.
+    # Where the key came from, not what it is: left out of ==.
+    app_key_file: str | None = field(default=None, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.client_key_tenants and len(self.client_key_tenants) != len(self.client_keys):
+            raise ValueError("client_key_tenants: one tenant for each client key, or none")
 
     @property
     def credential_sets(self) -> tuple[CredentialSettings, ...]:
         """Every credential set: `default` (SOBOT_APPID, SOBOT_APP_KEY, the main upstream) first."""
-        default = CredentialSettings(DEFAULT_CREDENTIALS, "v5", self.appid, self.app_key)
+        default = CredentialSettings(
+            DEFAULT_CREDENTIALS, "v5", self.appid, self.app_key, secret_file=self.app_key_file
+        )
         return (default, *self.credentials)
+
+    @property
+    def all_tenants(self) -> tuple[TenantSettings, ...]:
+        """Every tenant: `default` (the top-level appid, app_key, main upstream and
+        [credentials.*] sets) first, then the named ones as the file lists them."""
+        default = TenantSettings(
+            DEFAULT_TENANT,
+            self.appid,
+            self.app_key,
+            self.base_url,
+            self.credentials,
+            self.app_key_file,
+        )
+        return (default, *self.tenants)
+
+    @property
+    def client_key_bindings(self) -> tuple[tuple[str, str], ...]:
+        """(client key, its tenant's name) for every client key."""
+        tenants = self.client_key_tenants or (DEFAULT_TENANT,) * len(self.client_keys)
+        return tuple(zip(self.client_keys, tenants, strict=True))
 
     @property
     def route_table(self) -> tuple[ResolvedRoute, ...]:
@@ -616,12 +656,21 @@ def load_with_provenance(
         secrets[secret.name], origins[secret.name] = _read_secret(
             secret, env, toml_values, toml_label, read_text, problems
         )
-    tables = parse_route_tables(
+    region = values["region"]
+    tables = parse_tables(
         toml_values,
         file_label=toml_label,
         read_text=read_text,
         default_appid=values["appid"],
+        main_base_url=values["base_url"] or (REGIONS[region] if region else None),
         allow_insecure_upstream=bool(values["allow_insecure_upstream"]),
+        problems=problems,
+    )
+    client_keys = bind_client_keys(
+        secrets["client_keys"],
+        file=origins["client_keys"].file,
+        label=origins["client_keys"].name,
+        tenant_names=tables.tenant_names,
         problems=problems,
     )
 
@@ -643,10 +692,15 @@ def load_with_provenance(
     password = secrets["token_store_password"]
     settings = Settings(
         app_key=secrets["app_key"][0],
-        client_keys=secrets["client_keys"],
+        app_key_file=origins["app_key"].file,
+        client_keys=client_keys.keys,
+        client_key_tenants=(
+            client_keys.tenants if set(client_keys.tenants) - {DEFAULT_TENANT} else ()
+        ),
         token_store_password=password[0] if password else None,
         credentials=tables.credentials,
         routes=tables.routes,
+        tenants=tables.tenants,
         **values,
     )
     problems = (
@@ -737,7 +791,7 @@ def _read_toml(
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         problems.append(f"config file {label}: not valid TOML ({exc})")
         return {}, label
-    known = TOML_KEYS | TABLES
+    known = TOML_KEYS | ALL_TABLES
     for key in sorted(set(values) - known):
         problems.append(
             f"config file {label}: unknown setting {key!r} (known: {', '.join(sorted(known))})"
@@ -771,7 +825,8 @@ def _read_secret(
     where it came from.
 
     A single secret comes back as one item. A list (`many`) is comma-separated in a value, one
-    an item in a TOML list, and one a line in a file. Never part of a message: only names are.
+    an item in a TOML list; from a file it comes back as the file's lines, each as it is (the
+    origin names the file). Never part of a message: only names are.
     """
     layers = (
         _SecretLayer(
@@ -815,7 +870,12 @@ def _read_secret(
                     f"{layer.file_label}: cannot read {layer.file_name} ({reason or exc})"
                 )
                 return (), origin
-            items = _secret_items(text, separator="\n" if secret.many else None)
+            if secret.many:
+                # The lines as they are: the caller reads each (tenants.bind_client_keys).
+                lines = text.splitlines()
+                items = tuple(lines) if has_client_key(lines) else None
+            else:
+                items = _secret_items(text, separator=None)
             if items is None:
                 problems.append(f"{layer.file_label}: {layer.file_name} is empty")
                 return (), origin

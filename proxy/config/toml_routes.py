@@ -9,6 +9,8 @@
 Every mistake is one problem line naming the file and the key's path in it, such as
 `sobot-proxy.toml: credentials.callcenter.kind: ...` or `sobot-proxy.toml: routes[2].prefix: ...`
 (routes are counted from 1, as they appear in the file). A secret is never part of a message.
+
+These are the building blocks; tenants.py reads the tables with them, a tenant's sets too.
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ CREDENTIAL_KEYS: Final = (
     "authorization_scheme",
 )
 ROUTE_KEYS: Final = ("prefix", "upstream", "region", "credentials")
-_NAME: Final = re.compile(r"[A-Za-z0-9_-]+")
+NAME: Final = re.compile(r"[A-Za-z0-9_-]+")
 # Compared without case: a set named "None" beside the route value "none" would only confuse.
 _RESERVED: Final = {
     DEFAULT_CREDENTIALS: "the set of SOBOT_APPID and SOBOT_APP_KEY",
@@ -53,14 +55,6 @@ _PLAIN_HTTP_REFUSED: Final = (
     "is plain http and not on this host: the token would cross the network in clear; use "
     "https, or set SOBOT_ALLOW_INSECURE_UPSTREAM=1 (--allow-insecure-upstream)"
 )
-
-
-@dataclass(frozen=True, slots=True)
-class RouteTables:
-    """What the file adds to the simple configuration: named credential sets, and routes."""
-
-    credentials: tuple[CredentialSettings, ...] = ()
-    routes: tuple[RouteSettings, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,27 +76,6 @@ class Reader:
         except ValueError as exc:
             self.problem(key_path, str(exc))
             return None
-
-
-def parse_route_tables(
-    toml_values: Mapping[str, Any],
-    *,
-    file_label: str,
-    read_text: Callable[[Path], str],
-    default_appid: str | None,
-    allow_insecure_upstream: bool,
-    problems: list[str],
-) -> RouteTables:
-    """The sets and routes of a TOML file's top-level values, every problem added to `problems`.
-
-    `default_appid` (SOBOT_APPID, None if it is missing or bad) is checked against the sets'.
-    The loader reads tenants too (tenants.py); this is the same without them.
-    """
-    reader = Reader(file_label, read_text, allow_insecure_upstream, problems)
-    appids = AppidRegister(reader, default_appid)
-    credentials, declared = credential_sets(reader, toml_values.get("credentials", {}), appids)
-    routes = parse_routes(reader, toml_values, (DEFAULT_CREDENTIALS, NO_CREDENTIALS, *declared))
-    return RouteTables(credentials, routes)
 
 
 def credential_sets(
@@ -162,7 +135,7 @@ def parse_routes(
 
 def key_path(*parts: str) -> str:
     """A dotted key path, with a part quoted as TOML would need it ("a b")."""
-    return ".".join(part if _NAME.fullmatch(part) else json.dumps(part) for part in parts)
+    return ".".join(part if NAME.fullmatch(part) else json.dumps(part) for part in parts)
 
 
 def unknown_keys(
@@ -174,7 +147,7 @@ def unknown_keys(
 
 
 def _valid_name(name: str) -> bool:
-    return bool(_NAME.fullmatch(name)) and name.lower() not in _RESERVED
+    return bool(NAME.fullmatch(name)) and name.lower() not in _RESERVED
 
 
 def credential_set(
@@ -187,7 +160,7 @@ def credential_set(
     """One `[credentials.NAME]` set under the key path `under`; `default_means` says what the
     reserved name `default` already stands for there."""
     where = key_path(*under, "credentials", name)
-    if not _NAME.fullmatch(name):
+    if not NAME.fullmatch(name):
         reader.problem(where, "a credential set's name is letters, digits, _ and - only")
         return None
     if name.lower() in _RESERVED:
