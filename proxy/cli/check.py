@@ -5,7 +5,7 @@ came from (flag, environment, config file or default; a lower layer it overrides
 Secrets are never shown: a secret is only "set", with the file it was read from; a password in
 a Redis URL is masked.
 
-Then the route table and the credential sets. Online (prove.py), each set's credentials are
+Then the tenants, the route table and the credential sets. Online (prove.py), each set's credentials are
 proven.
 
 Exit status: 0 valid (and, online, proven); 1 the credentials or the token were refused, or
@@ -204,5 +204,22 @@ def describe_routes(settings: Settings) -> list[str]:
         lines.append(
             f"  {config.name:<{name_width}}  kind {config.kind}, appid {config.appid}, secret "
             f"set, token from {token_from}"
+        )
+    return lines
+
+
+def describe_tenants(settings: Settings) -> list[str]:
+    """The tenants, `default` first, one line each: appid, main upstream, credential sets and
+    how many client keys are bound to it. Never a secret."""
+    bound = [tenant for _, tenant in settings.client_key_bindings]
+    tenants = settings.all_tenants
+    width = max(len(tenant.name) for tenant in tenants)
+    lines = ["tenants:"]
+    for tenant in tenants:
+        keys = bound.count(tenant.name)
+        lines.append(
+            f"  {tenant.name:<{width}}  appid {tenant.appid}, upstream {tenant.base_url}, "
+            f"credential sets: {', '.join(config.name for config in tenant.credential_sets)}; "
+            f"{keys} client key{'' if keys == 1 else 's'}"
         )
     return lines

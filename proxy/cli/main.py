@@ -215,6 +215,7 @@ def _run_check(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
         return _report_problems(exc.problems)
     print(f"sobot-proxy check: the configuration is valid; in force ({check.PRECEDENCE}):")
     print("\n".join(check.describe(settings, provenance)), flush=True)
+    print("\n".join(check.describe_tenants(settings)), flush=True)
     print("\n".join(check.describe_routes(settings)), flush=True)
     for warning in check.warnings(settings, provenance):
         print(f"sobot-proxy: warning: {warning}", file=sys.stderr)
