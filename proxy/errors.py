@@ -3,8 +3,11 @@
     ProxyError                      any failure answered by the proxy itself
     ├── BadRequest          400     980400  a request target the proxy will not forward
     ├── NotProxied          404     980404  a path outside /api/ (never forwarded)
+    ├── UnknownTenant       404     980404  X-Sobot-Tenant names no configured tenant
     ├── Unauthorized        401     980401  no valid client key (when client keys are set)
-    ├── Forbidden           403     980403  a path or method outside the allow-lists
+    ├── Forbidden           403     980403  a path or method outside the allow-lists; another
+    │                                       tenant than the client key's; a route whose
+    │                                       credential set the tenant does not have
     ├── ClientTimeout       408     980408  the client stopped sending its request body
     ├── ExpectationFailed   417     980417  an Expect header other than 100-continue
     ├── ClientGone          499     980499  the client went away (logged; nobody to answer)
@@ -76,6 +79,10 @@ class BadRequest(ProxyError):
 
 
 class NotProxied(ProxyError):
+    status = 404
+
+
+class UnknownTenant(ProxyError):
     status = 404
 
 

@@ -91,9 +91,8 @@ def test_the_example_routes_load_as_an_operator_would_uncomment_them():
         "v6-app-secret",
     )
     routes = {route.prefix: route for route in settings.route_table}
-    assert routes["/callservice/"] == ResolvedRoute(
-        "/callservice/", settings.base_url, "callcenter"
-    )
+    # None: the main upstream of the tenant that asks
+    assert routes["/callservice/"] == ResolvedRoute("/callservice/", None, "callcenter")
     assert routes["/text/ai-agent-open/"] == ResolvedRoute(
         "/text/ai-agent-open/", "https://api-c.soboten.com", "default"
     )
@@ -121,7 +120,10 @@ def test_the_readmes_routes_example_loads(tmp_path):
     (tmp_path / "sobot-proxy.toml").write_text(example)
     settings = load_settings({"config": str(tmp_path / "sobot-proxy.toml")}, {})
     assert [config.name for config in settings.credential_sets] == ["default", "callcenter"]
-    table = {route.prefix: (route.base_url, route.credentials) for route in settings.route_table}
+    table = {
+        route.prefix: (route.upstream(settings.base_url), route.credentials)
+        for route in settings.route_table
+    }
     assert table["/callservice/"] == ("https://sg.sobot.io", "callcenter")
     assert table["/text/ai-agent-open/"] == ("https://api-c.soboten.com", "default")
     assert set(DEFAULT_FORWARD_PREFIXES) < set(table)

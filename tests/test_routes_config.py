@@ -67,10 +67,10 @@ def test_without_routes_the_forwarded_prefixes_go_to_the_main_upstream_with_defa
     assert (settings.credentials, settings.routes) == ((), ())
     assert settings.credential_sets == (CredentialSettings("default", "v5", "main-appid", APP_KEY),)
     assert settings.route_table == (
-        ResolvedRoute("/chat-facebook/api/", MAIN, "default"),
-        ResolvedRoute("/chat-third/api/", MAIN, "default"),
-        ResolvedRoute("/comm-open/api/", MAIN, "default"),
-        ResolvedRoute("/api/", MAIN, "default"),
+        ResolvedRoute("/chat-facebook/api/", None, "default"),
+        ResolvedRoute("/chat-third/api/", None, "default"),
+        ResolvedRoute("/comm-open/api/", None, "default"),
+        ResolvedRoute("/api/", None, "default"),
     )
 
 
@@ -114,7 +114,7 @@ credentials = "none"
         RouteSettings("/open/", "https://www.soboten.com", None),
     )
     table = {route.prefix: route for route in settings.route_table}
-    assert table["/callservice/"] == ResolvedRoute("/callservice/", MAIN, "callcenter")
+    assert table["/callservice/"] == ResolvedRoute("/callservice/", None, "callcenter")
     assert table["/open/"] == ResolvedRoute("/open/", "https://www.soboten.com", None)
     assert len(table) == len(DEFAULT_FORWARD_PREFIXES) + 3
 
@@ -145,10 +145,10 @@ prefix = "/x/"
 """
     )
     assert settings.route_table == (
-        ResolvedRoute("/api/ws/5/ticket/", MAIN, "default"),
-        ResolvedRoute("/comm-open/api/", MAIN, "default"),
+        ResolvedRoute("/api/ws/5/ticket/", None, "default"),
+        ResolvedRoute("/comm-open/api/", None, "default"),
         ResolvedRoute("/api/", "https://gateway.example", None),
-        ResolvedRoute("/x/", MAIN, "default"),
+        ResolvedRoute("/x/", None, "default"),
     )
 
 
@@ -182,7 +182,7 @@ def test_a_set_no_route_uses_is_allowed():
 
 def test_forward_prefixes_may_be_emptied_when_routes_remain():
     settings = load('forward_prefixes = []\n[[routes]]\nprefix = "/callservice/"\n')
-    assert settings.route_table == (ResolvedRoute("/callservice/", MAIN, "default"),)
+    assert settings.route_table == (ResolvedRoute("/callservice/", None, "default"),)
 
 
 @pytest.mark.parametrize(

@@ -128,10 +128,10 @@ async def test_each_route_reaches_its_host_with_its_credential_and_says_so(
     routes = {sample.labels["route"] for sample in samples(page, "sobot_proxy_requests_total")}
     assert routes == {prefix for _, prefix, _, _ in CALLS}
     expires_in = metric_value(
-        page, "sobot_proxy_token_expires_in_seconds", credentials="callcenter"
+        page, "sobot_proxy_token_expires_in_seconds", tenant="default", credentials="callcenter"
     )
     assert 86_000 < expires_in <= 86_400
-    calls = {"credentials": "callcenter", "result": "ok"}
+    calls = {"tenant": "default", "credentials": "callcenter", "result": "ok"}
     assert metric_value(page, "sobot_proxy_get_token_calls_total", **calls) == 1
 
     # Nothing secret in anything the process wrote.

@@ -151,7 +151,7 @@ def test_a_route_may_name_a_set_only_some_tenants_have():
     """A tenant without it is refused that route when it asks (the server's business)."""
     toml = ACME + BETA + '[[routes]]\nprefix = "/callservice/"\ncredentials = "callcenter"\n'
     settings = load(toml)
-    assert ResolvedRoute("/callservice/", MAIN, "callcenter") in settings.route_table
+    assert ResolvedRoute("/callservice/", None, "callcenter") in settings.route_table
 
 
 def test_no_secret_shows_in_any_repr():

@@ -191,7 +191,11 @@ def probe_path(value: str) -> str:
 def describe_routes(settings: Settings) -> list[str]:
     """The route table, longest prefix first, and the credential sets, one line each."""
     rows = [
-        (route.prefix, route.base_url, route.credentials or "none (nothing injected)")
+        (
+            route.prefix,
+            route.upstream(settings.base_url),
+            route.credentials or "none (nothing injected)",
+        )
         for route in settings.route_table
     ]
     width = max((len(prefix) for prefix, _, _ in rows), default=0)

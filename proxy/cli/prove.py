@@ -133,7 +133,7 @@ def _route_of(settings: Settings, path: str) -> tuple[str, str | None] | None:
     path = split_target(path)[0]  # as the proxy takes it: `//api/x` is `/api/x`
     for route in settings.route_table:
         if path.startswith(route.prefix):
-            return route.base_url, route.credentials
+            return route.upstream(settings.base_url), route.credentials
     return None
 
 

@@ -54,24 +54,27 @@ class RouteSettings:
 
 @dataclass(frozen=True, slots=True)
 class ResolvedRoute:
-    """A route as it is served: its upstream and credential set known."""
+    """A route as it is served, shared by every tenant. `base_url` None: the main upstream of
+    the tenant that asks (each tenant has its own); `credentials`: a set's name, looked up in
+    the asking tenant's sets (None: inject nothing)."""
 
     prefix: str
-    base_url: str
+    base_url: str | None
     credentials: str | None
+
+    def upstream(self, main_base_url: str) -> str:
+        """Where the route goes for a tenant whose main upstream is `main_base_url`."""
+        return self.base_url or main_base_url
 
 
 def resolve_routes(
-    forward_prefixes: tuple[str, ...], routes: tuple[RouteSettings, ...], main_base_url: str
+    forward_prefixes: tuple[str, ...], routes: tuple[RouteSettings, ...]
 ) -> tuple[ResolvedRoute, ...]:
     """The route table: the forwarded prefixes, then `[[routes]]` (which replace a forwarded
     prefix they repeat), longest prefix first, as they are matched."""
     table = {
-        prefix: ResolvedRoute(prefix, main_base_url, DEFAULT_CREDENTIALS)
-        for prefix in forward_prefixes
+        prefix: ResolvedRoute(prefix, None, DEFAULT_CREDENTIALS) for prefix in forward_prefixes
     }
     for route in routes:
-        table[route.prefix] = ResolvedRoute(
-            route.prefix, route.base_url or main_base_url, route.credentials
-        )
+        table[route.prefix] = ResolvedRoute(route.prefix, route.base_url, route.credentials)
     return tuple(sorted(table.values(), key=lambda route: (-len(route.prefix), route.prefix)))

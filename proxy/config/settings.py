@@ -130,8 +130,9 @@ class Settings:
 
     @property
     def route_table(self) -> tuple[ResolvedRoute, ...]:
-        """The routes as they are matched: longest prefix first."""
-        return resolve_routes(self.forward_prefixes, self.routes, self.base_url)
+        """The routes as they are matched: longest prefix first. A route's base_url None is
+        the main upstream of the tenant that asks (ResolvedRoute.upstream)."""
+        return resolve_routes(self.forward_prefixes, self.routes)
 
     @property
     def renewal_lease(self) -> float:

@@ -2,7 +2,8 @@
 
 Client keys are compared in constant time: each presented key is hashed and compared with the
 hash of every configured key, with no early exit, so neither a key's content nor its position in
-the list shows in the timing.
+the list shows in the timing. Each key is bound to a tenant (Settings.client_key_bindings): the
+key that matched says which tenant the request is for.
 """
 
 from __future__ import annotations
@@ -23,7 +24,9 @@ _BEARER: Final = "bearer "
 
 class AccessPolicy:
     def __init__(self, settings: Settings) -> None:
-        self._key_digests = tuple(_digest(key) for key in settings.client_keys)
+        bindings = settings.client_key_bindings
+        self._key_digests = tuple(_digest(key) for key, _ in bindings)
+        self._key_tenants = tuple(tenant for _, tenant in bindings)
         self._allow_paths = settings.allow_paths
         self._allow_methods = frozenset(settings.allow_methods)
 
@@ -32,19 +35,23 @@ class AccessPolicy:
         """Whether clients must present a key (and Authorization is consumed, not forwarded)."""
         return bool(self._key_digests)
 
-    def authenticate(self, headers: CIMultiDictProxy[str]) -> None:
-        """Raise Unauthorized unless the request carries one of the client keys."""
+    def authenticate(self, headers: CIMultiDictProxy[str]) -> str | None:
+        """The tenant of the client key the request carries (None: no client keys are
+        configured); raise Unauthorized if it carries none of them."""
         if not self._key_digests:
-            return
+            return None
         presented = headers.get(hdrs.AUTHORIZATION, "")
         if presented[: len(_BEARER)].lower() != _BEARER:
             raise Unauthorized("send a client key as `Authorization: Bearer <key>`")
         digest = _digest(presented[len(_BEARER) :].strip())
-        matched = False
-        for known in self._key_digests:
-            matched |= hmac.compare_digest(digest, known)
-        if not matched:
+        tenant = None
+        # Every key compared, whichever matched: the same work for the first key as the last.
+        for known, bound in zip(self._key_digests, self._key_tenants, strict=True):
+            if hmac.compare_digest(digest, known):
+                tenant = bound
+        if tenant is None:
             raise Unauthorized("the client key is not valid")
+        return tenant
 
     def authorize(self, method: str, path: str) -> None:
         """Raise Forbidden unless the allow-lists (when set) admit this method and path."""

@@ -5,13 +5,15 @@
         /metrics                   Prometheus metrics (metrics.py), behind the client keys
         a token request            v5 /api/get_token, V6 /tokens/company: answered locally
                                    (local_token.py)
-        a path a route serves      forwarded along the route, with its credential set's token
-                                   (routing.py, forward.py)
+        a path a route serves      forwarded along the requesting tenant's route, with its
+                                   credential set's token (tenants.py, routing.py, forward.py)
         anything else              404, never forwarded
 
-The upstream clients (one for forwarding, a small one of the token calls' own) and, for each
-credential set, its token store, token manager and background refresher are opened at start-up
-and closed at shutdown through cleanup_ctx; request handlers reach them through typed AppKeys.
+The upstream clients (one for forwarding, a small one of the token calls' own) are opened at
+start-up and closed at shutdown through cleanup_ctx, and so is, for each credential set of each
+tenant, its token store, token manager and background refresher: `default`'s at start-up, a
+named tenant's when it is first used (tenants.py). Request handlers reach them through typed
+AppKeys.
 """
 
 from __future__ import annotations
@@ -26,8 +28,9 @@ import structlog
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
-from proxy.config.routes import DEFAULT_CREDENTIALS, CredentialSettings
+from proxy.config.routes import DEFAULT_CREDENTIALS, CredentialSettings, ResolvedRoute
 from proxy.config.settings import Settings
+from proxy.config.tenants import DEFAULT_TENANT, TenantSettings
 from proxy.errors import ProxyError, error_response, proxy_code
 from proxy.logs import Secrets, get_logger
 from proxy.server.access import AccessPolicy
@@ -38,16 +41,18 @@ from proxy.server.forward import Forwarder
 from proxy.server.handler import ApiHandler, write_whole
 from proxy.server.health import healthz, readyz
 from proxy.server.local_token import LocalTokenEndpoint
-from proxy.server.metrics import CONTENT_TYPE, GET_TOKEN_RESULTS, Metrics
+from proxy.server.metrics import CONTENT_TYPE, Metrics
 from proxy.server.routing import Route, RouteTable
+from proxy.server.tenants import Tenant, Tenants
 from proxy.sobot.kinds import KINDS
 from proxy.tokens.manager import Backoff, TokenManager
 from proxy.tokens.source import token_client, token_source
 from proxy.tokens.store import TokenStore, make_store
 from proxy.upstream import Client
 
-CREDENTIALS: Final = web.AppKey("credentials", CredentialSets)
-ROUTES: Final = web.AppKey("routes", RouteTable)
+TENANTS: Final = web.AppKey("tenants", Tenants)
+CREDENTIALS: Final = web.AppKey("credentials", CredentialSets)  # `default`'s
+ROUTES: Final = web.AppKey("routes", RouteTable)  # `default`'s
 API: Final = web.AppKey("api", ApiHandler)
 ACCESS: Final = web.AppKey("access", AccessPolicy)
 METRICS: Final = web.AppKey("metrics", Metrics)
@@ -100,7 +105,7 @@ def make_app(
     secrets = secrets if secrets is not None else Secrets()
     store_password = urlsplit(settings.token_store).password or settings.token_store_password
     for key in (
-        *(config.secret for config in settings.credential_sets),
+        *(config.secret for tenant in settings.all_tenants for config in tenant.credential_sets),
         *settings.client_keys,
         store_password or "",
     ):
@@ -108,10 +113,7 @@ def make_app(
     app = web.Application(middlewares=[_json_http_errors])
     log = get_logger()
     access = AccessPolicy(settings)
-    metrics = Metrics(
-        routes=settings.metrics_routes,
-        credential_sets=tuple(config.name for config in settings.credential_sets),
-    )
+    metrics = Metrics(routes=settings.metrics_routes)
     app[ACCESS] = access
     app[METRICS] = metrics
     metrics.spool_limit.set(settings.spool_limit)
@@ -132,34 +134,41 @@ def make_app(
         # keep a token from being renewed.
         get_token_client = token_client(settings, tls)
         stores: list[TokenStore] = []
-        routed = {route.credentials for route in settings.route_table}
-        sets = CredentialSets(
-            [
-                _managed(
-                    config,
-                    settings,
-                    get_token_client,
-                    metrics=metrics,
-                    log=log,
-                    secrets=secrets,
-                    backoff=backoff or Backoff(),
-                    workers_directory=workers_directory,
-                    stores=stores,
-                    in_use=config.name in routed,
-                )
-                for config in settings.credential_sets
-            ]
-        )
-        app[CREDENTIALS] = sets
-        routes = RouteTable(
-            Route.to(
-                route.prefix,
-                route.base_url,
-                None if route.credentials is None else sets.named(route.credentials),
+        route_table = settings.route_table
+        routed = {route.credentials for route in route_table}
+
+        def build(tenant: TenantSettings) -> Tenant:
+            """A tenant's sets and routes, its routes' tokens renewing from now on."""
+            sets = CredentialSets(
+                [
+                    _managed(
+                        config,
+                        tenant,
+                        settings,
+                        get_token_client,
+                        metrics=metrics,
+                        log=log,
+                        secrets=secrets,
+                        backoff=backoff or Backoff(),
+                        workers_directory=workers_directory,
+                        stores=stores,
+                        in_use=config.name in routed,
+                    )
+                    for config in tenant.credential_sets
+                ]
             )
-            for route in settings.route_table
-        )
-        app[ROUTES] = routes
+            routes = RouteTable(_bound(route, tenant, sets) for route in route_table)
+            for managed in sets:
+                if managed.in_use:
+                    managed.tokens.start()
+            if tenant.name != DEFAULT_TENANT:
+                log.info("tenant_started", tenant=tenant.name)
+            return Tenant(tenant.name, sets, routes)
+
+        tenants = Tenants(settings.all_tenants, build)
+        app[TENANTS] = tenants
+        app[CREDENTIALS] = tenants.default.sets
+        app[ROUTES] = tenants.default.routes
         app[API] = ApiHandler(
             access=access,
             forwarder=Forwarder(
@@ -172,20 +181,18 @@ def make_app(
                     on_change=metrics.spool_reserved.set,
                 ),
             ),
-            routes=routes,
-            local_token=LocalTokenEndpoint(sets, read_timeout=settings.upstream_timeout),
+            tenants=tenants,
+            local_token=LocalTokenEndpoint(tenants, read_timeout=settings.upstream_timeout),
             metrics=metrics,
             log=log,
         )
-        for managed in sets:
-            if managed.in_use:
-                managed.tokens.start()
         try:
             yield
         finally:
             try:
-                for managed in sets:
-                    await managed.tokens.stop()
+                for tenant in tenants.started():
+                    for managed in tenant.sets:
+                        await managed.tokens.stop()
             finally:
                 try:
                     for store in stores:
@@ -205,7 +212,7 @@ def make_app(
 
 
 async def _readyz(request: web.Request) -> web.Response:
-    return readyz(request.app[CREDENTIALS])
+    return readyz(request.app[TENANTS], request.query.get("tenant"))
 
 
 async def _metrics(request: web.Request) -> web.Response:
@@ -219,8 +226,20 @@ async def _metrics(request: web.Request) -> web.Response:
     return page
 
 
+def _bound(route: ResolvedRoute, tenant: TenantSettings, sets: CredentialSets) -> Route:
+    """A shared route as `tenant` takes it: to its main upstream unless the route names its
+    own, injecting its set of the route's name (marked lacking if it has none)."""
+    base_url = route.upstream(tenant.base_url)
+    if route.credentials is None:
+        return Route.to(route.prefix, base_url, None)
+    managed = sets.find(route.credentials)
+    lacking = route.credentials if managed is None else None
+    return Route.to(route.prefix, base_url, managed, lacking=lacking)
+
+
 def _managed(
     config: CredentialSettings,
+    tenant: TenantSettings,
     settings: Settings,
     client: Client,
     *,
@@ -232,16 +251,17 @@ def _managed(
     stores: list[TokenStore],
     in_use: bool,
 ) -> CredentialSet:
-    """One credential set, with its token source, store (added to `stores`, for closing) and
-    manager (not started yet)."""
+    """One credential set of `tenant`, with its token source, store (added to `stores`, for
+    closing) and manager (not started yet)."""
     credential = KINDS[config.kind](config.appid, config.secret, config.authorization_scheme)
+    named_tenant = tenant.name != DEFAULT_TENANT
     set_log = log.bind(credentials=config.name)
-    get_token_calls = {
-        result: metrics.get_token.labels(config.name, result) for result in GET_TOKEN_RESULTS
-    }
+    if named_tenant:  # `default`'s lines stay as they were before there were tenants
+        set_log = set_log.bind(tenant=tenant.name)
+    get_token_calls = metrics.token_calls(tenant.name, config.name)
     source = token_source(
         credential,
-        config.base_url or settings.base_url,
+        config.base_url or tenant.base_url,
         settings,
         client,
         log=set_log,
@@ -265,14 +285,23 @@ def _managed(
         log=set_log,
         backoff=backoff,
         secrets=secrets,
-        check_hint=_check_hint(config.name),
+        check_hint=_check_hint(tenant.name, config.name),
+        # A named tenant unused for a token's life stops renewing; `default` never does.
+        pauses_when_idle=named_tenant,
     )
-    metrics.watch_token(config.name, tokens.expires_in)
+    metrics.watch_token(tenant.name, config.name, tokens.expires_in)
     return CredentialSet(config.name, credential, tokens, in_use)
 
 
-def _check_hint(name: str) -> str:
-    """What to check when Sobot refuses the set `name`."""
+def _check_hint(tenant: str, name: str) -> str:
+    """What to check when Sobot refuses the set `name` of `tenant`."""
+    if tenant != DEFAULT_TENANT:
+        if name == DEFAULT_CREDENTIALS:
+            return f"check appid, app_key and region / base_url of [tenants.{tenant}]"
+        return (
+            f"check appid, app_key and upstream / region of "
+            f"[tenants.{tenant}.credentials.{name}] in the config file"
+        )
     if name == DEFAULT_CREDENTIALS:
         return "check SOBOT_APPID, SOBOT_APP_KEY and the region / base URL"
     return f"check appid, app_key and upstream / region of [credentials.{name}] in the config file"

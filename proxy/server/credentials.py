@@ -1,7 +1,8 @@
 """The credential sets a proxy serves, each with its kind and its token manager.
 
-Built once at start-up (app.py). The handler asks it which set a client's own token request is
-for (by kind, then by the appid the request names); the routes hold the set they inject.
+One per tenant (server/tenants.py), built when the tenant is first used (`default`'s at
+start-up). The handler asks it which set a client's own token request is for (by kind, then by
+the appid the request names); a tenant's routes hold the set they inject.
 """
 
 from __future__ import annotations
@@ -53,6 +54,10 @@ class CredentialSets:
 
     def named(self, name: str) -> CredentialSet:
         return next(managed for managed in self._sets if managed.name == name)
+
+    def find(self, name: str) -> CredentialSet | None:
+        """The set called `name`, if there is one."""
+        return next((managed for managed in self._sets if managed.name == name), None)
 
     def token_kind(self, path: str) -> Credential | None:
         """The kind whose token endpoint `path` is (in any spelling), among the kinds served."""

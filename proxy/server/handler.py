@@ -1,9 +1,11 @@
 """Every request under the catch-all route: admission, dispatch, error answers, the log line,
 and the drain at shutdown.
 
-    admission   client key (401), request target (400), allow-lists (403)
+    admission   client key (401), the tenant (server/tenants.py: 403 for another tenant than
+                the key's, 404 for an unknown one), request target (400), allow-lists (403)
     dispatch    a token request of a kind served (v5 get_token, V6 /tokens/company), in any
-                spelling -> answered locally; a path a route serves -> forwarded along it;
+                spelling -> answered locally; a path a route serves -> forwarded along the
+                tenant's route (403 when the tenant lacks the route's credential set);
                 anything else -> 404
     answers     a ProxyError becomes its JSON answer; anything else a plain 500; every answer
                 is written here, and its body let go once written (write_whole)
@@ -21,7 +23,7 @@ import structlog
 from aiohttp import HttpVersion11, hdrs, web
 
 from proxy.coalesce import CoalescedTransport
-from proxy.errors import ExpectationFailed, InternalError, NotProxied, ProxyError
+from proxy.errors import ExpectationFailed, Forbidden, InternalError, NotProxied, ProxyError
 from proxy.server.access import AccessPolicy
 from proxy.server.body import NOTHING_RESERVED, Reservation
 from proxy.server.exact_head import PiecewiseResponse
@@ -32,7 +34,9 @@ from proxy.server.paths import as_served, split_target
 from proxy.server.request_id import HEADER as REQUEST_ID_HEADER
 from proxy.server.request_id import request_id_for
 from proxy.server.request_log import RequestRecord
-from proxy.server.routing import Route, RouteTable
+from proxy.server.routing import Route
+from proxy.server.tenants import HEADER as TENANT_HEADER
+from proxy.server.tenants import Tenant, Tenants
 from proxy.sobot.credential import Credential
 
 # The spool room reserved when `Expect: 100-continue` was answered, for handle() to take over.
@@ -61,17 +65,17 @@ class ApiHandler:
         *,
         access: AccessPolicy,
         forwarder: Forwarder,
-        routes: RouteTable,
+        tenants: Tenants,
         local_token: LocalTokenEndpoint,
         metrics: Metrics,
         log: structlog.typing.FilteringBoundLogger,
     ) -> None:
         self._access = access
         self._forwarder = forwarder
-        self._routes = routes
+        self._tenants = tenants
         self._not_routed = NotProxied(
             "no route serves this path: only paths under "
-            + ", ".join(route.prefix for route in routes)
+            + ", ".join(route.prefix for route in tenants.default.routes)
             + " are forwarded to Sobot"
         ).message
         self._local_token = local_token
@@ -95,24 +99,32 @@ class ApiHandler:
 
     def _admit(
         self, request: web.BaseRequest, record: RequestRecord
-    ) -> tuple[str, str, Credential | None, Route | None]:
-        """(path, query, the kind whose token request it is, or the route it goes along), once
-        the request may be served at all (the allow-lists are the caller's to apply)."""
+    ) -> tuple[str, str, Credential | None, Route | None, Tenant, str | None]:
+        """(path, query, the kind whose token request it is, or the route it goes along, the
+        tenant, the client key's tenant if client keys are on), once the request may be served
+        at all (the allow-lists are the caller's to apply)."""
         # Authentication comes first, so a caller without a key learns nothing else.
-        self._access.authenticate(request.headers)
+        key_tenant = self._access.authenticate(request.headers)
+        tenant = self._tenants.for_request(key_tenant, request.headers.get(TENANT_HEADER))
+        record.tenant = tenant.name
         path, query = split_target(request.raw_path)
         record.path = path
         kind = self._local_token.kind_of(path)
         served = as_served(path)
-        route = self._routes.match(served)
+        route = tenant.routes.match(served)
         if kind is not None:
             # Answered locally; counted under the route it would have gone along, if any.
             record.route = kind.token_path if route is None else route.prefix
-            return path, query, kind, None
+            return path, query, kind, None, tenant, key_tenant
         if route is None:
             raise NotProxied(self._not_routed)
         record.route, record.credentials = route.prefix, route.credentials_name
-        return path, query, kind, route
+        if route.lacking is not None:
+            raise Forbidden(
+                f"the tenant {tenant.name} has no credential set {route.lacking!r}, which the "
+                f"route {route.prefix} injects"
+            )
+        return path, query, kind, route, tenant, key_tenant
 
     async def expect(self, request: web.Request) -> web.StreamResponse | None:
         """`Expect: 100-continue`: refuse before the client sends its body, or invite it."""
@@ -121,7 +133,7 @@ class ApiHandler:
         reserved = NOTHING_RESERVED
         shape = None
         try:
-            path, _, kind, route = self._admit(request, record)
+            path, _, kind, route, _, _ = self._admit(request, record)
             shape = _shape(kind, route)
             self._access.authorize(request.method, path)
             if request.headers.get(hdrs.EXPECT, "").lower() != "100-continue":
@@ -211,13 +223,14 @@ class ApiHandler:
         reserved = request.pop(_RESERVED, None) if hdrs.EXPECT in request.headers else None
         shape = None
         try:
-            path, query, kind, route = self._admit(request, record)
+            path, query, kind, route, _, key_tenant = self._admit(request, record)
             shape = _shape(kind, route)
             self._access.authorize(request.method, path)
             if kind is not None:
-                response, record.ret_code, record.credentials = await self._local_token.answer(
-                    request, kind
-                )
+                answer = await self._local_token.answer(request, kind, key_tenant=key_tenant)
+                response, record.ret_code, record.credentials, answered_for = answer
+                if answered_for is not None:
+                    record.tenant = answered_for
                 record.status = response.status
                 return response
             assert route is not None

@@ -8,6 +8,7 @@ from aiohttp import hdrs, web
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from proxy.server.request_id import HEADER as REQUEST_ID_HEADER
+from proxy.server.tenants import HEADER as TENANT_HEADER
 
 # Header names are compared in lower case: `name.lower() in` one of these sets. (An `istr` in a
 # set would not do: it hashes as the spelling it was made with, and the upstream client and
@@ -32,11 +33,12 @@ HOP_BY_HOP: Final = _names(
 )
 
 # Also not copied upstream: Host and Content-Length are set for the upstream request itself,
-# and X-Request-Id is replaced by the request's id. (A client's `token` or Authorization is
+# X-Request-Id is replaced by the request's id, and X-Sobot-Tenant is the proxy's own (which
+# tenant: server/tenants.py). (A client's `token` or Authorization is
 # replaced by the managed token where a route injects one: sobot/credential.py.) Expect
 # was answered by the proxy's own server, which has the body by the time it forwards it.
 _NOT_COPIED_UPSTREAM: Final = HOP_BY_HOP | _names(
-    hdrs.HOST, hdrs.CONTENT_LENGTH, hdrs.EXPECT, REQUEST_ID_HEADER
+    hdrs.HOST, hdrs.CONTENT_LENGTH, hdrs.EXPECT, REQUEST_ID_HEADER, TENANT_HEADER
 )
 # Addresses of callers, and of the proxies before them. Sobot is a third party: they reach it
 # only when the operator asks for forwarding headers (Settings.forwarded_headers), and then the

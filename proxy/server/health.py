@@ -4,6 +4,14 @@ token). Never forwarded.
 A set is in use when a route injects it; one no route names is fetched only when a client asks
 for its token, and does not decide readiness. The body reports each set; its top-level
 `token_expires_in` is the `default` set's, as before there were several.
+
+Tenants: readiness is `default`'s, whose tokens are fetched at start-up. A named tenant starts
+on its first request and may sit idle (its tokens left to expire), so it cannot decide whether
+the proxy takes traffic, and one company's refused key must not take every other company's
+proxy out of its load balancer. The body stays short with a thousand tenants: `default`'s sets
+in full, then `tenants`: how many are configured and started, and the problem of each started
+tenant whose tokens fail. `/readyz?tenant=NAME` reports that tenant's sets in full, and is 503
+while one it uses lacks a token.
 """
 
 from __future__ import annotations
@@ -11,8 +19,10 @@ from __future__ import annotations
 import orjson
 from aiohttp import web
 
-from proxy.errors import NotReady
+from proxy.errors import NotReady, UnknownTenant
 from proxy.server.credentials import CredentialSets
+from proxy.server.tenants import Tenants
+from proxy.tokens.manager import TokenStatus
 
 _ALIVE = orjson.dumps({"status": "alive"})
 
@@ -21,9 +31,43 @@ async def healthz(_request: web.Request) -> web.Response:
     return web.Response(body=_ALIVE, content_type="application/json")
 
 
-def readyz(sets: CredentialSets) -> web.Response:
-    """200 while every set in use holds a valid token; 503 with the reason (in Sobot's shape,
-    from the first set without one) otherwise."""
+def readyz(tenants: Tenants, tenant: str | None = None) -> web.Response:
+    """200 while every set `default` uses (or the tenant `tenant`, if named) holds a valid
+    token; 503 with the reason (in Sobot's shape, from the first set without one) otherwise."""
+    if tenant is None:
+        return _ready(tenants.default.sets, {"tenants": _tenants_summary(tenants)})
+    started = next((each for each in tenants.started() if each.name == tenant), None)
+    if started is None:
+        if tenants.is_configured(tenant):
+            body = {"status": "not started", "tenant": tenant}
+            return web.Response(body=orjson.dumps(body), content_type="application/json")
+        return UnknownTenant("the tenant named by ?tenant= is not configured").to_response()
+    return _ready(started.sets, {"tenant": tenant})
+
+
+def _tenants_summary(tenants: Tenants) -> dict[str, object]:
+    """How many tenants are configured and started, and what fails for the started ones."""
+    started = list(tenants.started())
+    problems = {}
+    for tenant in started[1:]:  # `default` is reported in full
+        report, failing = _report(tenant.sets)
+        if failing is not None:
+            name, status = failing
+            problems[tenant.name] = f"{name}: {status.problem}"
+        else:
+            warnings = _warnings(report)
+            if warnings:
+                problems[tenant.name] = warnings
+    summary: dict[str, object] = {"configured": tenants.configured, "started": len(started)}
+    if problems:
+        summary["problems"] = problems
+    return summary
+
+
+def _report(
+    sets: CredentialSets,
+) -> tuple[dict[str, dict[str, object]], tuple[str, TokenStatus] | None]:
+    """Each set's entry, and the first set in use without a valid token (and its status)."""
     report: dict[str, dict[str, object]] = {}
     failing = None
     for managed in sets:
@@ -37,22 +81,34 @@ def readyz(sets: CredentialSets) -> web.Response:
             entry["token_expires_in"] = status.expires_in
             if status.problem:  # a token is held, but its renewal is failing
                 entry["warning"] = status.problem
+        elif not managed.tokens.renewing:
+            entry["idle"] = True  # a named tenant's, unused: renewed again when next used
         else:
             entry["problem"] = status.problem
             entry["configuration_error"] = status.configuration_error
             if failing is None:
                 failing = managed.name, status
         report[managed.name] = entry
+    return report, failing
+
+
+def _warnings(report: dict[str, dict[str, object]]) -> str:
+    return "; ".join(
+        f"{name}: {entry['warning']}" for name, entry in report.items() if "warning" in entry
+    )
+
+
+def _ready(sets: CredentialSets, extra: dict[str, object]) -> web.Response:
+    report, failing = _report(sets)
     default = sets.default.tokens.status()
     body: dict[str, object]
     if failing is None:
         body = {"status": "ready", "token_expires_in": default.expires_in}
-        warnings = [
-            f"{name}: {entry['warning']}" for name, entry in report.items() if "warning" in entry
-        ]
+        warnings = _warnings(report)
         if warnings:
-            body["warning"] = "; ".join(warnings)
+            body["warning"] = warnings
         body["credentials"] = report
+        body.update(extra)
         return web.Response(body=orjson.dumps(body), content_type="application/json")
     name, status = failing
     body = {
@@ -61,6 +117,7 @@ def readyz(sets: CredentialSets) -> web.Response:
         "status": "not ready",
         "configuration_error": status.configuration_error,
         "credentials": report,
+        **extra,
     }
     return web.Response(
         status=NotReady.status, body=orjson.dumps(body), content_type="application/json"

@@ -4,7 +4,10 @@
 Existing clients that do their own token dance keep working unchanged: a client that signs
 correctly for a configured credential set gets that set's managed token, in its kind's answer
 shape, with the time it has left. The call never reaches Sobot, so no client can rotate the
-token everyone shares. Which set: the one of the request's kind whose appid the request names.
+token everyone shares. Which set: the one of the request's kind whose appid the request names,
+in whichever tenant has it (server/tenants.py: the tenant is built then if it was not yet). With
+client keys, that must be the key's own tenant: another tenant's appid is refused (403), as
+every request for another tenant is.
 Refusals are in the kind's own shape (sobot/credential.py: refuse): v5's are Sobot's own, 900004
 for an appid no set has and 900003 for a wrong signature or a stale create_time, with HTTP 200,
 which is what such clients already handle.
@@ -19,8 +22,8 @@ from typing import Final
 
 from aiohttp import web
 
-from proxy.errors import BodyTooLarge, ClientTimeout
-from proxy.server.credentials import CredentialSets
+from proxy.errors import BodyTooLarge, ClientTimeout, Forbidden
+from proxy.server.tenants import Tenants
 from proxy.sobot.credential import ClientTokenRequest, Credential, LocalAnswer
 
 # A token request's body is a few dozen bytes of JSON; anything much larger is not one.
@@ -30,19 +33,19 @@ MAX_BODY: Final = 16 * 1024
 class LocalTokenEndpoint:
     def __init__(
         self,
-        sets: CredentialSets,
+        tenants: Tenants,
         *,
         read_timeout: float,
         wall_clock: Callable[[], float] = time.time,
     ) -> None:
         """`read_timeout`: how long a client has to send a token request's body."""
-        self._sets = sets
+        self._tenants = tenants
         self._read_timeout = read_timeout
         self._wall_clock = wall_clock
 
     def kind_of(self, path: str) -> Credential | None:
         """The kind whose token endpoint `path` is, if it is one the proxy answers."""
-        return self._sets.token_kind(path)
+        return self._tenants.token_kind(path)
 
     def admit(self, request: web.BaseRequest) -> None:
         """Before the body is read (`Expect: 100-continue`): refuse a body too large."""
@@ -50,25 +53,34 @@ class LocalTokenEndpoint:
             raise BodyTooLarge(f"a token request's body is at most {MAX_BODY} bytes")
 
     async def answer(
-        self, request: web.Request, kind: Credential
-    ) -> tuple[web.Response, str, str | None]:
-        """The answer for the client, the code it carries and the credential set it was for,
-        if one (for the request log)."""
+        self, request: web.Request, kind: Credential, *, key_tenant: str | None = None
+    ) -> tuple[web.Response, str, str | None, str | None]:
+        """The answer for the client, the code it carries, the credential set and the tenant
+        it was for, if one (for the request log). `key_tenant`: the client key's tenant, the
+        only one it may ask for (None: no client keys)."""
         body = await self._read_small(request) if kind.reads_client_body else b""
         claim = ClientTokenRequest(request.query, body)
         now = self._wall_clock()
-        managed = self._sets.for_appid(kind.kind, kind.claimed_appid(claim))
-        if managed is None:
+        appid = kind.claimed_appid(claim)
+        claimant = self._tenants.claimant(kind.kind, appid)
+        if claimant is None:
             # Checked against a set of its kind whose appid it does not name: the refusal is
             # "malformed" if it is, else "unknown appid", in the kind's own words.
-            return (*_response(kind.refuse(kind.check(claim, now))), None)
-        refusal = managed.credential.check(claim, now)
+            return (*_response(kind.refuse(kind.check(claim, now))), None, None)
+        name, set_name, credential = claimant
+        if key_tenant is not None and name != key_tenant:
+            raise Forbidden("the client key is not for the tenant whose appid this names")
+        refusal = credential.check(claim, now)
         if refusal is not None:
-            return (*_response(managed.credential.refuse(refusal)), managed.name)
+            return (*_response(credential.refuse(refusal)), set_name, name)
+        # Checked: only now is the tenant built (and its tokens fetched), if it was not yet.
+        tenant = self._tenants.get(name)
+        managed = None if tenant is None else tenant.sets.find(set_name)
+        assert managed is not None  # the index is made of the tenants' own sets
         tokens = managed.tokens
         token = await tokens.get()  # TokenUnavailable is answered by the caller
         granted = managed.credential.grant(token.value, tokens.seconds_left(token))
-        return (*_response(granted), managed.name)
+        return (*_response(granted), managed.name, name)
 
     async def _read_small(self, request: web.Request) -> bytes:
         """The whole body, at most MAX_BODY bytes, within the read timeout (a few dozen bytes

@@ -6,6 +6,12 @@ SOBOT_METRICS_ROUTES prefix they start with, which refines it; `other` for a pat
 serves), credential sets are the configured ones, methods outside the standard ones count as
 `other`, and return codes beyond the first MAX_RET_CODES distinct ones seen count as `other`.
 
+Tenants: `sobot_proxy_requests_total` carries a `tenant` label (a configured name, or `none` for
+a request refused before its tenant was known), and the token calls and token gauges are per
+tenant and set, created when a tenant is first used. The latency histograms and the replays
+have no tenant label: with a thousand tenants, 15 buckets x routes x tenants would be the bulk
+of every scrape, while the request counter grows by a few series per tenant actually used.
+
 With `--workers N` every worker counts into files in a directory the supervisor shares
 (prometheus-client's multiprocess mode, chosen by PROMETHEUS_MULTIPROC_DIR at start-up), so a
 scrape that reaches any worker reports the sum over all of them.
@@ -67,10 +73,8 @@ CLIENT_TIMEOUTS: Final = ("header_nothing", "header_partial", "send")
 class Metrics:
     """Every metric of one proxy process, and its /metrics page."""
 
-    def __init__(
-        self, *, routes: tuple[str, ...] = (), credential_sets: tuple[str, ...] = ("default",)
-    ) -> None:
-        """`routes`: SOBOT_METRICS_ROUTES; `credential_sets`: the names of every set."""
+    def __init__(self, *, routes: tuple[str, ...] = ()) -> None:
+        """`routes`: SOBOT_METRICS_ROUTES."""
         # No `_created` series beside every counter: they double the page and nobody graphs
         # them. (A switch of the library's, for the process.)
         disable_created_metrics()  # type: ignore[no-untyped-call]
@@ -80,8 +84,9 @@ class Metrics:
         self.requests = Counter(
             "requests",
             "Requests answered, by route group, method, HTTP status and Sobot ret_code "
-            "(`none` when the answer carried none; `cancelled` status: the client left first)",
-            ["route", "method", "status", "ret_code"],
+            "(`none` when the answer carried none; `cancelled` status: the client left first) "
+            "and tenant",
+            ["route", "method", "status", "ret_code", "tenant"],
             namespace=NAMESPACE,
             registry=registry,
         )
@@ -110,9 +115,9 @@ class Metrics:
         )
         self.get_token = Counter(
             "get_token_calls",
-            "Calls to a token endpoint (v5 get_token, V6 /tokens/company), by credential set and "
-            "result: ok, refused (the endpoint said no), unreachable, malformed",
-            ["credentials", "result"],
+            "Calls to a token endpoint (v5 get_token, V6 /tokens/company), by tenant, credential "
+            "set and result: ok, refused (the endpoint said no), unreachable, malformed",
+            ["tenant", "credentials", "result"],
             namespace=NAMESPACE,
             registry=registry,
         )
@@ -160,26 +165,33 @@ class Metrics:
             namespace=NAMESPACE,
             registry=registry,
         )
-        for name in credential_sets:
-            for result in GET_TOKEN_RESULTS:
-                self.get_token.labels(name, result)  # every result shows, at 0, from the start
         for kind in CLIENT_TIMEOUTS:
             self.client_timeouts.labels(kind)
         self.store_errors.inc(0)
         self._routes = tuple(sorted(routes, key=len, reverse=True))  # the longest prefix wins
         self._ret_codes: set[str] = set()
-        # Bounded as the labels are: routes x methods x statuses x return codes seen.
-        self._counters: dict[tuple[str, str, str, str], Counter] = {}
+        # Bounded as the labels are: routes x methods x statuses x return codes x tenants seen.
+        self._counters: dict[tuple[str, str, str, str, str], Counter] = {}
         self._per_route: dict[str, _RouteMetrics] = {}
         self._token = _TokenCollector()
         registry.register(self._token)
         if self._multiprocess_dir is None:
             ProcessCollector(registry=registry)  # memory, CPU, open files (not per worker)
 
-    def watch_token(self, credentials: str, expires_in: Callable[[], float | None]) -> None:
+    def token_calls(self, tenant: str, credentials: str) -> dict[str, Counter]:
+        """The token call counters of a tenant's set, by result: every result shows, at 0,
+        from when the tenant is first used."""
+        return {
+            result: self.get_token.labels(tenant, credentials, result)
+            for result in GET_TOKEN_RESULTS
+        }
+
+    def watch_token(
+        self, tenant: str, credentials: str, expires_in: Callable[[], float | None]
+    ) -> None:
         """Report `expires_in()` (seconds, None: no token held) of the credential set
-        `credentials` at every scrape."""
-        self._token.expires_in[credentials] = expires_in
+        `credentials` of `tenant` at every scrape."""
+        self._token.expires_in[tenant, credentials] = expires_in
 
     def route(self, path: str, route: str | None) -> str:
         """The route group of a request for `path` that went along `route` (its prefix; None:
@@ -198,7 +210,8 @@ class Metrics:
         route = self.route(record.path, record.route)
         method = record.method if record.method in METHODS else "other"
         status = "cancelled" if record.status is None else str(record.status)
-        labels = (route, method, status, self._ret_code_label(record.ret_code))
+        tenant = record.tenant or "none"  # a configured name: bounded
+        labels = (route, method, status, self._ret_code_label(record.ret_code), tenant)
         # The labelled children are looked up once per label set, not on every request:
         # prometheus-client's labels() validates and locks each time (a third of the cost).
         counter = self._counters.get(labels)
@@ -250,14 +263,15 @@ class _TokenCollector(Collector):
     """Each credential set's token's remaining life, read at scrape time."""
 
     def __init__(self) -> None:
-        self.expires_in: dict[str, Callable[[], float | None]] = {}
+        self.expires_in: dict[tuple[str, str], Callable[[], float | None]] = {}
 
     def collect(self) -> Iterable[Metric]:
         family = GaugeMetricFamily(
             f"{NAMESPACE}_token_expires_in_seconds",
-            "Seconds until the token a credential set holds now expires (0: no valid token)",
-            labels=["credentials"],
+            "Seconds until the token a credential set of a tenant holds now expires (0: no "
+            "valid token); a tenant shows from its first use",
+            labels=["tenant", "credentials"],
         )
-        for name, expires_in in self.expires_in.items():
-            family.add_metric([name], max(0.0, expires_in() or 0.0))
+        for (tenant, name), expires_in in self.expires_in.items():
+            family.add_metric([tenant, name], max(0.0, expires_in() or 0.0))
         yield family

@@ -10,6 +10,7 @@ class RequestRecord:
     method: str
     path: str
     request_id: str  # logged through the logging context, with every line of the request
+    tenant: str | None = None  # once known (a request refused before has none)
     route: str | None = None  # the prefix of the route it went along (a token request's own)
     credentials: str | None = None  # the credential set injected or asked for, or "none"
     status: int | None = None
@@ -26,6 +27,8 @@ class RequestRecord:
             "attempts": self.attempts,
             "duration_ms": round(duration_s * 1000, 2),
         }
+        if self.tenant is not None:
+            fields["tenant"] = self.tenant
         if self.route is not None:
             fields["route"] = self.route
         if self.credentials is not None:

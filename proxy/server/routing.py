@@ -1,6 +1,8 @@
 """The route table: which upstream and which credential set a request path goes to.
 
-Built once at start-up from Settings.route_table. A lookup walks the prefixes longest first
+Built from Settings.route_table once per tenant (server/tenants.py), when the tenant is first
+used: the prefixes are shared, but a route's upstream may be the tenant's main upstream and its
+credential set is the tenant's set of that name. A lookup walks the prefixes longest first
 and compares in place (str.startswith): it allocates nothing (tests/test_routes.py measures it),
 and a handful of prefixes cost less than slicing the path to look it up in a dict. Prefixes end
 with `/`, so they match whole segments (`/callservice/` never matches `/callservicex/`).
@@ -23,14 +25,25 @@ class Route:
     origin: upstream.Origin
     base_path: str  # the base URL's path, "" or "/prefix": requests go to base_path + path
     credential_set: CredentialSet | None  # None: forwarded without injecting anything
+    # The set the route names that its tenant does not have: the route is refused (403).
+    lacking: str | None = None
 
     @classmethod
-    def to(cls, prefix: str, base_url: str, credential_set: CredentialSet | None) -> Route:
+    def to(
+        cls,
+        prefix: str,
+        base_url: str,
+        credential_set: CredentialSet | None,
+        *,
+        lacking: str | None = None,
+    ) -> Route:
         origin = upstream.Origin.of(base_url)
-        return cls(prefix, base_url, origin, urlsplit(base_url).path, credential_set)
+        return cls(prefix, base_url, origin, urlsplit(base_url).path, credential_set, lacking)
 
     @property
     def credentials_name(self) -> str:
+        if self.lacking is not None:
+            return self.lacking
         return "none" if self.credential_set is None else self.credential_set.name
 
 

@@ -20,6 +20,10 @@
   refreshing at once would rotate the token for everyone on every such request.
 - After a failed fetch, callers get the failure at once until a backoff (doubling, capped) has
   passed, rather than each calling get_token again.
+- A manager that `pauses_when_idle` (a named tenant's: server/tenants.py) stops renewing in the
+  background once it has not been used (get, replace) for longer than its token's life: an idle
+  tenant costs no token calls. Its next use starts renewing again (the held token, if still
+  valid, serves at once; otherwise that use fetches one).
 - Tokens are obtained through a store (tokens/store.py): in one process it only remembers; shared in
   Redis, it lets replicas adopt the token one of them fetched, and tells them when it changes.
   If the store cannot be reached, a replica renews alone, serves on, and reconciles with the
@@ -102,10 +106,12 @@ class TokenManager:
         store: TokenStore | None = None,
         latest_renewal_fraction: float = LATEST_RENEWAL_FRACTION,
         check_hint: str = "check SOBOT_APPID, SOBOT_APP_KEY and the region / base URL",
+        pauses_when_idle: bool = False,
     ) -> None:
         """`refresh_margin` and `latest_renewal_fraction`: when the refresher renews (see the
         module docstring); `check_hint`: what to check when the endpoint refuses the
-        credentials, for the log and /readyz."""
+        credentials, for the log and /readyz; `pauses_when_idle`: stop renewing when unused
+        for longer than the token's life (see the module docstring)."""
         self._source = source
         self._refresh_margin = refresh_margin
         self._latest_renewal_fraction = latest_renewal_fraction
@@ -132,6 +138,9 @@ class TokenManager:
         self._changed = asyncio.Event()
         self._first_outcome = asyncio.Event()  # the first fetch ended, either way
         self._refresher: asyncio.Task[None] | None = None
+        self._pauses_when_idle = pauses_when_idle
+        self._last_used = clock()
+        self._paused = False  # the refresher stopped for idleness: the next use restarts it
 
     # -- used on every request -------------------------------------------------------------
 
@@ -147,8 +156,23 @@ class TokenManager:
         """The valid token held now, if any."""
         return self._cache.get(_KEY)
 
+    @property
+    def renewing(self) -> bool:
+        """Whether the background refresher runs."""
+        return self._refresher is not None and not self._refresher.done()
+
+    def _used(self) -> None:
+        """Note a use (a float stored: cheap), and renew again if that had stopped."""
+        self._last_used = self._clock()
+        if self._paused:
+            self._paused = False
+            self._log.info("token_renewal_resumed")
+            self.start()
+
     async def get(self) -> Token:
         """A valid token: the one held, or a new one from the single shared fetch."""
+        if self._pauses_when_idle:
+            self._used()
         token = self._cache.get(_KEY)
         if token is not None:
             return token
@@ -157,6 +181,8 @@ class TokenManager:
 
     async def replace(self, rejected: Token) -> Token:
         """A token to replay with after Sobot rejected `rejected` (v5: 900002 / 900001; V6: 401)."""
+        if self._pauses_when_idle:
+            self._used()
         current = self._cache.get(_KEY)
         if current is not None and current.value != rejected.value:
             return current  # a newer one is held already
@@ -392,6 +418,9 @@ class TokenManager:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._changed.wait(), delay)
                 continue
+            if self._pauses_when_idle and self._idle():
+                self._pause()
+                return
             current = self._cache.get(_KEY)
             # Without a valid token, the last one held (maybe just rejected) will not do either.
             stale = current or self._held
@@ -403,6 +432,25 @@ class TokenManager:
                 # A bug must not end renewals for good: log it, and carry on after the backoff.
                 self._log.exception("token_refresher_error")
                 await asyncio.sleep(self._backoff.delay(max(1, self._failures)))
+
+    def _idle(self) -> bool:
+        """Unused for longer than the token's life (with none ever held: the longest backoff,
+        so a tenant whose credentials fail is not retried forever for one request)."""
+        held = self._held
+        limit = held.lifetime if held is not None else self._backoff.cap
+        return self._clock() - self._last_used > limit
+
+    def _pause(self) -> None:
+        """Stop renewing (and watching the store) until the next use."""
+        self._paused = True
+        self._log.info(
+            "token_renewal_paused",
+            idle_s=round(self._clock() - self._last_used, 1),
+            detail="unused for longer than the token's life: renewed again when next used",
+        )
+        if self._watcher is not None:
+            self._watcher.cancel()
+        self._refresher = self._watcher = None
 
     # -- health ----------------------------------------------------------------------------
 

@@ -1,0 +1,123 @@
+"""Tenants as they are served: which tenant a request is for, and each tenant's credential sets
+and routes, built when the tenant is first used.
+
+    Tenants     every configured tenant by name; `default` built at start-up, a named tenant on
+                its first request (a dict lookup per request once built)
+    Tenant      one tenant's CredentialSets (its token managers and stores) and its RouteTable
+                (the shared prefixes, bound to its main upstream and its sets)
+
+Which tenant (`for_request`): with client keys, the key's tenant, and an X-Sobot-Tenant that
+names another is refused (403); without client keys, X-Sobot-Tenant names it, else `default`.
+A name no tenant has is 404. The header is the proxy's own: never sent upstream (headers.py).
+
+A client's own token request names an appid: `claimant` finds the tenant with a set of that
+kind and appid, and that set's credential to check the request's sign with, from an index
+built once over every tenant, started or not: a request that fails the check starts nothing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Final
+
+from proxy.config.tenants import DEFAULT_TENANT, TenantSettings
+from proxy.errors import Forbidden, UnknownTenant
+from proxy.server.credentials import CredentialSets
+from proxy.server.routing import RouteTable
+from proxy.sobot.credential import Credential, names, spelling
+from proxy.sobot.kinds import KINDS
+
+HEADER: Final = "X-Sobot-Tenant"
+
+
+@dataclass(frozen=True, slots=True)
+class Tenant:
+    name: str
+    sets: CredentialSets
+    routes: RouteTable
+
+
+class Tenants:
+    __slots__ = ("_build", "_configs", "_kind_index", "_started", "_token_kinds", "default")
+
+    def __init__(
+        self, configs: Sequence[TenantSettings], build: Callable[[TenantSettings], Tenant]
+    ) -> None:
+        """`configs`: every tenant, `default` first; `build` makes a tenant's state (and starts
+        renewing the tokens its routes use). Builds `default` at once."""
+        self._configs = {config.name: config for config in configs}
+        self._build = build
+        self._started: dict[str, Tenant] = {}
+        # kind -> appid -> (tenant, set, credential): validation makes a kind's appids unique over
+        # all tenants.
+        self._kind_index: dict[str, dict[str, tuple[str, str, Credential]]] = {}
+        for config in configs:
+            for credentials in config.credential_sets:
+                credential = KINDS[credentials.kind](
+                    credentials.appid, credentials.secret, credentials.authorization_scheme
+                )
+                by_appid = self._kind_index.setdefault(credentials.kind, {})
+                by_appid[credentials.appid] = (config.name, credentials.name, credential)
+        # One credential of each kind answers "is this that kind's token path?" and refuses a
+        # request naming an appid no tenant has.
+        self._token_kinds = tuple(
+            next(iter(by_appid.values()))[2] for by_appid in self._kind_index.values()
+        )
+        default = self.get(DEFAULT_TENANT)
+        assert default is not None
+        self.default = default
+
+    @property
+    def configured(self) -> int:
+        return len(self._configs)
+
+    def is_configured(self, name: str) -> bool:
+        return name in self._configs
+
+    def started(self) -> Iterator[Tenant]:
+        """Every tenant built so far, `default` first."""
+        return iter(tuple(self._started.values()))
+
+    def get(self, name: str) -> Tenant | None:
+        """The tenant `name`, built now if this is its first use; None: no such tenant."""
+        tenant = self._started.get(name)
+        if tenant is None:
+            config = self._configs.get(name)
+            if config is None:
+                return None
+            # Built synchronously, on the one event loop: never twice.
+            tenant = self._started[name] = self._build(config)
+        return tenant
+
+    def for_request(self, key_tenant: str | None, named: str | None) -> Tenant:
+        """The tenant of a request: `key_tenant`, the client key's (None: no client keys);
+        `named`, what X-Sobot-Tenant says (None: no such header)."""
+        if key_tenant is not None:
+            if named is not None and named != key_tenant:
+                raise Forbidden(f"the client key is not for the tenant {HEADER} names")
+            name = key_tenant
+        else:
+            name = DEFAULT_TENANT if named is None else named
+        tenant = self.get(name)
+        if tenant is None:
+            # The name is the client's own: not echoed.
+            raise UnknownTenant(
+                f"{HEADER} names no tenant this proxy serves (names are case-sensitive)"
+            )
+        return tenant
+
+    def token_kind(self, path: str) -> Credential | None:
+        """The kind whose token endpoint `path` is (in any spelling), among the kinds served."""
+        spelled = spelling(path)  # once, for every kind
+        for credential in self._token_kinds:
+            if names(spelled, credential.token_path):
+                return credential
+        return None
+
+    def claimant(self, kind: str, appid: str | None) -> tuple[str, str, Credential] | None:
+        """(the tenant, the set's name, its credential) of the set of `kind` and `appid`, if
+        a tenant has one; nothing is built."""
+        if appid is None:
+            return None
+        return self._kind_index.get(kind, {}).get(appid)
