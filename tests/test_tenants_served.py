@@ -1,0 +1,283 @@
+"""Tenants served, over real sockets: one fake Sobot per tenant, each seeing only its own
+tenant's token; the tenant chosen by the client key or by X-Sobot-Tenant; local token requests
+answered for the tenant whose appid they name; named tenants fetched on first use, and not
+renewed once idle."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+from aiohttp.test_utils import TestClient
+from prometheus_client.parser import text_string_to_metric_families
+
+from proxy.config.routes import CredentialSettings, RouteSettings
+from proxy.config.settings import Settings
+from proxy.config.tenants import TenantSettings
+from proxy.server.app import TENANTS
+from proxy.testing.fake_sobot import FakeSobot
+from proxy.tokens.manager import TokenManager
+from tests.conftest import APP_KEY, CapturedLogs, ProxyFactory, eventually, send_raw
+from tests.test_local_token import signed_query
+from tests.test_routes import token_request
+
+ACME_APPID, ACME_KEY = "acme-appid", "acme-app-key-0123456789abcdef"
+BETA_APPID, BETA_KEY = "beta-appid", "beta-app-key-0123456789abcdef"
+ACME_V6_APPID, ACME_V6_SECRET = "acme-v6-appid", "acme-v6-secret-0123456789abcdef"
+KEY_DEFAULT, KEY_ACME = "client-key-default-0123456789", "client-key-acme-0123456789abcd"
+HEADER = "X-Sobot-Tenant"
+
+
+@pytest.fixture
+async def acme_host() -> AsyncIterator[FakeSobot]:
+    sobot = FakeSobot(ACME_APPID, ACME_KEY, v6_appid=ACME_V6_APPID, v6_secret=ACME_V6_SECRET)
+    await sobot.start()
+    yield sobot
+    await sobot.stop()
+
+
+@pytest.fixture
+async def beta_host() -> AsyncIterator[FakeSobot]:
+    sobot = FakeSobot(BETA_APPID, BETA_KEY, token_lifetime=1.0)  # short: it goes idle soon
+    await sobot.start()
+    yield sobot
+    await sobot.stop()
+
+
+@pytest.fixture
+def tenant_settings(settings: Settings, acme_host: FakeSobot, beta_host: FakeSobot) -> Settings:
+    """`default` on the `fake` host; acme (with a V6 call centre) and beta on their own."""
+    callcenter = CredentialSettings("callcenter", "v6", ACME_V6_APPID, ACME_V6_SECRET)
+    return dataclasses.replace(
+        settings,
+        tenants=(
+            TenantSettings("acme", ACME_APPID, ACME_KEY, acme_host.url, (callcenter,)),
+            TenantSettings("beta", BETA_APPID, BETA_KEY, beta_host.url),
+        ),
+        routes=(RouteSettings("/callservice/", None, "callcenter"),),
+    )
+
+
+@pytest.fixture
+async def tenant_proxy(make_proxy: ProxyFactory, tenant_settings: Settings) -> TestClient[Any, Any]:
+    return await make_proxy(tenants=tenant_settings.tenants, routes=tenant_settings.routes)
+
+
+async def keyed_proxy(make_proxy: ProxyFactory, tenant_settings: Settings) -> TestClient[Any, Any]:
+    """The tenants behind client keys: one key for `default`, one bound to acme."""
+    return await make_proxy(
+        tenants=tenant_settings.tenants,
+        routes=tenant_settings.routes,
+        client_keys=(KEY_DEFAULT, KEY_ACME),
+        client_key_tenants=("default", "acme"),
+    )
+
+
+def bearer(key: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"}
+
+
+def tenant_tokens(proxy: TestClient[Any, Any], tenant: str, name: str = "default") -> TokenManager:
+    started = {each.name: each for each in proxy.app[TENANTS].started()}
+    return started[tenant].sets.named(name).tokens
+
+
+async def test_each_upstream_sees_only_its_own_tenants_token(
+    tenant_proxy, fake: FakeSobot, acme_host: FakeSobot, beta_host: FakeSobot
+):
+    for tenant in (None, "acme", "beta"):
+        headers = {} if tenant is None else {HEADER: tenant}
+        response = await tenant_proxy.get("/api/ws/5/ticket/list", headers=headers)
+        assert response.status == 200, tenant
+    for host in (fake, acme_host, beta_host):
+        [received] = host.received
+        assert received.token_state == "valid"  # a token this host issued, and no other
+        assert received.headers["token"] == host.current_token
+        assert HEADER.lower() not in {name.lower() for name in received.headers}  # consumed
+    tokens = {fake.current_token, acme_host.current_token, beta_host.current_token}
+    assert len(tokens) == 3
+
+
+async def test_a_route_to_the_main_upstream_goes_to_the_tenants_own(
+    tenant_proxy, fake: FakeSobot, acme_host: FakeSobot
+):
+    """/callservice/ names no upstream: acme's goes to acme's host, with acme's V6 JWT."""
+    response = await tenant_proxy.get("/callservice/v6/agents", headers={HEADER: "acme"})
+    assert response.status == 200
+    [received] = acme_host.received
+    assert received.kind == "v6"
+    assert received.token_state == "valid"
+    assert not fake.received
+
+
+async def test_a_route_naming_a_set_the_tenant_lacks_is_403_and_not_forwarded(
+    tenant_proxy, fake: FakeSobot, beta_host: FakeSobot, logs: CapturedLogs
+):
+    for headers, host in (({}, fake), ({HEADER: "beta"}, beta_host)):
+        response = await tenant_proxy.get("/callservice/v6/call", headers=headers)
+        assert response.status == 403
+        body = await response.json()
+        assert body["ret_code"] == "980403"
+        assert "'callcenter'" in body["ret_msg"]
+        assert not host.received
+    lines = [line for line in logs.events("request") if line["path"] == "/callservice/v6/call"]
+    assert [line["tenant"] for line in lines] == ["default", "beta"]
+    # beta was started by its request: its token comes (stopping mid-fetch is another test's).
+    await beta_host.wait_for_get_token_calls(1)
+
+
+async def test_an_unknown_tenant_is_404_naming_the_header_and_never_forwarded(
+    tenant_proxy, fake: FakeSobot
+):
+    for name in ("nobody", "ACME", ""):
+        response = await tenant_proxy.get("/api/ws/5/ticket/list", headers={HEADER: name})
+        assert response.status == 404, name
+        body = await response.json()
+        assert body["ret_code"] == "980404"
+        assert HEADER in body["ret_msg"]
+    assert not fake.received
+
+
+async def test_the_header_is_consumed_even_when_it_names_default(tenant_proxy, fake: FakeSobot):
+    answer = await send_raw(
+        tenant_proxy,
+        b"GET /api/echo HTTP/1.1\r\nHost: x\r\nX-Sobot-Tenant: default\r\n"
+        b"Connection: close\r\n\r\n",
+    )
+    assert answer.startswith(b"HTTP/1.1 200")
+    [received] = fake.received
+    assert "x-sobot-tenant" not in {name.lower() for name in received.headers}
+
+
+async def test_a_client_key_decides_the_tenant_and_cannot_reach_another(
+    make_proxy, tenant_settings: Settings, fake: FakeSobot, acme_host: FakeSobot
+):
+    proxy = await keyed_proxy(make_proxy, tenant_settings)
+    response = await proxy.get("/api/ws/5/ticket/list", headers=bearer(KEY_ACME))
+    assert response.status == 200
+    assert len(acme_host.received) == 1
+    assert not fake.received
+    # The key's own tenant named: fine. Another: 403, nothing forwarded anywhere.
+    same = {**bearer(KEY_ACME), HEADER: "acme"}
+    assert (await proxy.get("/api/ws/5/ticket/list", headers=same)).status == 200
+    for key, other in ((KEY_ACME, "default"), (KEY_ACME, "beta"), (KEY_DEFAULT, "acme")):
+        response = await proxy.get("/api/ws/5/ticket/list", headers={**bearer(key), HEADER: other})
+        assert response.status == 403, (key, other)
+        assert (await response.json())["ret_code"] == "980403"
+    assert len(acme_host.received) == 2
+    assert not fake.received
+
+
+async def test_a_client_key_cannot_take_another_tenants_token(
+    make_proxy, tenant_settings: Settings, acme_host: FakeSobot
+):
+    proxy = await keyed_proxy(make_proxy, tenant_settings)
+    query = signed_query(ACME_APPID, ACME_KEY)
+    refused = await proxy.get("/api/get_token", params=query, headers=bearer(KEY_DEFAULT))
+    assert refused.status == 403
+    granted = await proxy.get("/api/get_token", params=query, headers=bearer(KEY_ACME))
+    assert (await granted.json())["item"]["token"] == acme_host.current_token
+
+
+async def test_a_client_get_token_gets_the_token_of_the_tenant_its_appid_names(
+    tenant_proxy, fake: FakeSobot, beta_host: FakeSobot, acme_host: FakeSobot, logs: CapturedLogs
+):
+    response = await tenant_proxy.get("/api/get_token", params=signed_query(BETA_APPID, BETA_KEY))
+    answer = await response.json()
+    assert answer["ret_code"] == "000000"
+    assert answer["item"]["token"] == beta_host.current_token != fake.current_token
+    # V6: acme's call centre, by the body's appId.
+    response = await tenant_proxy.post(
+        "/tokens/company", json=token_request(ACME_V6_APPID, ACME_V6_SECRET)
+    )
+    assert (await response.json())["access_token"] == acme_host.current_v6_token
+    # The sign is checked with the named tenant's key: beta's appid signed with default's.
+    wrong = await tenant_proxy.get("/api/get_token", params=signed_query(BETA_APPID, APP_KEY))
+    assert (await wrong.json())["ret_code"] == "900003"
+    unknown = await tenant_proxy.get("/api/get_token", params=signed_query("nobody", APP_KEY))
+    assert (await unknown.json())["ret_code"] == "900004"
+    lines = [line for line in logs.events("request") if line["path"] == "/api/get_token"]
+    assert [line.get("tenant") for line in lines[:2]] == ["beta", "beta"]
+
+
+async def test_named_tenants_fetch_their_token_on_first_use_only(
+    tenant_proxy, fake: FakeSobot, acme_host: FakeSobot, beta_host: FakeSobot
+):
+    await fake.wait_for_get_token_calls(1)  # default: at start-up, as ever
+    assert (acme_host.stats.get_token_calls, beta_host.stats.get_token_calls) == (0, 0)
+    assert [each.name for each in tenant_proxy.app[TENANTS].started()] == ["default"]
+    # A wrongly signed token request for acme starts nothing either.
+    await tenant_proxy.get("/api/get_token", params=signed_query(ACME_APPID, "wrong"))
+    assert acme_host.stats.get_token_calls == 0
+    for _ in range(3):
+        response = await tenant_proxy.get("/api/ws/5/ticket/list", headers={HEADER: "acme"})
+        assert response.status == 200
+    # One v5 fetch for acme (its V6 set too, since a route uses it); beta still untouched.
+    assert acme_host.stats.get_token_calls == 1
+    assert beta_host.stats.get_token_calls == 0
+
+
+async def test_an_idle_tenant_is_not_renewed_and_fetches_again_when_next_used(
+    tenant_proxy, beta_host: FakeSobot, logs: CapturedLogs
+):
+    """beta's tokens live 1 s: renewed while used, not once unused for longer than that."""
+    assert (await tenant_proxy.get("/api/echo", headers={HEADER: "beta"})).status == 200
+    tokens = tenant_tokens(tenant_proxy, "beta")
+
+    async def paused() -> bool:
+        return any(line.get("tenant") == "beta" for line in logs.events("token_renewal_paused"))
+
+    await eventually(paused, within=10)
+    calls = beta_host.stats.get_token_calls
+    assert not tokens.renewing
+
+    async def expired() -> bool:
+        return tokens.current() is None
+
+    # Had renewal gone on, a token would be held throughout: it runs out instead.
+    await eventually(expired, within=10)
+    assert beta_host.stats.get_token_calls == calls
+    # Used again: a fetch for that request, and renewing from then on.
+    assert (await tenant_proxy.get("/api/echo", headers={HEADER: "beta"})).status == 200
+    assert beta_host.stats.get_token_calls == calls + 1
+    assert tokens.renewing
+
+
+async def test_the_default_tenant_keeps_renewing_however_idle(make_proxy, settings: Settings):
+    """Only named tenants pause: `default` is renewed whether used or not."""
+    proxy = await make_proxy()
+    assert tenant_tokens(proxy, "default").renewing
+
+
+async def test_metrics_and_readyz_report_tenants(
+    tenant_proxy, fake: FakeSobot, acme_host: FakeSobot
+):
+    await tenant_proxy.get("/api/ws/5/ticket/list", headers={HEADER: "acme"})
+    await tenant_proxy.get("/api/ws/5/ticket/list", headers={HEADER: "nobody"})
+    page = await (await tenant_proxy.get("/metrics")).text()
+    families = {family.name: family for family in text_string_to_metric_families(page)}
+    requests = {
+        (sample.labels["tenant"], sample.labels["status"])
+        for sample in families["sobot_proxy_requests"].samples
+        if sample.name.endswith("_total")
+    }
+    assert ("acme", "200") in requests
+    assert ("none", "404") in requests
+    gauges = {
+        (sample.labels["tenant"], sample.labels["credentials"])
+        for sample in families["sobot_proxy_token_expires_in_seconds"].samples
+    }
+    assert gauges == {("default", "default"), ("acme", "default"), ("acme", "callcenter")}
+
+    ready = await (await tenant_proxy.get("/readyz")).json()
+    assert ready["status"] == "ready"
+    assert ready["tenants"] == {"configured": 3, "started": 2}
+    acme = await tenant_proxy.get("/readyz", params={"tenant": "acme"})
+    report = await acme.json()
+    assert acme.status == 200
+    assert set(report["credentials"]) == {"default", "callcenter"}
+    beta = await (await tenant_proxy.get("/readyz", params={"tenant": "beta"})).json()
+    assert beta["status"] == "not started"
+    assert (await tenant_proxy.get("/readyz", params={"tenant": "nobody"})).status == 404
