@@ -133,7 +133,7 @@ def test_the_readmes_routes_example_loads(tmp_path):
 def test_every_key_of_a_tenant_is_in_the_example_file_and_the_readme(key):
     example = EXAMPLE_TOML.split(TENANTS_EXAMPLE, 1)[1]
     assert re.search(rf"^#( #)? (\[tenants\.acme\.)?{key}( = |\.)", example, re.MULTILINE), key
-    assert f"`{key}`" in readme_section("Tenants (configuration)"), key
+    assert f"`{key}`" in readme_section("Tenants"), key
 
 
 def test_the_example_tenant_loads_as_an_operator_would_uncomment_it():
@@ -160,7 +160,7 @@ def test_the_example_tenant_loads_as_an_operator_would_uncomment_it():
 
 
 def test_the_readmes_tenants_example_loads(tmp_path):
-    section = readme_section("Tenants (configuration)")
+    section = readme_section("Tenants")
     example = section.split("```toml\n", 1)[1].split("```", 1)[0]
     for name in ("acme_app_key", "acme_v6_secret"):
         (tmp_path / name).write_text("a-secret-0123456789\n")
