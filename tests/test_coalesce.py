@@ -20,7 +20,6 @@ from proxy.coalesce import LIMIT, CoalescedTransport, WriteCoalescer
 from proxy.logs import get_logger
 from proxy.server.connections import ClientConnections
 from proxy.server.handler import ApiHandler
-from proxy.server.routing import RouteTable
 from proxy.upstream.client import _Pool
 from tests.sites import start_site
 
@@ -271,7 +270,7 @@ async def test_a_request_waits_for_others_in_flight_but_not_for_itself() -> None
     handler = ApiHandler(
         access=None,  # type: ignore[arg-type]
         forwarder=None,  # type: ignore[arg-type]
-        routes=RouteTable(()),
+        tenants=None,  # type: ignore[arg-type]
         local_token=None,  # type: ignore[arg-type]
         metrics=None,  # type: ignore[arg-type]
         log=None,  # type: ignore[arg-type]
