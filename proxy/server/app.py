@@ -12,47 +12,46 @@
 The upstream clients (one for forwarding, a small one of the token calls' own) are opened at
 start-up and closed at shutdown through cleanup_ctx, and so is, for each credential set of each
 tenant, its token store, token manager and background refresher: `default`'s at start-up, a
-named tenant's when it is first used (tenants.py). Request handlers reach them through typed
+named tenant's when it is first used (tenants.py, building.py). A reload (reload.py) changes
+tenants, secrets and client keys while the app runs. Request handlers reach them through typed
 AppKeys.
 """
 
 from __future__ import annotations
 
-import math
 import ssl
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Final
-from urllib.parse import urlsplit
 
-import structlog
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
-from proxy.config.routes import DEFAULT_CREDENTIALS, CredentialSettings, ResolvedRoute
 from proxy.config.settings import Settings
-from proxy.config.tenants import DEFAULT_TENANT, TenantSettings
 from proxy.errors import ProxyError, error_response, proxy_code
 from proxy.logs import Secrets, get_logger
 from proxy.server.access import AccessPolicy
 from proxy.server.body import SpoolBudget
+from proxy.server.building import TenantBuilder
 from proxy.server.connections import ClientConnections
-from proxy.server.credentials import CredentialSet, CredentialSets
+from proxy.server.credentials import CredentialSets
 from proxy.server.forward import Forwarder
 from proxy.server.handler import ApiHandler, write_whole
 from proxy.server.health import healthz, readyz
 from proxy.server.local_token import LocalTokenEndpoint
 from proxy.server.metrics import CONTENT_TYPE, Metrics
-from proxy.server.routing import Route, RouteTable
-from proxy.server.tenants import Tenant, Tenants
-from proxy.sobot.kinds import KINDS
-from proxy.tokens.manager import Backoff, TokenManager
-from proxy.tokens.source import token_client, token_source
-from proxy.tokens.store import TokenStore, make_store
+from proxy.server.reload import WATCH_INTERVAL, Reloader, secrets_of
+from proxy.server.routing import RouteTable
+from proxy.server.tenants import Tenants
+from proxy.tokens.manager import Backoff
+from proxy.tokens.source import token_client
+from proxy.tokens.store import StorePassword
 from proxy.upstream import Client
 
 TENANTS: Final = web.AppKey("tenants", Tenants)
-CREDENTIALS: Final = web.AppKey("credentials", CredentialSets)  # `default`'s
-ROUTES: Final = web.AppKey("routes", RouteTable)  # `default`'s
+# `default`'s as started (a reload may replace them: TENANTS has the tenants as they are now).
+CREDENTIALS: Final = web.AppKey("credentials", CredentialSets)
+ROUTES: Final = web.AppKey("routes", RouteTable)
+RELOADER: Final = web.AppKey("reloader", Reloader)
 API: Final = web.AppKey("api", ApiHandler)
 ACCESS: Final = web.AppKey("access", AccessPolicy)
 METRICS: Final = web.AppKey("metrics", Metrics)
@@ -96,20 +95,20 @@ def make_app(
     backoff: Backoff | None = None,
     workers_directory: str | None = None,
     open_files_limit: int | None = None,
+    reload_with: Callable[[], Settings] | None = None,
+    watch_interval: float = WATCH_INTERVAL,
 ) -> web.Application:
     """The proxy for `settings`; `secrets` is the logs' registry of values never to show;
     `workers_directory`, in a worker of several, where the workers share their token;
-    `open_files_limit`, the descriptor limit its client connections are counted against.
+    `open_files_limit`, the descriptor limit its client connections are counted against;
+    `reload_with`, the configuration loaded again as at start-up: given, the proxy reloads on
+    SIGHUP and when a secret file changes (looked at every `watch_interval` s; server/reload.py).
 
     Its listening site takes the client connections' limits from `app[CONNECTIONS]`."""
     secrets = secrets if secrets is not None else Secrets()
-    store_password = urlsplit(settings.token_store).password or settings.token_store_password
-    for key in (
-        *(config.secret for tenant in settings.all_tenants for config in tenant.credential_sets),
-        *settings.client_keys,
-        store_password or "",
-    ):
+    for key in secrets_of(settings):
         secrets.add(key, lasting=True)
+    store_password = StorePassword.of(settings)
     app = web.Application(middlewares=[_json_http_errors])
     log = get_logger()
     access = AccessPolicy(settings)
@@ -133,43 +132,21 @@ def make_app(
         # Token calls have connections of their own: a pool full of slow requests must never
         # keep a token from being renewed.
         get_token_client = token_client(settings, tls)
-        stores: list[TokenStore] = []
-        route_table = settings.route_table
-        routed = {route.credentials for route in route_table}
-
-        def build(tenant: TenantSettings) -> Tenant:
-            """A tenant's sets and routes, its routes' tokens renewing from now on."""
-            sets = CredentialSets(
-                [
-                    _managed(
-                        config,
-                        tenant,
-                        settings,
-                        get_token_client,
-                        metrics=metrics,
-                        log=log,
-                        secrets=secrets,
-                        backoff=backoff or Backoff(),
-                        workers_directory=workers_directory,
-                        stores=stores,
-                        in_use=config.name in routed,
-                    )
-                    for config in tenant.credential_sets
-                ]
-            )
-            routes = RouteTable(_bound(route, tenant, sets) for route in route_table)
-            for managed in sets:
-                if managed.in_use:
-                    managed.tokens.start()
-            if tenant.name != DEFAULT_TENANT:
-                log.info("tenant_started", tenant=tenant.name)
-            return Tenant(tenant.name, sets, routes)
-
-        tenants = Tenants(settings.all_tenants, build)
+        builder = TenantBuilder(
+            settings,
+            get_token_client,
+            metrics,
+            log,
+            secrets,
+            backoff or Backoff(),
+            workers_directory,
+            store_password,
+        )
+        tenants = Tenants(settings.all_tenants, builder)
         app[TENANTS] = tenants
         app[CREDENTIALS] = tenants.default.sets
         app[ROUTES] = tenants.default.routes
-        app[API] = ApiHandler(
+        api = app[API] = ApiHandler(
             access=access,
             forwarder=Forwarder(
                 settings,
@@ -186,17 +163,31 @@ def make_app(
             metrics=metrics,
             log=log,
         )
+        reloader = app[RELOADER] = Reloader(
+            settings,
+            tenants=tenants,
+            access=access,
+            store_password=store_password,
+            secrets=secrets,
+            metrics=metrics,
+            log=log,
+            settled=api.settled,
+        )
+        if reload_with is not None:
+            reloader.start(reload_with, interval=watch_interval)
         try:
             yield
         finally:
             try:
+                await reloader.close()
                 for tenant in tenants.started():
                     for managed in tenant.sets:
                         await managed.tokens.stop()
             finally:
                 try:
-                    for store in stores:
-                        await store.close()
+                    for tenant in tenants.started():
+                        for managed in tenant.sets:
+                            await managed.store.close()
                 finally:
                     await client.close()
                     await get_token_client.close()
@@ -224,84 +215,3 @@ async def _metrics(request: web.Request) -> web.Response:
     page = web.Response(body=request.app[METRICS].page(), headers={"Content-Type": CONTENT_TYPE})
     await write_whole(request, page)  # a scraper's kept-alive connection keeps no page
     return page
-
-
-def _bound(route: ResolvedRoute, tenant: TenantSettings, sets: CredentialSets) -> Route:
-    """A shared route as `tenant` takes it: to its main upstream unless the route names its
-    own, injecting its set of the route's name (marked lacking if it has none)."""
-    base_url = route.upstream(tenant.base_url)
-    if route.credentials is None:
-        return Route.to(route.prefix, base_url, None)
-    managed = sets.find(route.credentials)
-    lacking = route.credentials if managed is None else None
-    return Route.to(route.prefix, base_url, managed, lacking=lacking)
-
-
-def _managed(
-    config: CredentialSettings,
-    tenant: TenantSettings,
-    settings: Settings,
-    client: Client,
-    *,
-    metrics: Metrics,
-    log: structlog.typing.FilteringBoundLogger,
-    secrets: Secrets,
-    backoff: Backoff,
-    workers_directory: str | None,
-    stores: list[TokenStore],
-    in_use: bool,
-) -> CredentialSet:
-    """One credential set of `tenant`, with its token source, store (added to `stores`, for
-    closing) and manager (not started yet)."""
-    credential = KINDS[config.kind](config.appid, config.secret, config.authorization_scheme)
-    named_tenant = tenant.name != DEFAULT_TENANT
-    set_log = log.bind(credentials=config.name)
-    if named_tenant:  # `default`'s lines stay as they were before there were tenants
-        set_log = set_log.bind(tenant=tenant.name)
-    get_token_calls = metrics.token_calls(tenant.name, config.name)
-    source = token_source(
-        credential,
-        config.base_url or tenant.base_url,
-        settings,
-        client,
-        log=set_log,
-        secrets=secrets,
-        on_result=lambda result: get_token_calls[result].inc(),
-    )
-    store = make_store(
-        settings,
-        namespace=credential.store_namespace,
-        appid=config.appid,
-        log=set_log,
-        workers_directory=workers_directory,
-        on_error=metrics.store_errors.inc,
-    )
-    stores.append(store)
-    tokens = TokenManager(
-        source,
-        store=store,
-        refresh_margin=settings.refresh_margin if credential.uses_refresh_margin else math.inf,
-        latest_renewal_fraction=credential.renewal_fraction,
-        log=set_log,
-        backoff=backoff,
-        secrets=secrets,
-        check_hint=_check_hint(tenant.name, config.name),
-        # A named tenant unused for a token's life stops renewing; `default` never does.
-        pauses_when_idle=named_tenant,
-    )
-    metrics.watch_token(tenant.name, config.name, tokens.expires_in)
-    return CredentialSet(config.name, credential, tokens, in_use)
-
-
-def _check_hint(tenant: str, name: str) -> str:
-    """What to check when Sobot refuses the set `name` of `tenant`."""
-    if tenant != DEFAULT_TENANT:
-        if name == DEFAULT_CREDENTIALS:
-            return f"check appid, app_key and region / base_url of [tenants.{tenant}]"
-        return (
-            f"check appid, app_key and upstream / region of "
-            f"[tenants.{tenant}.credentials.{name}] in the config file"
-        )
-    if name == DEFAULT_CREDENTIALS:
-        return "check SOBOT_APPID, SOBOT_APP_KEY and the region / base URL"
-    return f"check appid, app_key and upstream / region of [credentials.{name}] in the config file"

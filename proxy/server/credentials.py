@@ -12,19 +12,27 @@ from dataclasses import dataclass
 
 from proxy.sobot.credential import Credential, names, spelling
 from proxy.tokens.manager import TokenManager
+from proxy.tokens.source import CredentialTokenSource
+from proxy.tokens.store import TokenStore
 
 
 @dataclass(frozen=True, slots=True)
 class CredentialSet:
-    """One credential set: its name, its kind (with the appid and secret), its token.
+    """One credential set: its name, its kind (with the appid and secret), its token (the
+    manager, the source it fetches from and the store it keeps it in).
 
     `in_use`: a route injects it. Only then is its token fetched at start-up and renewed in the
     background; a set no route names is fetched when a client asks for its token, since every
-    token call may rotate the token other users of the appid hold."""
+    token call may rotate the token other users of the appid hold.
+
+    A reload that changes only the secret makes a new CredentialSet with the new credential and
+    the same manager, source (now signing with it) and store: the token held is kept."""
 
     name: str
     credential: Credential
     tokens: TokenManager
+    source: CredentialTokenSource
+    store: TokenStore
     in_use: bool = True
 
 

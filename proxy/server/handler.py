@@ -255,6 +255,13 @@ class ApiHandler:
         self._log.info("request", **record.fields(duration))
         self._metrics.observe(record, duration)
 
+    async def settled(self) -> None:
+        """Return once every request in flight now has finished (each request runs in a task
+        of its own): a reload closes what it retired only after that."""
+        running = [task for task in self._running if task is not asyncio.current_task()]
+        if running:
+            await asyncio.wait(running)
+
     async def drain(self, grace: float) -> None:
         """Let requests in flight finish within `grace` seconds; cut (and log) the rest."""
         self._draining = True

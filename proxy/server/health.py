@@ -10,8 +10,10 @@ on its first request and may sit idle (its tokens left to expire), so it cannot 
 the proxy takes traffic, and one company's refused key must not take every other company's
 proxy out of its load balancer. The body stays short with a thousand tenants: `default`'s sets
 in full, then `tenants`: how many are configured and started, and the problem of each started
-tenant whose tokens fail. `/readyz?tenant=NAME` reports that tenant's sets in full, and is 503
-while one it uses lacks a token.
+tenant whose tokens fail. A set whose token is valid but whose renewal fails (a new key Sobot
+refuses after a reload: `configuration_error`) stays ready and says so: `warning`, `problem`
+and `configuration_error` in its entry, `warning` at the top. `/readyz?tenant=NAME` reports
+that tenant's sets in full, and is 503 while one it uses lacks a token.
 """
 
 from __future__ import annotations
@@ -79,8 +81,10 @@ def _report(
                 entry["token_expires_in"] = status.expires_in
         elif status.ready:
             entry["token_expires_in"] = status.expires_in
-            if status.problem:  # a token is held, but its renewal is failing
+            if status.problem:  # a token is held, but its renewal is failing: it serves on
                 entry["warning"] = status.problem
+                entry["problem"] = status.problem
+                entry["configuration_error"] = status.configuration_error
         elif not managed.tokens.renewing:
             entry["idle"] = True  # a named tenant's, unused: renewed again when next used
         else:

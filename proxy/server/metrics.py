@@ -8,9 +8,10 @@ serves), credential sets are the configured ones, methods outside the standard o
 
 Tenants: `sobot_proxy_requests_total` carries a `tenant` label (a configured name, or `none` for
 a request refused before its tenant was known), and the token calls and token gauges are per
-tenant and set, created when a tenant is first used. The latency histograms and the replays
-have no tenant label: with a thousand tenants, 15 buckets x routes x tenants would be the bulk
-of every scrape, while the request counter grows by a few series per tenant actually used.
+tenant and set, created when a tenant is first used (and dropped when a reload removes it). The
+latency histograms and the replays have no tenant label: with a thousand tenants, 15 buckets x
+routes x tenants would be the bulk of every scrape, while the request counter grows by a few
+series per tenant actually used.
 
 With `--workers N` every worker counts into files in a directory the supervisor shares
 (prometheus-client's multiprocess mode, chosen by PROMETHEUS_MULTIPROC_DIR at start-up), so a
@@ -192,6 +193,26 @@ class Metrics:
         """Report `expires_in()` (seconds, None: no token held) of the credential set
         `credentials` of `tenant` at every scrape."""
         self._token.expires_in[tenant, credentials] = expires_in
+
+    def unwatch_token(
+        self, tenant: str, credentials: str, expires_in: Callable[[], float | None]
+    ) -> None:
+        """Stop reporting `expires_in` (a retired manager's), unless another replaced it."""
+        if self._token.expires_in.get((tenant, credentials)) == expires_in:
+            del self._token.expires_in[tenant, credentials]
+
+    def forget(self, tenant: str, credentials: tuple[str, ...], *, requests: bool) -> None:
+        """Drop the token call counts of sets a reload removed and, with `requests`, the
+        request counts of a tenant it removed: the labels stay those of configured names.
+        (Not with --workers: prometheus-client cannot remove a series from its files.)"""
+        if self._multiprocess_dir is not None:
+            return
+        for name in credentials:
+            self.get_token.remove_by_labels({"tenant": tenant, "credentials": name})
+        if requests:
+            self.requests.remove_by_labels({"tenant": tenant})
+            for labels in [labels for labels in self._counters if labels[-1] == tenant]:
+                del self._counters[labels]
 
     def route(self, path: str, route: str | None) -> str:
         """The route group of a request for `path` that went along `route` (its prefix; None:

@@ -17,9 +17,10 @@ built once over every tenant, started or not: a request that fails the check sta
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+import dataclasses
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Final
+from typing import Final, Protocol
 
 from proxy.config.tenants import DEFAULT_TENANT, TenantSettings
 from proxy.errors import Forbidden, UnknownTenant
@@ -30,6 +31,9 @@ from proxy.sobot.kinds import KINDS
 
 HEADER: Final = "X-Sobot-Tenant"
 
+# kind -> appid -> (tenant, set, credential)
+_KindIndex = dict[str, dict[str, tuple[str, str, Credential]]]
+
 
 @dataclass(frozen=True, slots=True)
 class Tenant:
@@ -38,35 +42,90 @@ class Tenant:
     routes: RouteTable
 
 
-class Tenants:
-    __slots__ = ("_build", "_configs", "_kind_index", "_started", "_token_kinds", "default")
+class Builder(Protocol):
+    def build(self, config: TenantSettings) -> Tenant:
+        """A tenant's state, the tokens its routes use renewing from now on."""
+        ...
 
-    def __init__(
-        self, configs: Sequence[TenantSettings], build: Callable[[TenantSettings], Tenant]
-    ) -> None:
-        """`configs`: every tenant, `default` first; `build` makes a tenant's state (and starts
-        renewing the tokens its routes use). Builds `default` at once."""
+    def rekeyed(self, tenant: Tenant, config: TenantSettings, changed: frozenset[str]) -> Tenant:
+        """`tenant` as `config` has it, whose sets differ only in the secrets of `changed`."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class Reconfigured:
+    """What a reconfiguration changed: tenants added, removed, rebuilt (an appid, an upstream,
+    a set's kind, a set added or removed), and the sets ("tenant/set") whose secret alone
+    changed; `retired`: the started tenants it replaced or removed, for the caller to retire."""
+
+    added: tuple[str, ...] = ()
+    removed: tuple[str, ...] = ()
+    rebuilt: tuple[str, ...] = ()
+    rekeyed: tuple[str, ...] = ()
+    retired: tuple[Tenant, ...] = ()
+
+
+class Tenants:
+    __slots__ = ("_builder", "_configs", "_kind_index", "_started", "_token_kinds", "default")
+
+    def __init__(self, configs: Sequence[TenantSettings], builder: Builder) -> None:
+        """`configs`: every tenant, `default` first; `builder` makes a tenant's state. Builds
+        `default` at once."""
         self._configs = {config.name: config for config in configs}
-        self._build = build
+        self._builder = builder
         self._started: dict[str, Tenant] = {}
-        # kind -> appid -> (tenant, set, credential): validation makes a kind's appids unique over
-        # all tenants.
-        self._kind_index: dict[str, dict[str, tuple[str, str, Credential]]] = {}
-        for config in configs:
-            for credentials in config.credential_sets:
-                credential = KINDS[credentials.kind](
-                    credentials.appid, credentials.secret, credentials.authorization_scheme
-                )
-                by_appid = self._kind_index.setdefault(credentials.kind, {})
-                by_appid[credentials.appid] = (config.name, credentials.name, credential)
-        # One credential of each kind answers "is this that kind's token path?" and refuses a
-        # request naming an appid no tenant has.
-        self._token_kinds = tuple(
-            next(iter(by_appid.values()))[2] for by_appid in self._kind_index.values()
-        )
+        self._kind_index, self._token_kinds = _kind_index(self._configs)
         default = self.get(DEFAULT_TENANT)
         assert default is not None
         self.default = default
+
+    def reconfigure(self, configs: Sequence[TenantSettings]) -> Reconfigured:
+        """Serve `configs` (every tenant, `default` first) from now on. A tenant whose settings
+        are the same is left alone; one whose secrets alone changed keeps its token managers
+        (and the tokens they hold: the next token call signs with the new secret); one changed
+        otherwise is rebuilt, and a removed one dropped: the started ones are returned as
+        `retired`. A rebuilt or added tenant starts on its first use, `default` at once.
+
+        Synchronous, on the event loop: a request sees the tenants as they were or as they
+        are, never a mix."""
+        configs_now = {config.name: config for config in configs}
+        started: dict[str, Tenant] = {}
+        retired: list[Tenant] = []
+        added, rebuilt, rekeyed = [], [], []
+        removed = [name for name in self._configs if name not in configs_now]
+        retired += [self._started[name] for name in removed if name in self._started]
+        for name, config in configs_now.items():
+            before = self._configs.get(name)
+            tenant = self._started.get(name)
+            if before is None:
+                added.append(name)
+            elif before == config:
+                if tenant is not None:
+                    started[name] = tenant
+            elif _shape(before) != _shape(config):
+                rebuilt.append(name)
+                if tenant is not None:
+                    retired.append(tenant)
+            else:
+                changed = frozenset(
+                    old.name
+                    for old, new in zip(before.credential_sets, config.credential_sets, strict=True)
+                    if old.secret != new.secret
+                )
+                rekeyed += [f"{name}/{set_name}" for set_name in sorted(changed)]
+                if tenant is not None:
+                    started[name] = self._builder.rekeyed(tenant, config, changed)
+        if DEFAULT_TENANT not in started:
+            started[DEFAULT_TENANT] = self._builder.build(configs_now[DEFAULT_TENANT])
+        started = {DEFAULT_TENANT: started.pop(DEFAULT_TENANT), **started}  # `default` first
+        # One step each, nothing awaited in between: no request runs while they change.
+        self._kind_index, self._token_kinds = _kind_index(configs_now)
+        self._configs = configs_now
+        self._started = started
+        self.default = started[DEFAULT_TENANT]
+        return Reconfigured(
+            tuple(added), tuple(removed), tuple(rebuilt), tuple(rekeyed), tuple(retired)
+        )
 
     @property
     def configured(self) -> int:
@@ -87,7 +146,7 @@ class Tenants:
             if config is None:
                 return None
             # Built synchronously, on the one event loop: never twice.
-            tenant = self._started[name] = self._build(config)
+            tenant = self._started[name] = self._builder.build(config)
         return tenant
 
     def for_request(self, key_tenant: str | None, named: str | None) -> Tenant:
@@ -121,3 +180,30 @@ class Tenants:
         if appid is None:
             return None
         return self._kind_index.get(kind, {}).get(appid)
+
+
+def _kind_index(
+    configs: Mapping[str, TenantSettings],
+) -> tuple[_KindIndex, tuple[Credential, ...]]:
+    """Every set of every tenant by kind and appid (validation makes a kind's appids unique over
+    all tenants), and one credential of each kind, which answers "is this that kind's token
+    path?" and refuses a request naming an appid no tenant has."""
+    index: _KindIndex = {}
+    for config in configs.values():
+        for credentials in config.credential_sets:
+            credential = KINDS[credentials.kind](
+                credentials.appid, credentials.secret, credentials.authorization_scheme
+            )
+            by_appid = index.setdefault(credentials.kind, {})
+            by_appid[credentials.appid] = (config.name, credentials.name, credential)
+    kinds = tuple(next(iter(by_appid.values()))[2] for by_appid in index.values())
+    return index, kinds
+
+
+def _shape(config: TenantSettings) -> TenantSettings:
+    """`config` without its secrets: what must stay the same for a tenant to keep its tokens."""
+    return dataclasses.replace(
+        config,
+        app_key="",
+        credentials=tuple(dataclasses.replace(each, secret="") for each in config.credentials),
+    )

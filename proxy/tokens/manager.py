@@ -24,6 +24,9 @@
   background once it has not been used (get, replace) for longer than its token's life: an idle
   tenant costs no token calls. Its next use starts renewing again (the held token, if still
   valid, serves at once; otherwise that use fetches one).
+- `retire()` (a reload rebuilt or removed the tenant): no more background renewal, but a request
+  still holding the manager is served to its end: the held token, and a fetch on demand for its
+  replay, as before.
 - Tokens are obtained through a store (tokens/store.py): in one process it only remembers; shared in
   Redis, it lets replicas adopt the token one of them fetched, and tells them when it changes.
   If the store cannot be reached, a replica renews alone, serves on, and reconciles with the
@@ -385,6 +388,16 @@ class TokenManager:
         self._refresher = asyncio.create_task(self._refresh_forever(), name="sobot-token-refresher")
         if self._store.shared:
             self._watcher = asyncio.create_task(self._watch_store(), name="sobot-token-watcher")
+
+    def retire(self) -> None:
+        """Stop renewing in the background for good, unlike stop() leaving a fetch under way to
+        the requests that wait for it: they, and any replay still to come, are served as ever."""
+        self._pauses_when_idle = False  # so no later use starts the refresher again
+        self._paused = False
+        for task in (self._refresher, self._watcher):
+            if task is not None:
+                task.cancel()
+        self._refresher = self._watcher = None
 
     async def stop(self) -> None:
         for task in (self._refresher, self._watcher, self._inflight):

@@ -132,6 +132,11 @@ class CredentialTokenSource:
         # As messages name the endpoint: "Sobot's get_token", "Sobot's tokens/company".
         self._what = f"Sobot's {credential.token_path.removeprefix('/api/').lstrip('/')}"
 
+    def use(self, credential: Credential) -> None:
+        """Sign the next calls with `credential` (a reload changed the set's secret; its kind,
+        appid and endpoint are the same). A call under way finishes with the one it began with."""
+        self._credential = credential
+
     async def fetch(self) -> IssuedToken:
         now = self._wall_clock()
         call = self._credential.token_request(now)

@@ -39,6 +39,7 @@ from urllib.parse import urlsplit, urlunsplit
 import orjson
 import redis.asyncio as aioredis
 import structlog
+from redis.credentials import CredentialProvider
 
 from proxy.config.settings import Settings
 
@@ -91,6 +92,35 @@ class StoredToken:
             return None
 
 
+class StorePassword(CredentialProvider):
+    """The Redis password from SOBOT_TOKEN_STORE_PASSWORD(_FILE), as redis-py asks for it on
+    every new connection: `use()` (a reload) changes what new connections authenticate with;
+    connections already open stay as they are (Redis checks a password only at AUTH)."""
+
+    def __init__(self, password: str) -> None:
+        self._password = password
+
+    @classmethod
+    def of(cls, settings: Settings) -> StorePassword | None:
+        """The provider for `settings`' Redis: only for a password given apart from the URL (a
+        URL's user or password is the URL's, which a reload does not change)."""
+        if settings.token_store == "memory" or settings.token_store_password is None:
+            return None
+        parts = urlsplit(settings.token_store)
+        if parts.username or parts.password:
+            return None
+        return cls(settings.token_store_password)
+
+    def use(self, password: str) -> None:
+        self._password = password
+
+    def get_credentials(self) -> tuple[str]:
+        return (self._password,)
+
+    async def get_credentials_async(self) -> tuple[str]:
+        return (self._password,)
+
+
 SHARED_FILE: Final = "a file shared by the workers (no SOBOT_TOKEN_STORE)"
 
 
@@ -115,10 +145,12 @@ def make_store(
     log: structlog.typing.FilteringBoundLogger,
     workers_directory: str | None = None,
     on_error: Callable[[], None] = lambda: None,
+    password: StorePassword | None = None,
 ) -> TokenStore:
     """The store `settings` name, for the token of `appid` in a kind's `namespace`
     (Credential.store_namespace); for `memory` in a worker of several, the workers' shared
-    file. `on_error` hears of every failure to use a shared store (for the metrics)."""
+    file. `on_error` hears of every failure to use a shared store (for the metrics);
+    `password`, if given, authenticates Redis connections (else settings' password, if any)."""
     if settings.token_store == "memory":
         if workers_directory is not None:
             # Named by a digest: an appid may hold any character, a file name may not.
@@ -134,7 +166,7 @@ def make_store(
     return RedisTokenStore(
         settings.token_store,
         prefix=f"{namespace}:{appid}:",
-        password=settings.token_store_password,
+        password=password if password is not None else settings.token_store_password,
         lease=settings.renewal_lease,
         log=log,
         on_error=on_error,
@@ -225,7 +257,7 @@ class RedisTokenStore(_Availability):
         url: str,
         *,
         prefix: str,
-        password: str | None,
+        password: str | StorePassword | None,
         lease: float,
         log: structlog.typing.FilteringBoundLogger,
         on_error: Callable[[], None] = lambda: None,
@@ -233,7 +265,14 @@ class RedisTokenStore(_Availability):
         super().__init__(log, on_error)
         # Short socket timeouts: the store is on the renewal path, never on a request's.
         self._redis = aioredis.Redis.from_url(
-            url, password=password, socket_timeout=2.0, socket_connect_timeout=2.0
+            url,
+            socket_timeout=2.0,
+            socket_connect_timeout=2.0,
+            **(
+                {"credential_provider": password}
+                if isinstance(password, StorePassword)
+                else {"password": password}
+            ),
         )
         # v5: "sobot-proxy:<appid>:", the keys of every release before credential kinds; V6:
         # "sobot-proxy-v6:<appid>:", which no v5 key can be, whatever its appid.
