@@ -187,3 +187,54 @@ async def test_two_workers_share_one_v6_token_through_their_file(tmp_path):
     assert HEX32.fullmatch(v5_token)
     assert v6_token is not None
     assert v6_token.count(".") == 2
+
+
+async def test_sighup_is_passed_on_to_every_worker_and_ends_none(tmp_path):
+    """The supervisor passes SIGHUP on to each worker (`reload_forwarded` names them), each
+    worker takes it (`reload_requested`, its pid), and the supervisor and both workers keep
+    serving: none exits or is restarted."""
+    with ExitStack() as stack:
+        _, fake_url = stack.enter_context(fake_sobot(tmp_path))
+        proxy = stack.enter_context(
+            running("serve", "--workers", "2", "--port", "0", cwd=tmp_path, env=proxy_env(fake_url))
+        )
+        started = proxy.wait_for_event("workers_started")
+        url = f"http://127.0.0.1:{started['port']}"
+        proxy.wait_for_event("listening")
+        proxy.wait_for_event("listening")  # both are up
+        wait_until_ready(url)
+
+        def events(name: str) -> list[dict[str, object]]:
+            return [
+                e for line in proxy.stdout if (e := json_object(line) or {}).get("event") == name
+            ]
+
+        def passed_on(times: int) -> bool:
+            return len(events("reload_forwarded")) == times and (
+                len(events("reload_requested")) == 2 * times
+            )
+
+        for times in (1, 2):  # a second SIGHUP too: a worker that took one is still there
+            proxy.process.send_signal(signal.SIGHUP)
+            proxy.wait_for_line(lambda _, times=times: passed_on(times))
+        [first, second] = events("reload_forwarded")
+        assert first["pids"] == second["pids"] == started["pids"]
+        assert sorted(e["pid"] for e in events("reload_requested")) == sorted(started["pids"] * 2)
+
+        answers: Counter[int] = Counter()
+        # A new connection per request, so the kernel spreads them over both workers.
+        connector = aiohttp.TCPConnector(force_close=True)
+        async with aiohttp.ClientSession(connector=connector) as session:
+            for _ in range(20):
+                async with (
+                    asyncio.timeout(10),
+                    session.get(f"{url}/api/ws/5/ticket/list") as answer,
+                ):
+                    answers[answer.status] += 1
+        assert answers == {200: 20}
+        for pid in started["pids"]:
+            os.kill(pid, 0)  # alive: raises if not
+        assert proxy.process.poll() is None
+        assert proxy.terminate() == 0
+    assert events("worker_exited") == []
+    assert events("worker_restarted") == []

@@ -7,13 +7,16 @@ Configuration mistakes stop start-up with one line per problem on stderr and exi
 from __future__ import annotations
 
 import argparse
+import asyncio
 import dataclasses
 import os
+import signal
 import socket
 import sys
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from typing import Final, NoReturn
 
+import structlog
 from aiohttp import web
 
 from proxy import __version__
@@ -237,6 +240,10 @@ def _run_check(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
 def _run_serve(
     args: argparse.Namespace, environ: Mapping[str, str], arguments: Sequence[str]
 ) -> int:
+    # A hang-up while starting is ignored (the configuration is being read just now); once
+    # serving, see _answer_hangups.
+    if signal.getsignal(signal.SIGHUP) == signal.SIG_DFL:
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
     flags = _flags(args)
     env = dict(environ)
     demo_socket = None
@@ -293,6 +300,7 @@ def _run_serve(
     token_store = describe_store(settings.token_store, workers_directory=workers_directory)
 
     async def on_listening(host: str, port: int) -> None:
+        _answer_hangups(log)
         if demo_socket is not None:
             log.info(
                 "demo",
@@ -332,6 +340,17 @@ def _run_serve(
         # Through the logs, so the traceback is scrubbed of secrets like every other line.
         log.exception("crashed")
         return EXIT_CRASH
+
+
+def _answer_hangups(log: structlog.typing.FilteringBoundLogger) -> None:
+    """Log SIGHUP as `reload_requested` and carry on, unless the serve path has a handler of
+    its own for it (the reload): SIGHUP's default action would end the process, and with
+    --workers the supervisor passes every SIGHUP on to each worker."""
+    if signal.getsignal(signal.SIGHUP) not in (signal.SIG_DFL, signal.SIG_IGN):
+        return  # handled already (an event loop's handler shows as its own function)
+    asyncio.get_running_loop().add_signal_handler(
+        signal.SIGHUP, lambda: log.info("reload_requested", pid=os.getpid())
+    )
 
 
 def _demo_upstream(

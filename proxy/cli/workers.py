@@ -3,7 +3,9 @@
 The parent only supervises: it starts N copies of the same command with `--workers 1` and the
 port fixed, each binding it with SO_REUSEPORT so the kernel spreads connections among them. It
 restarts a worker that exits unexpectedly, and on SIGTERM / SIGINT passes the signal on and waits
-for them to drain.
+for them to drain. SIGHUP (reload) it passes on to every worker and does nothing else: each
+worker reloads its own configuration, and the supervisor's settings (port, workers) are ones a
+reload never changes.
 
 The workers share one token: through Redis when a shared store is configured, otherwise through
 a private directory the parent creates (WORKERS_DIRECTORY_ENV): a token file and an flock for
@@ -87,14 +89,26 @@ def supervise(
     def start(index: int) -> subprocess.Popen[bytes]:
         # Our own command again, with our own arguments: nothing untrusted is executed.
         worker_env = {**env, WORKER_ENV: f"{index + 1}/{settings.workers}"}
-        return subprocess.Popen(command, env=worker_env)  # noqa: S603
+        # Born ignoring SIGHUP (kept through exec), until it sets its own handler: a reload
+        # passed on while it is still starting must not end it. (No threads here: a
+        # preexec_fn is safe.)
+        return subprocess.Popen(  # noqa: S603
+            command, env=worker_env, preexec_fn=_ignore_hangups
+        )
 
     stopping = False
+    reloads = 0
 
     def stop(signum: int, _frame: FrameType | None) -> None:
         nonlocal stopping
         stopping = True
 
+    def reload(signum: int, _frame: FrameType | None) -> None:
+        nonlocal reloads
+        reloads += 1  # passed on by the loop below: a handler does no I/O
+
+    # Before any worker starts: a SIGHUP's default action would end us, and our workers with us.
+    signal.signal(signal.SIGHUP, reload)
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
     workers = [start(index) for index in range(settings.workers)]
@@ -103,7 +117,11 @@ def supervise(
     restart_at: list[float | None] = [None] * settings.workers
     log.info("workers_started", workers=settings.workers, port=port, pids=[w.pid for w in workers])
     try:
+        passed_on = 0
         while not stopping:
+            if reloads != passed_on:
+                passed_on = reloads
+                _pass_on_reload(workers, log)
             now = time.monotonic()
             for index, worker in enumerate(workers):
                 status = worker.poll()
@@ -147,6 +165,22 @@ def supervise(
     finally:
         shutil.rmtree(directory, ignore_errors=True)
         os.close(alive)
+
+
+def _ignore_hangups() -> None:
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+
+
+def _pass_on_reload(
+    workers: list[subprocess.Popen[bytes]], log: structlog.typing.FilteringBoundLogger
+) -> None:
+    """SIGHUP to every running worker. (One being restarted reads the configuration anew.)"""
+    pids = []
+    for worker in workers:
+        if worker.poll() is None:
+            worker.send_signal(signal.SIGHUP)
+            pids.append(worker.pid)
+    log.info("reload_forwarded", pids=pids)
 
 
 def _remove_left_behind(log: structlog.typing.FilteringBoundLogger) -> None:

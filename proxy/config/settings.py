@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Final, NamedTuple
 from urllib.parse import urlsplit
 
+from proxy.config import secret_files
 from proxy.config.routes import (
     DEFAULT_CREDENTIALS,
     DEFAULT_FORWARD_PREFIXES,
@@ -24,12 +25,12 @@ from proxy.config.routes import (
     RouteSettings,
     resolve_routes,
 )
+from proxy.config.secret_files import read_secret, read_secret_lines
 from proxy.config.tenants import (
     ALL_TABLES,
     DEFAULT_TENANT,
     TenantSettings,
     bind_client_keys,
-    has_client_key,
     parse_tables,
 )
 from proxy.config.values import REGIONS as REGIONS  # re-exported: the CLI reads it here
@@ -95,6 +96,8 @@ class Settings:
     # The file the app_key was read from (None: given as a value), for a reload to read again.
     # Where the key came from, not what it is: left out of ==.
     app_key_file: str | None = field(default=None, compare=False)
+    client_keys_file: str | None = field(default=None, compare=False)  # as app_key_file
+    token_store_password_file: str | None = field(default=None, compare=False)  # as app_key_file
 
     def __post_init__(self) -> None:
         if self.client_key_tenants and len(self.client_key_tenants) != len(self.client_keys):
@@ -596,7 +599,7 @@ def load_settings(
     flags: Mapping[str, Any],
     env: Mapping[str, str],
     *,
-    read_text: Callable[[Path], str] = lambda path: path.read_text(encoding="utf-8"),
+    read_text: Callable[[Path], str] = secret_files.read_text,
 ) -> Settings:
     """Build Settings from flags (option name -> value or None), an environment and files.
 
@@ -609,7 +612,7 @@ def load_with_provenance(
     flags: Mapping[str, Any],
     env: Mapping[str, str],
     *,
-    read_text: Callable[[Path], str] = lambda path: path.read_text(encoding="utf-8"),
+    read_text: Callable[[Path], str] = secret_files.read_text,
 ) -> tuple[Settings, Provenance]:
     """load_settings, and where each value came from (see Provenance)."""
     problems: list[str] = []
@@ -695,10 +698,10 @@ def load_with_provenance(
         app_key=secrets["app_key"][0],
         app_key_file=origins["app_key"].file,
         client_keys=client_keys.keys,
-        client_key_tenants=(
-            client_keys.tenants if set(client_keys.tenants) - {DEFAULT_TENANT} else ()
-        ),
+        client_key_tenants=client_keys.named_tenants,
+        client_keys_file=origins["client_keys"].file,
         token_store_password=password[0] if password else None,
+        token_store_password_file=origins["token_store_password"].file,
         credentials=tables.credentials,
         routes=tables.routes,
         tenants=tables.tenants,
@@ -863,24 +866,15 @@ def _read_secret(
         if layer.file_name:
             path = layer.base_dir / str(layer.file_name)
             origin = Origin(layer.layer, layer.file_label, shadowed, file=str(path))
+            shown = str(layer.file_name)
             try:
-                text = read_text(path)
-            except (OSError, UnicodeDecodeError) as exc:
-                reason = exc.strerror if isinstance(exc, OSError) else "not text"
-                problems.append(
-                    f"{layer.file_label}: cannot read {layer.file_name} ({reason or exc})"
-                )
+                # A list's lines as they are: the caller reads each (tenants.bind_client_keys).
+                if secret.many:
+                    return read_secret_lines(path, shown, read_text), origin
+                return (read_secret(path, shown, read_text),), origin
+            except ValueError as exc:
+                problems.append(f"{layer.file_label}: {exc}")
                 return (), origin
-            if secret.many:
-                # The lines as they are: the caller reads each (tenants.bind_client_keys).
-                lines = text.splitlines()
-                items = tuple(lines) if has_client_key(lines) else None
-            else:
-                items = _secret_items(text, separator=None)
-            if items is None:
-                problems.append(f"{layer.file_label}: {layer.file_name} is empty")
-                return (), origin
-            return items, origin
     if secret.required:
         problems.append(f"{secret.name} is required: set {secret.env} or {secret.file_env}")
     return (), DEFAULT

@@ -34,6 +34,7 @@ from proxy.config.routes import (
     CredentialSettings,
     RouteSettings,
 )
+from proxy.config.secret_files import is_content
 from proxy.config.toml_routes import (
     NAME,
     TABLES,
@@ -51,7 +52,6 @@ from proxy.config.toml_routes import (
 DEFAULT_TENANT: Final = "default"
 ALL_TABLES: Final = TABLES | {"tenants"}
 TENANT_KEYS: Final = ("appid", "app_key", "app_key_file", "region", "base_url", "credentials")
-COMMENT: Final = "#"
 
 
 @dataclass(frozen=True, slots=True)
@@ -174,6 +174,12 @@ class ClientKeys:
     keys: tuple[str, ...] = field(default=(), repr=False)
     tenants: tuple[str, ...] = ()
 
+    @property
+    def named_tenants(self) -> tuple[str, ...]:
+        """The tenants as Settings.client_key_tenants keeps them: empty when every key is
+        `default`'s."""
+        return self.tenants if set(self.tenants) - {DEFAULT_TENANT} else ()
+
 
 def bind_client_keys(
     given: tuple[str, ...],
@@ -195,9 +201,9 @@ def bind_client_keys(
     tenants: list[str] = []
     first_line: dict[str, tuple[int, str]] = {}
     for number, line in enumerate(given, start=1):
-        words = line.split()
-        if not words or words[0].startswith(COMMENT):
+        if not is_content(line):
             continue
+        words = line.split()
         where = f"{label}: {file} line {number}"
         if len(words) > 2:
             problems.append(
@@ -218,8 +224,3 @@ def bind_client_keys(
         keys.append(key)
         tenants.append(tenant)
     return ClientKeys(tuple(keys), tuple(tenants))
-
-
-def has_client_key(lines: list[str]) -> bool:
-    """Whether the lines of a client keys file hold a key: not only blank lines and comments."""
-    return any(line.strip() and not line.strip().startswith(COMMENT) for line in lines)

@@ -30,6 +30,7 @@ from proxy.config.routes import (
     CredentialSettings,
     RouteSettings,
 )
+from proxy.config.secret_files import read_secret
 from proxy.sobot.kinds import KINDS
 
 TABLES: Final = frozenset({"credentials", "routes"})
@@ -275,15 +276,10 @@ def secret(
     # A relative file named in a TOML file is found beside that file.
     path = Path(reader.file_label).parent / file_name
     try:
-        text = reader.read_text(path).strip()
-    except (OSError, UnicodeDecodeError) as exc:
-        reason = exc.strerror if isinstance(exc, OSError) else "not text"
-        reader.problem(f"{where}.app_key_file", f"cannot read {file_name} ({reason or exc})")
+        return Secret(read_secret(path, file_name, reader.read_text), str(path))
+    except ValueError as exc:
+        reader.problem(f"{where}.app_key_file", str(exc))
         return None
-    if not text:
-        reader.problem(f"{where}.app_key_file", f"{file_name} is empty")
-        return None
-    return Secret(text, str(path))
 
 
 def _authorization_scheme(value: Any) -> str:
