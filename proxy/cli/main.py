@@ -7,7 +7,6 @@ Configuration mistakes stop start-up with one line per problem on stderr and exi
 from __future__ import annotations
 
 import argparse
-import asyncio
 import dataclasses
 import os
 import signal
@@ -16,7 +15,6 @@ import sys
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from typing import Final, NoReturn
 
-import structlog
 from aiohttp import web
 
 from proxy import __version__
@@ -37,6 +35,7 @@ from proxy.config.settings import (
     LOG_LEVELS,
     OPTIONS,
     ConfigError,
+    Settings,
     is_loopback,
     load_settings,
     load_with_provenance,
@@ -241,7 +240,7 @@ def _run_serve(
     args: argparse.Namespace, environ: Mapping[str, str], arguments: Sequence[str]
 ) -> int:
     # A hang-up while starting is ignored (the configuration is being read just now); once
-    # serving, see _answer_hangups.
+    # serving, it reloads (server/reload.py).
     if signal.getsignal(signal.SIGHUP) == signal.SIG_DFL:
         signal.signal(signal.SIGHUP, signal.SIG_IGN)
     flags = _flags(args)
@@ -256,7 +255,10 @@ def _run_serve(
             region=None,
             base_url=f"http://127.0.0.1:{demo_socket.getsockname()[1]}",
         )
-    try:
+
+    def load() -> Settings:
+        """The configuration as flags, environment and files give it: at start-up, and again
+        on each SIGHUP (server/reload.py)."""
         settings = load_settings(flags, env)
         if args.demo and settings.workers > 1:
             raise ConfigError(["--demo runs one process: --workers must be 1 with it"])
@@ -266,6 +268,10 @@ def _run_serve(
                 credentials=(*settings.credentials, DEMO_V6),
                 routes=(*settings.routes, DEMO_V6_ROUTE),
             )
+        return settings
+
+    try:
+        settings = load()
     except ConfigError as exc:
         if demo_socket is not None:
             demo_socket.close()
@@ -294,13 +300,13 @@ def _run_serve(
         secrets=secrets,
         workers_directory=workers_directory,
         open_files_limit=open_files_limit,
+        reload_with=load,
     )
     if demo_socket is not None:
         app.cleanup_ctx.insert(0, _demo_upstream(demo_socket))
     token_store = describe_store(settings.token_store, workers_directory=workers_directory)
 
     async def on_listening(host: str, port: int) -> None:
-        _answer_hangups(log)
         if demo_socket is not None:
             log.info(
                 "demo",
@@ -340,17 +346,6 @@ def _run_serve(
         # Through the logs, so the traceback is scrubbed of secrets like every other line.
         log.exception("crashed")
         return EXIT_CRASH
-
-
-def _answer_hangups(log: structlog.typing.FilteringBoundLogger) -> None:
-    """Log SIGHUP as `reload_requested` and carry on, unless the serve path has a handler of
-    its own for it (the reload): SIGHUP's default action would end the process, and with
-    --workers the supervisor passes every SIGHUP on to each worker."""
-    if signal.getsignal(signal.SIGHUP) not in (signal.SIG_DFL, signal.SIG_IGN):
-        return  # handled already (an event loop's handler shows as its own function)
-    asyncio.get_running_loop().add_signal_handler(
-        signal.SIGHUP, lambda: log.info("reload_requested", pid=os.getpid())
-    )
 
 
 def _demo_upstream(

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import os
 import signal
 from collections.abc import Awaitable, Callable
 from typing import Final
@@ -91,9 +92,14 @@ class Reloader:
         """Reload on SIGHUP with `load` (the configuration as start-up loaded it), and whenever
         a secret file changes."""
         loop = asyncio.get_running_loop()
-        loop.add_signal_handler(signal.SIGHUP, lambda: self._spawn(self.reload(load)))
+        loop.add_signal_handler(signal.SIGHUP, lambda: self._hangup(load))
         self._signal_installed = True
         self._spawn(self._watch_files(interval))
+
+    def _hangup(self, load: Callable[[], Settings]) -> None:
+        # With --workers, each worker's own line (the supervisor passes SIGHUP on to each).
+        self._log.info("reload_requested", pid=os.getpid())
+        self._spawn(self.reload(load))
 
     async def _watch_files(self, interval: float) -> None:
         while True:
@@ -182,7 +188,7 @@ class Reloader:
             assert new.token_store_password is not None  # else kept as it was
             self._store_password.use(new.token_store_password)
         self.settings = new
-        self._files = FileWatch(watched_files(new))
+        self._files.watch(watched_files(new))
         self._retire(old, new, changes)
         self._log.info(
             "reloaded",

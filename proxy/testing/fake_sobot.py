@@ -51,6 +51,8 @@ different credentials can run side by side (two hosts) in one test.
     GET  /_fake/stats                       counters
     POST /_fake/expire?kind=K               expire the current token now
     POST /_fake/lifetime?seconds=N&kind=K   the lifetime of the next tokens issued
+    POST /_fake/app-key?kind=K              the body is the new app_key (app_secret): token
+                                            calls signed with any other are refused
     POST /_fake/fail-get-token?mode=M&times=N&kind=K
          M = `malformed`, `http500`, `disconnect` or `stall` (no answer until the fake stops),
          or for v5 a ret_code (e.g. 900003), for v6 a numeric code C (a V6 error with code C,
@@ -335,6 +337,18 @@ class FakeSobot:
         return _State(v5=_Tokens(v5_lifetime), v6=_Tokens(v6_lifetime))
 
     # -- controls --------------------------------------------------------------------------
+
+    def set_app_key(self, app_key: str, appid: str | None = None, kind: Kind = "v5") -> None:
+        """From now on accept token calls signed with `app_key` only (the company's key rotated
+        in Sobot's console); the tokens issued stay valid. `appid`: the fake's own (or None)."""
+        if appid not in (None, self.appid if kind == "v5" else self.v6_appid):
+            raise ValueError(f"this fake has no company {appid!r}")
+        if kind == "v5":
+            self._app_key = app_key
+        elif self._v6 is not None:
+            self._v6 = v6.V6Credential(self._v6.appid, app_key)
+        else:
+            raise ValueError("this fake serves no V6 call centre")
 
     def expire_token(self, kind: Kind = "v5") -> None:
         self._state.tokens(kind).expires_at = 0.0
@@ -782,6 +796,8 @@ class FakeSobot:
             kind = _kind(query.get("kind", "v5"))
             if control == "expire":
                 self.expire_token(kind)
+            elif control == "app-key":
+                self.set_app_key((await request.text()).strip(), query.get("appid"), kind)
             elif control == "lifetime":
                 self.set_lifetime(float(query["seconds"]), kind)
             elif control == "fail-get-token":
