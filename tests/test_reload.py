@@ -368,7 +368,8 @@ async def test_a_new_redis_password_is_used_for_new_connections(
     fake.expire_token()  # the replay's fetch saves the new token through a new connection
     assert (await proxy.get("/api/echo")).status == 200
     stored = admin.get(f"sobot-proxy:{APPID}:token")
-    assert stored is not None and fake.current_token is not None
+    assert stored is not None
+    assert fake.current_token is not None
     assert fake.current_token.encode() in stored
     assert not logs.events("token_store_unavailable")
     assert b"second-password" not in logs.raw
