@@ -12,7 +12,8 @@ A name no tenant has is 404. The header is the proxy's own: never sent upstream 
 
 A client's own token request names an appid: `claimant` finds the tenant with a set of that
 kind and appid, and that set's credential to check the request's sign with, from an index
-built once over every tenant, started or not: a request that fails the check starts nothing.
+built over every tenant, started or not (at start-up and at each reload: `reconfigure`): a
+request that fails the check starts nothing.
 """
 
 from __future__ import annotations
