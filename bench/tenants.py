@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import functools
 import json
+import secrets
 import statistics
 import time
 from collections.abc import Sequence
@@ -95,7 +96,9 @@ def write_files(directory: Path, summary_script: Path, count: int) -> TenantFile
     config_lines, company_lines = [], [f"{SINGLE_APPID} {APP_KEY}-single"]
     for index in range(count):
         name = tenant_name(index)
-        appid, key = f"bench-{name}-appid", f"bench-{name}-key-0123456789"
+        # A key of the real ones' shape (32 hex digits), random: keys sharing a prefix would
+        # flatter anything that matches keys in text (the log scrubber does).
+        appid, key = f"bench-{name}-appid", secrets.token_hex(16)
         key_file = keys / name
         key_file.write_text(key + "\n")
         key_file.chmod(0o600)
