@@ -247,7 +247,9 @@ def main() -> int:
         "--quick", action="store_true", help="every scenario, ~1 s each, small sizes"
     )
     parser.add_argument(
-        "--json", type=Path, default=DEFAULT_JSON, help=f"results file (default {DEFAULT_JSON})"
+        "--json",
+        type=Path,
+        help=f"results file (default {DEFAULT_JSON}; with --only, SCENARIO.json beside it)",
     )
     parser.add_argument(
         "--baseline",
@@ -263,6 +265,10 @@ def main() -> int:
         help=f"run this scenario alone: one of {', '.join(SCENARIOS)}",
     )
     args = parser.parse_args()
+    # A partial run does not overwrite the whole run's results.
+    json_path = args.json or (
+        DEFAULT_JSON.with_name(f"{args.only}.json") if args.only else DEFAULT_JSON
+    )
     plan = QUICK if args.quick else FULL
     try:
         baseline = baseline_checkout(args.baseline) if args.baseline else None
@@ -278,10 +284,10 @@ def main() -> int:
     except BenchError as exc:
         print(f"bench: {exc}", file=sys.stderr)
         return 1
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(results, indent=2) + "\n")
+    json_path.parent.mkdir(parents=True, exist_ok=True)
+    json_path.write_text(json.dumps(results, indent=2) + "\n")
     print(render(results))
-    print(f"\nresults: {args.json}")
+    print(f"\nresults: {json_path}")
     failed = _failed_requests(results)
     if failed:
         print(f"bench: {failed} requests failed: the figures are not valid", file=sys.stderr)
