@@ -59,6 +59,7 @@ SINGLE_APPID: Final = "bench-single-appid"  # the 1-tenant proxy's own company
 ONE: Final = "one"
 SPREAD: Final = "many"
 DEFAULT_ONLY: Final = "many_default_only"
+START_UP_LIMIT: Final = 300.0  # seconds; beyond it the run stops
 SETTLE: Final = 1.0  # seconds for start-up's tasks (token fetch, refresher) to settle before RSS
 
 # wrk picks a tenant per request: the requests are formatted once per thread, in `init`.
@@ -128,6 +129,8 @@ def _start(
         cpus=placement.proxy,
         name=name,
         poll=0.005,
+        # Measured, not required: a slow start is a figure to print, not a failed run.
+        timeout=START_UP_LIMIT,
     )
     began = time.perf_counter()
     if files is not None:

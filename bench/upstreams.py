@@ -227,6 +227,7 @@ def start_sobot_proxy(
     name: str = "sobot-proxy",
     checkout: Checkout = THIS_CHECKOUT,
     poll: float = 0.05,
+    timeout: float = START_TIMEOUT,
     **settings: str,
 ) -> Server:
     """`python -m proxy serve` from `checkout`, production settings (JSON logs on), once ready
@@ -247,11 +248,11 @@ def start_sobot_proxy(
     # whatever its venv has installed.
     process = Process(name, argv, log_path=directory / f"{name}.log", env=env, cwd=checkout.root)
     # Each worker binds the port itself: all of them, not just the first, must be listening.
-    deadline = time.monotonic() + START_TIMEOUT
+    deadline = time.monotonic() + timeout
     while process.log_path.read_text(errors="replace").count('"event":"listening"') < workers:
         process.check_alive()
         if time.monotonic() > deadline:
-            raise BenchError(f"{name}: not listening within {START_TIMEOUT} s\n{process.tail()}")
+            raise BenchError(f"{name}: not listening within {timeout} s\n{process.tail()}")
         time.sleep(poll)
-    wait_for_status(process, port, "/readyz", poll=poll)
+    wait_for_status(process, port, "/readyz", poll=poll, timeout=timeout)
     return Server(name, process, port)
