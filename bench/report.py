@@ -379,6 +379,8 @@ def _tenants_lines(tenants: dict[str, Any], meta: dict[str, Any]) -> list[str]:
         f"per idle tenant {_number(tenants['kib_per_idle_tenant'], 1)} KiB, per used tenant "
         f"{_number(tenants['kib_per_used_tenant'], 1)} KiB more; CPU ratio per round: "
         + ", ".join(f"{ratio:.2f}" for ratio in tenants["cpu_ratio_per_round"])
+        + f"; a tenant's first request (its token fetched) "
+        f"{_number(tenants['first_use_ms_per_tenant'], 1)} ms on average"
         + f"; tokens fetched by the {count} tenants' first requests "
         f"{tenants['tokens_fetched_in_warm_up']:,}, under load "
         f"{tenants['tokens_issued_under_load']}",

@@ -247,12 +247,16 @@ def start_sobot_proxy(
     # `-m` puts the working directory first on sys.path: the checkout's own proxy/ runs,
     # whatever its venv has installed.
     process = Process(name, argv, log_path=directory / f"{name}.log", env=env, cwd=checkout.root)
-    # Each worker binds the port itself: all of them, not just the first, must be listening.
-    deadline = time.monotonic() + timeout
-    while process.log_path.read_text(errors="replace").count('"event":"listening"') < workers:
-        process.check_alive()
-        if time.monotonic() > deadline:
-            raise BenchError(f"{name}: not listening within {timeout} s\n{process.tail()}")
-        time.sleep(poll)
-    wait_for_status(process, port, "/readyz", poll=poll, timeout=timeout)
+    try:
+        # Each worker binds the port itself: all of them, not just the first, must listen.
+        deadline = time.monotonic() + timeout
+        while process.log_path.read_text(errors="replace").count('"event":"listening"') < workers:
+            process.check_alive()
+            if time.monotonic() > deadline:
+                raise BenchError(f"{name}: not listening within {timeout} s\n{process.tail()}")
+            time.sleep(poll)
+        wait_for_status(process, port, "/readyz", poll=poll, timeout=timeout)
+    except BaseException:
+        process.stop()  # not left running when it never became a server to stop
+        raise
     return Server(name, process, port)

@@ -131,7 +131,13 @@ def test_tenants_are_measured_one_against_many(plain_run):
         assert figures["requests"] > 0
         assert figures["errors"] == 0
         assert is_number(figures["cpu_us_per_request"])
-    for key in ("cpu_ratio", "cpu_ratio_default_only", "start_up_ratio", "rss_used_mib"):
+    for key in (
+        "cpu_ratio",
+        "cpu_ratio_default_only",
+        "start_up_ratio",
+        "rss_used_mib",
+        "first_use_ms_per_tenant",
+    ):
         assert is_number(tenants[key]), key
     for key in ("kib_per_idle_tenant", "kib_per_used_tenant"):
         assert is_number(tenants[key]), key
