@@ -1,5 +1,5 @@
-"""`python -m bench [--quick] [--json PATH] [--baseline DIR]`: run every scenario, print the
-table, write JSON.
+"""`python -m bench [--quick] [--json PATH] [--baseline DIR] [--only SCENARIO]`: run every
+scenario (or the one named), print the table, write JSON.
 
 `--baseline DIR` shows a change's before and after in one run: DIR is another checkout of
 sobot-proxy (an earlier commit) with its own virtualenv in DIR/.venv, for example
@@ -30,9 +30,9 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
-from bench import scenarios
+from bench import scenarios, tenants
 from bench.load import write_script
 from bench.report import check_targets, render
 from bench.system import (
@@ -62,6 +62,7 @@ class Plan:
     tls_calls: int
     one_way_delay: float = 0.010
     workers_connections: int = 64
+    tenants: int = 1000
 
 
 FULL = Plan(
@@ -81,6 +82,7 @@ QUICK = Plan(
     download=64 * MIB,
     upload=32 * MIB,
     tls_calls=5,
+    tenants=100,
 )
 
 
@@ -158,11 +160,24 @@ def _meta(plan: Plan, quick: bool, baseline: Checkout | None) -> dict[str, Any]:
     return meta
 
 
-def run(plan: Plan, *, quick: bool, work: Path, baseline: Checkout | None) -> dict[str, Any]:
+SCENARIOS: Final = ("throughput", "workers", "memory", "real_client", "tenants")
+
+
+def run(
+    plan: Plan,
+    *,
+    quick: bool,
+    work: Path,
+    baseline: Checkout | None,
+    only: str | None = None,
+) -> dict[str, Any]:
     script = write_script(work)
-    results: dict[str, Any] = {"meta": _meta(plan, quick, baseline), "throughput": {}}
+    results: dict[str, Any] = {"meta": _meta(plan, quick, baseline)}
+    chosen = [only] if only else list(SCENARIOS)
     placements = [p for p in (pinned_placement(), UNPINNED) if p is not None]
-    for placement in placements:
+    if "throughput" in chosen:
+        results["throughput"] = {}
+    for placement in placements if "throughput" in chosen else ():
         _progress(f"throughput, {placement.name}")
         results["throughput"][placement.name] = scenarios.throughput(
             work / placement.name,
@@ -174,23 +189,37 @@ def run(plan: Plan, *, quick: bool, work: Path, baseline: Checkout | None) -> di
             script=script,
             baseline=baseline,
         )
-    _progress("workers: 2 versus 1, unpinned")
-    results["workers"] = scenarios.workers(
-        work / "workers",
-        connections=plan.workers_connections,
-        seconds=plan.seconds,
-        repeats=plan.repeats,
-        warm_up=plan.warm_up,
-        script=script,
-    )
-    _progress("memory: idle, download, upload")
-    results["memory"] = scenarios.memory(
-        work / "memory", download=plan.download, upload=plan.upload
-    )
-    _progress("real client: new TLS connection per call, direct versus through the proxy")
-    results["real_client"] = scenarios.real_client(
-        work / "real-client", calls=plan.tls_calls, one_way_delay=plan.one_way_delay
-    )
+    if "workers" in chosen:
+        _progress("workers: 2 versus 1, unpinned")
+        results["workers"] = scenarios.workers(
+            work / "workers",
+            connections=plan.workers_connections,
+            seconds=plan.seconds,
+            repeats=plan.repeats,
+            warm_up=plan.warm_up,
+            script=script,
+        )
+    if "memory" in chosen:
+        _progress("memory: idle, download, upload")
+        results["memory"] = scenarios.memory(
+            work / "memory", download=plan.download, upload=plan.upload
+        )
+    if "real_client" in chosen:
+        _progress("real client: new TLS connection per call, direct versus through the proxy")
+        results["real_client"] = scenarios.real_client(
+            work / "real-client", calls=plan.tls_calls, one_way_delay=plan.one_way_delay
+        )
+    if "tenants" in chosen:
+        _progress(f"tenants: 1 versus {plan.tenants:,}, {placements[0].name}")
+        results["tenants"] = tenants.tenants(
+            work / "tenants",
+            placements[0],
+            seconds=plan.seconds,
+            repeats=plan.repeats,
+            warm_up=plan.warm_up,
+            script=script,
+            count=plan.tenants,
+        )
     results["targets"] = check_targets(results)
     return results
 
@@ -198,11 +227,12 @@ def run(plan: Plan, *, quick: bool, work: Path, baseline: Checkout | None) -> di
 def _failed_requests(results: dict[str, Any]) -> int:
     rows = [
         figures
-        for placement in results["throughput"].values()
+        for placement in results.get("throughput", {}).values()
         for row in placement["concurrency"].values()
         for figures in row.values()
     ]
-    rows += list(results["workers"]["workers"].values())
+    rows += list(results.get("workers", {}).get("workers", {}).values())
+    rows += list(results.get("tenants", {}).get("load", {}).values())
     return sum(figures["errors"] for figures in rows)
 
 
@@ -217,7 +247,9 @@ def main() -> int:
         "--quick", action="store_true", help="every scenario, ~1 s each, small sizes"
     )
     parser.add_argument(
-        "--json", type=Path, default=DEFAULT_JSON, help=f"results file (default {DEFAULT_JSON})"
+        "--json",
+        type=Path,
+        help=f"results file (default {DEFAULT_JSON}; with --only, SCENARIO.json beside it)",
     )
     parser.add_argument(
         "--baseline",
@@ -226,7 +258,17 @@ def main() -> int:
         help="also run DIR's proxy in the throughput scenario, for before/after figures: "
         "DIR is another checkout with its own DIR/.venv (see above)",
     )
+    parser.add_argument(
+        "--only",
+        choices=SCENARIOS,
+        metavar="SCENARIO",
+        help=f"run this scenario alone: one of {', '.join(SCENARIOS)}",
+    )
     args = parser.parse_args()
+    # A partial run does not overwrite the whole run's results.
+    json_path = args.json or (
+        DEFAULT_JSON.with_name(f"{args.only}.json") if args.only else DEFAULT_JSON
+    )
     plan = QUICK if args.quick else FULL
     try:
         baseline = baseline_checkout(args.baseline) if args.baseline else None
@@ -236,14 +278,16 @@ def main() -> int:
     try:
         require_tools("nginx", "wrk")
         with tempfile.TemporaryDirectory(prefix="sobot-bench-") as work:
-            results = run(plan, quick=args.quick, work=Path(work), baseline=baseline)
+            results = run(
+                plan, quick=args.quick, work=Path(work), baseline=baseline, only=args.only
+            )
     except BenchError as exc:
         print(f"bench: {exc}", file=sys.stderr)
         return 1
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(results, indent=2) + "\n")
+    json_path.parent.mkdir(parents=True, exist_ok=True)
+    json_path.write_text(json.dumps(results, indent=2) + "\n")
     print(render(results))
-    print(f"\nresults: {args.json}")
+    print(f"\nresults: {json_path}")
     failed = _failed_requests(results)
     if failed:
         print(f"bench: {failed} requests failed: the figures are not valid", file=sys.stderr)

@@ -19,6 +19,7 @@ class Target:
     at_most: bool  # True: measured <= bound; False: measured >= bound
     strict: bool  # the bound itself misses (`<` rather than `<=`)
     find: Callable[[dict[str, Any]], float | None]
+    section: str = "throughput"  # the results' part it reads: checked only when that part ran
 
     def check(self, results: dict[str, Any]) -> dict[str, Any]:
         try:
@@ -89,6 +90,7 @@ TARGETS: Final = (
         at_most=False,
         strict=False,
         find=lambda r: r["workers"]["speedup"],
+        section="workers",
     ),
     Target(
         "RSS growth relaying the download",
@@ -97,6 +99,7 @@ TARGETS: Final = (
         at_most=True,
         strict=True,
         find=lambda r: r["memory"]["download"]["rss_growth_mib"],
+        section="memory",
     ),
     Target(
         "RSS growth relaying the upload",
@@ -105,6 +108,7 @@ TARGETS: Final = (
         at_most=True,
         strict=True,
         find=lambda r: r["memory"]["upload"]["rss_growth_mib"],
+        section="memory",
     ),
     Target(
         "idle RSS",
@@ -113,6 +117,7 @@ TARGETS: Final = (
         at_most=True,
         strict=True,
         find=lambda r: r["memory"]["idle_rss_mib"],
+        section="memory",
     ),
     Target(
         "new-connection TLS client, direct time / proxied time",
@@ -121,12 +126,42 @@ TARGETS: Final = (
         at_most=False,
         strict=False,
         find=lambda r: r["real_client"]["speedup"],
+        section="real_client",
+    ),
+    # The tenants issue's words: "cost no more per request than one" (10% for the noise of a
+    # shared machine), "start in seconds", "a few KiB" per idle tenant.
+    Target(
+        "CPU per request, 1,000 tenants (quick: 100) / 1 tenant",
+        1.1,
+        "x",
+        at_most=True,
+        strict=False,
+        find=lambda r: r["tenants"]["cpu_ratio"],
+        section="tenants",
+    ),
+    Target(
+        "start-up to /readyz with 1,000 tenants (quick: 100)",
+        5,
+        "s",
+        at_most=True,
+        strict=False,
+        find=lambda r: r["tenants"]["start_up_s"]["many"],
+        section="tenants",
+    ),
+    Target(
+        "RSS per idle tenant",
+        8,
+        "KiB",
+        at_most=True,
+        strict=False,
+        find=lambda r: r["tenants"]["kib_per_idle_tenant"],
+        section="tenants",
     ),
 )
 
 
 def check_targets(results: dict[str, Any]) -> list[dict[str, Any]]:
-    return [target.check(results) for target in TARGETS]
+    return [target.check(results) for target in TARGETS if target.section in results]
 
 
 # --- the table ---------------------------------------------------------------------------------
@@ -208,25 +243,53 @@ def render(results: dict[str, Any]) -> str:
         f"{meta['cpus']} CPUs ({meta['cpu_model']}), Python {meta['python']}, "
         f"{meta['nginx']}, {meta['wrk']}",
         f"command: {meta['command']}",
-        "",
-        "setups: direct = wrk -> nginx upstream; nginx proxy = wrk -> nginx proxy_pass -> "
-        "upstream (the native anchor);",
-        "sobot-proxy = wrk -> sobot-proxy (JSON logs on, ret_code inspection on) -> upstream. "
-        "+p50/+p99: over direct.",
     ]
+    if "throughput" in results:
+        lines += [
+            "",
+            "setups: direct = wrk -> nginx upstream; nginx proxy = wrk -> nginx proxy_pass -> "
+            "upstream (the native anchor);",
+            "sobot-proxy = wrk -> sobot-proxy (JSON logs on, ret_code inspection on) -> "
+            "upstream. +p50/+p99: over direct.",
+        ]
     if baseline:
         lines.append(
             f"{BASELINE} = the same, the baseline's code on its own virtualenv, on the same CPU."
         )
-    for name in ("pinned", "unpinned"):
+    for name in ("pinned", "unpinned") if "throughput" in results else ():
         placement = results["throughput"].get(name)
         if placement:
             lines += ["", *_throughput_table(name, placement, meta)]
         elif name == "pinned":
             lines += ["", "Throughput, pinned: skipped (fewer than 2 CPUs, or no taskset)"]
-
-    workers = results["workers"]
+    if "workers" in results:
+        lines += _workers_lines(results["workers"])
+    if "memory" in results:
+        lines += _memory_lines(results["memory"])
+    if "real_client" in results:
+        lines += _real_client_lines(results["real_client"])
+    if "tenants" in results:
+        lines += _tenants_lines(results["tenants"], meta)
     lines += [
+        "",
+        "Targets"
+        + (" (quick mode: smaller sizes and short runs, not comparable)" if meta["quick"] else ""),
+        "",
+        "| target | measured | met |",
+        "|---|---:|---|",
+    ]
+    for checked in results["targets"]:
+        met = {True: "yes", False: "NO", None: "-"}[checked["met"]]
+        digits = 2 if checked["unit"] == "x" else 1
+        lines.append(
+            f"| {checked['target']} | {_number(checked['measured'], digits)} {checked['unit']} "
+            f"| {met} |"
+        )
+    return "\n".join(lines)
+
+
+def _workers_lines(workers: dict[str, Any]) -> list[str]:
+    return [
         "",
         f"Workers, unpinned, c={workers['connections']}: "
         + ", ".join(
@@ -255,8 +318,9 @@ def render(results: dict[str, Any]) -> str:
         "  " + _noise([run for w in workers["workers"].values() for run in w["runs"]]),
     ]
 
-    memory = results["memory"]
-    lines += ["", f"Memory (sobot-proxy RSS): idle {memory['idle_rss_mib']:.1f} MiB"]
+
+def _memory_lines(memory: dict[str, Any]) -> list[str]:
+    lines = ["", f"Memory (sobot-proxy RSS): idle {memory['idle_rss_mib']:.1f} MiB"]
     for kind in ("download", "upload"):
         m = memory[kind]
         lines.append(
@@ -264,9 +328,11 @@ def render(results: dict[str, Any]) -> str:
             f"peak {m['peak_rss_mib']:.1f} MiB (+{m['rss_growth_mib']:.1f} MiB), "
             f"{m['mib_per_s']:,.0f} MiB/s"
         )
+    return lines
 
-    client = results["real_client"]
-    lines += [
+
+def _real_client_lines(client: dict[str, Any]) -> list[str]:
+    return [
         "",
         f"Real client: a new connection per call, {client['calls']} calls, upstream over TLS "
         f"{client['round_trip_ms']:g} ms away (round trip)",
@@ -275,18 +341,52 @@ def render(results: dict[str, Any]) -> str:
         f"  through sobot-proxy on loopback (warm TLS upstream): median "
         f"{client['proxy_ms_median']:.1f} ms, p90 {client['proxy_ms_p90']:.1f} ms; "
         f"{client['speedup']:.2f}x faster",
-        "",
-        "Targets"
-        + (" (quick mode: smaller sizes and short runs, not comparable)" if meta["quick"] else ""),
-        "",
-        "| target | measured | met |",
-        "|---|---:|---|",
     ]
-    for checked in results["targets"]:
-        met = {True: "yes", False: "NO", None: "-"}[checked["met"]]
-        digits = 2 if checked["unit"] == "x" else 1
-        lines.append(
-            f"| {checked['target']} | {_number(checked['measured'], digits)} {checked['unit']} "
-            f"| {met} |"
-        )
-    return "\n".join(lines)
+
+
+def _tenants_lines(tenants: dict[str, Any], meta: dict[str, Any]) -> list[str]:
+    where = tenants["placement"]
+    placed = (
+        f"wrk and the fake Sobot on CPU {where['load_generator_cpus']}, the proxy on CPU "
+        f"{where['proxy_cpus']}"
+        if where["proxy_cpus"] is not None
+        else "unpinned"
+    )
+    load = tenants["load"]
+    one, many, default_only = load["one"], load["many"], load["many_default_only"]
+    idle, startup = tenants["rss_idle_mib"], tenants["start_up_s"]
+    count = f"{tenants['tenants']:,}"
+    lines = [
+        "",
+        f"Tenants: 1 against {count}, one fake Sobot serving every company, {placed}; "
+        f"c={tenants['connections']}, median of {meta['repeats']} run(s) of "
+        f"{meta['seconds']:g} s each",
+        f"  {count} tenants: X-Sobot-Tenant drawn per request from all {count}, every tenant's "
+        "token already held",
+        "",
+        f"| | 1 tenant | {count} tenants | {count} / 1 |",
+        "|---|---:|---:|---:|",
+        f"| CPU us/req | {_number(one['cpu_us_per_request'], 1)} "
+        f"| {_number(many['cpu_us_per_request'], 1)} | {_number(tenants['cpu_ratio'], 2)} |",
+        f"| CPU us/req, every request default's | {_number(one['cpu_us_per_request'], 1)} "
+        f"| {_number(default_only['cpu_us_per_request'], 1)} "
+        f"| {_number(tenants['cpu_ratio_default_only'], 2)} |",
+        f"| req/s | {_number(one['requests_per_s'])} | {_number(many['requests_per_s'])} | - |",
+        f"| start-up to /readyz, s | {_number(startup['one'], 2)} "
+        f"| {_number(startup['many'], 2)} | {_number(tenants['start_up_ratio'], 1)} |",
+        f"| RSS after start-up, MiB | {_number(idle['one'], 1)} | {_number(idle['many'], 1)} | - |",
+        f"| RSS with every tenant used, MiB | - | {_number(tenants['rss_used_mib'], 1)} | - |",
+        f"per idle tenant {_number(tenants['kib_per_idle_tenant'], 1)} KiB, per used tenant "
+        f"{_number(tenants['kib_per_used_tenant'], 1)} KiB more; CPU ratio per round: "
+        + ", ".join(f"{ratio:.2f}" for ratio in tenants["cpu_ratio_per_round"])
+        + f"; a tenant's first request (its token fetched) "
+        f"{_number(tenants['first_use_ms_per_tenant'], 1)} ms on average"
+        + f"; tokens fetched by the {count} tenants' first requests "
+        f"{tenants['tokens_fetched_in_warm_up']:,}, under load "
+        f"{tenants['tokens_issued_under_load']}",
+        _noise([run for figures in tenants["load"].values() for run in figures["runs"]]),
+    ]
+    errors = sum(figures["errors"] for figures in tenants["load"].values())
+    if errors:
+        lines.append(f"WARNING: {errors} failed requests (non-2xx, socket errors, timeouts)")
+    return lines

@@ -73,7 +73,7 @@ class Target:
         return f"http://127.0.0.1:{self.port}{API_PATH}"
 
 
-def _measure(
+def measure(
     target: Target,
     *,
     connections: int,
@@ -119,7 +119,7 @@ def _median(runs: Sequence[dict[str, Any]], key: str) -> float | None:
     return statistics.median(values) if values else None
 
 
-def _summary(runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
+def summary(runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """The median of each figure across repeats, with the error counts summed."""
     return {
         "requests_per_s": _median(runs, "requests_per_s"),
@@ -138,7 +138,9 @@ def _summary(runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
-def _warm_up(targets: Sequence[Target], *, seconds: float, script: Path, cpus: str | None) -> None:
+def warm_up_targets(
+    targets: Sequence[Target], *, seconds: float, script: Path, cpus: str | None
+) -> None:
     """First requests pay for imports, connections and caches: not what is measured."""
     for target in targets:
         for _ in range(20):
@@ -175,10 +177,10 @@ def throughput(
     neighbours lands on all of them alike instead of on one setup's figures.
     """
     with ExitStack() as servers:
-        upstream = _started(
+        upstream = started(
             servers, start_upstream(directory / "upstream", free_port(), cpus=placement.upstream)
         )
-        nginx = _started(
+        nginx = started(
             servers,
             start_nginx_proxy(
                 directory / "nginx-proxy", free_port(), upstream.port, cpus=placement.proxy
@@ -186,7 +188,7 @@ def throughput(
         )
         checkouts = {SOBOT: THIS_CHECKOUT} | ({BASELINE: baseline} if baseline else {})
         proxies = {
-            setup: _started(
+            setup: started(
                 servers,
                 start_sobot_proxy(
                     directory / setup.replace(" ", "-"),
@@ -204,14 +206,14 @@ def throughput(
             Target(NGINX, nginx.port, {}, nginx.pid),
             *(Target(setup, proxy.port, {}, proxy.pid) for setup, proxy in proxies.items()),
         ]
-        _warm_up(targets, seconds=warm_up, script=script, cpus=placement.load)
+        warm_up_targets(targets, seconds=warm_up, script=script, cpus=placement.load)
         runs: dict[tuple[str, int], list[dict[str, Any]]] = {}
         for _repeat in range(repeats):
             for connections in concurrencies:
                 for target in targets:
-                    _truncate((upstream, nginx, *proxies.values()))
+                    truncate((upstream, nginx, *proxies.values()))
                     runs.setdefault((target.name, connections), []).append(
-                        _measure(
+                        measure(
                             target,
                             connections=connections,
                             seconds=seconds,
@@ -222,7 +224,7 @@ def throughput(
         rss_after = rss_bytes(proxies[SOBOT].pid)
     results: dict[str, Any] = {}
     for connections in concurrencies:
-        row = {t.name: _summary(runs[(t.name, connections)]) for t in targets}
+        row = {t.name: summary(runs[(t.name, connections)]) for t in targets}
         direct, anchor = row[DIRECT], row[NGINX]
         for name, figures in row.items():
             if name == DIRECT:
@@ -255,12 +257,12 @@ def _ratio(after: float | None, before: float | None) -> float | None:
     return after / before if after is not None and before else None
 
 
-def _started(stack: ExitStack, server: Server) -> Server:
+def started(stack: ExitStack, server: Server) -> Server:
     stack.callback(server.stop)
     return server
 
 
-def _truncate(servers: Sequence[Server]) -> None:
+def truncate(servers: Sequence[Server]) -> None:
     for server in servers:
         process = server.process
         process.truncate_log()
@@ -337,8 +339,8 @@ def _relay_measured(
 def memory(directory: Path, *, download: int, upload: int) -> dict[str, Any]:
     """Idle RSS of a fresh, ready proxy; peak RSS while it relays a download and an upload."""
     with ExitStack() as servers:
-        fake = _started(servers, start_fake_sobot(directory / "fake", free_port()))
-        proxy = _started(
+        fake = started(servers, start_fake_sobot(directory / "fake", free_port()))
+        proxy = started(
             servers,
             start_sobot_proxy(
                 directory / "sobot-proxy",
@@ -392,7 +394,7 @@ def real_client(directory: Path, *, calls: int, one_way_delay: float) -> dict[st
     directory.mkdir(parents=True, exist_ok=True)
     tls = make_tls_files(directory)
     with ExitStack() as servers:
-        upstream = _started(
+        upstream = started(
             servers, start_upstream(directory / "tls-upstream", free_port(), cpus=None, tls=tls)
         )
         relay_port = free_port()
@@ -411,7 +413,7 @@ def real_client(directory: Path, *, calls: int, one_way_delay: float) -> dict[st
         )
         servers.callback(relay.stop)
         _wait_for_line(relay, f"listening {relay_port}")
-        proxy = _started(
+        proxy = started(
             servers,
             start_sobot_proxy(
                 directory / "sobot-proxy",
@@ -479,13 +481,13 @@ def workers(
 ) -> dict[str, Any]:
     """Throughput of `--workers 2` against one worker, unpinned, at `connections`."""
     with ExitStack() as servers:
-        upstream = _started(
+        upstream = started(
             servers, start_upstream(directory / "upstream", free_port(), cpus=UNPINNED.upstream)
         )
         url = f"http://127.0.0.1:{upstream.port}"
         targets, proxies = [], []
         for count in (1, 2):
-            proxy = _started(
+            proxy = started(
                 servers,
                 start_sobot_proxy(
                     directory / f"workers-{count}",
@@ -498,13 +500,13 @@ def workers(
             )
             proxies.append(proxy)
             targets.append(Target(str(count), proxy.port, {}, proxy.pid))
-        _warm_up(targets, seconds=warm_up, script=script, cpus=None)
+        warm_up_targets(targets, seconds=warm_up, script=script, cpus=None)
         runs: dict[str, list[dict[str, Any]]] = {target.name: [] for target in targets}
         for _repeat in range(repeats):
             for target in targets:
-                _truncate(proxies)
+                truncate(proxies)
                 runs[target.name].append(
-                    _measure(
+                    measure(
                         target,
                         connections=connections,
                         seconds=seconds,
@@ -513,7 +515,7 @@ def workers(
                         upstream_pid=upstream.pid,
                     )
                 )
-    by_count = {name: _summary(each) for name, each in runs.items()}
+    by_count = {name: summary(each) for name, each in runs.items()}
     one, two = by_count["1"], by_count["2"]
     for figures in (one, two):
         figures["proxy_busy_cores"] = (

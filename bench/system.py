@@ -203,7 +203,13 @@ def http_call(
 
 
 def wait_for_status(
-    process: Process, port: int, path: str, *, status: int = 200, timeout: float = START_TIMEOUT
+    process: Process,
+    port: int,
+    path: str,
+    *,
+    status: int = 200,
+    timeout: float = START_TIMEOUT,
+    poll: float = 0.05,
 ) -> None:
     """Poll `path` until it answers `status`; BenchError (with the server's output) if not."""
     deadline = time.monotonic() + timeout
@@ -218,7 +224,7 @@ def wait_for_status(
             if got == status:
                 return
             last = f"HTTP {got}: {body[:200]!r}"
-        time.sleep(0.05)
+        time.sleep(poll)
     raise BenchError(
         f"{process.name}: {path} not {status} within {timeout} s ({last})\n{process.tail()}"
     )

@@ -201,13 +201,18 @@ def _wait_for_tls(process: Process, port: int) -> None:
 # --- Python servers --------------------------------------------------------------------------
 
 
-def start_fake_sobot(directory: Path, port: int) -> Server:
-    """The package's fake Sobot: the upstream that can stream a download of any size."""
+def start_fake_sobot(
+    directory: Path, port: int, *, cpus: str | None = None, companies: Path | None = None
+) -> Server:
+    """The package's fake Sobot: the upstream that can stream a download of any size, and
+    serve many companies (`companies`: a file of `appid app_key` lines) besides APPID's."""
     directory.mkdir(parents=True, exist_ok=True)
     argv = python_module(
         "proxy", "fake-sobot", "--port", str(port), "--appid", APPID, "--app-key", APP_KEY
     )
-    process = Process("fake sobot", argv, log_path=directory / "fake-sobot.log")
+    if companies is not None:
+        argv += ["--companies-file", str(companies)]
+    process = Process("fake sobot", on_cpus(cpus, argv), log_path=directory / "fake-sobot.log")
     wait_for_status(process, port, "/_fake/stats")
     return Server("fake sobot", process, port)
 
@@ -221,30 +226,37 @@ def start_sobot_proxy(
     workers: int = 1,
     name: str = "sobot-proxy",
     checkout: Checkout = THIS_CHECKOUT,
+    poll: float = 0.05,
+    timeout: float = START_TIMEOUT,
     **settings: str,
 ) -> Server:
-    """`python -m proxy serve` from `checkout`, production settings (JSON logs on), once ready."""
+    """`python -m proxy serve` from `checkout`, production settings (JSON logs on), once ready
+    (asked every `poll` seconds). `settings`: environment variables, over the defaults here."""
     directory.mkdir(parents=True, exist_ok=True)
-    env = child_env(
-        SOBOT_APPID=APPID,
-        SOBOT_APP_KEY=APP_KEY,
-        SOBOT_BASE_URL=upstream_url,
-        SOBOT_PROXY_PORT=str(port),
-        SOBOT_PROXY_WORKERS=str(workers),
-        SOBOT_LOG_FORMAT="json",
-        SOBOT_LOG_LEVEL="info",
-        **settings,
-    )
+    defaults = {
+        "SOBOT_APPID": APPID,
+        "SOBOT_APP_KEY": APP_KEY,
+        "SOBOT_BASE_URL": upstream_url,
+        "SOBOT_PROXY_PORT": str(port),
+        "SOBOT_PROXY_WORKERS": str(workers),
+        "SOBOT_LOG_FORMAT": "json",
+        "SOBOT_LOG_LEVEL": "info",
+    }
+    env = child_env(**(defaults | settings))
     argv = on_cpus(cpus, python_module("proxy", "serve", python=checkout.python))
     # `-m` puts the working directory first on sys.path: the checkout's own proxy/ runs,
     # whatever its venv has installed.
     process = Process(name, argv, log_path=directory / f"{name}.log", env=env, cwd=checkout.root)
-    # Each worker binds the port itself: all of them, not just the first, must be listening.
-    deadline = time.monotonic() + START_TIMEOUT
-    while process.log_path.read_text(errors="replace").count('"event":"listening"') < workers:
-        process.check_alive()
-        if time.monotonic() > deadline:
-            raise BenchError(f"{name}: not listening within {START_TIMEOUT} s\n{process.tail()}")
-        time.sleep(0.05)
-    wait_for_status(process, port, "/readyz")
+    try:
+        # Each worker binds the port itself: all of them, not just the first, must listen.
+        deadline = time.monotonic() + timeout
+        while process.log_path.read_text(errors="replace").count('"event":"listening"') < workers:
+            process.check_alive()
+            if time.monotonic() > deadline:
+                raise BenchError(f"{name}: not listening within {timeout} s\n{process.tail()}")
+            time.sleep(poll)
+        wait_for_status(process, port, "/readyz", poll=poll, timeout=timeout)
+    except BaseException:
+        process.stop()  # not left running when it never became a server to stop
+        raise
     return Server(name, process, port)

@@ -123,9 +123,48 @@ def test_workers_memory_and_the_real_client_are_measured(results):
         assert is_number(client[key]), key
 
 
+def test_tenants_are_measured_one_against_many(plain_run):
+    tenants = plain_run.results["tenants"]
+    assert tenants["tenants"] == 100  # the quick run's count; the full run's is 1,000
+    assert set(tenants["load"]) == {"one", "many", "many_default_only"}
+    for figures in tenants["load"].values():
+        assert figures["requests"] > 0
+        assert figures["errors"] == 0
+        assert is_number(figures["cpu_us_per_request"])
+    for key in (
+        "cpu_ratio",
+        "cpu_ratio_default_only",
+        "start_up_ratio",
+        "rss_used_mib",
+        "first_use_ms_per_tenant",
+    ):
+        assert is_number(tenants[key]), key
+    for key in ("kib_per_idle_tenant", "kib_per_used_tenant"):
+        assert is_number(tenants[key]), key
+    for key in ("start_up_s", "rss_idle_mib"):
+        assert set(tenants[key]) == {"one", "many"}
+        assert all(is_number(value) for value in tenants[key].values()), key
+    # Every tenant fetched its token once, in the warm-up, and held it through the load.
+    assert tenants["tokens_fetched_in_warm_up"] == 100
+    assert tenants["tokens_issued_under_load"] == 0
+    assert "| | 1 tenant | 100 tenants | 100 / 1 |" in plain_run.table
+
+
+def test_one_scenario_runs_alone_with_its_targets_only(tmp_path):
+    results, table = quick_run(tmp_path, "--only", "tenants")
+    assert set(results) == {"meta", "tenants", "targets"}
+    assert [target["target"].split(" <=")[0] for target in results["targets"]] == [
+        "CPU per request, 1,000 tenants (quick: 100) / 1 tenant",
+        "start-up to /readyz with 1,000 tenants (quick: 100)",
+        "RSS per idle tenant",
+    ]
+    assert "Tenants: 1 against 100" in table
+    assert "Throughput" not in table
+
+
 def test_every_target_is_reported_with_a_measurement(results):
     targets = results["targets"]
-    assert len(targets) == 8
+    assert len(targets) == 11
     for target in targets:
         assert is_number(target["measured"]), target
         assert isinstance(target["met"], bool)

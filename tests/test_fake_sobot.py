@@ -27,8 +27,10 @@ from proxy.testing.fake_sobot import (
     FakeSobot,
     download_bytes,
     download_sha256,
+    read_companies,
 )
 from tests.conftest import APP_KEY, APPID
+from tests.processes import command_env, http_get, run_command, running
 
 MiB = 1024 * 1024
 
@@ -811,3 +813,198 @@ async def test_the_served_prefixes_are_chosen_and_the_longest_wins(session):
         assert [r.kind for r in fake.received] == ["v6", "v5"]
     finally:
         await fake.stop()
+
+
+# -- many companies on one fake ------------------------------------------------------------
+
+COMPANIES = {"appid-b": "key-b", "appid-c": "key-c"}
+
+
+@pytest.fixture
+async def companies_fake() -> AsyncIterator[FakeSobot]:
+    sobot = FakeSobot(
+        APPID,
+        APP_KEY,
+        companies=COMPANIES,
+        v6_appid=V6_APPID,
+        v6_secret=V6_SECRET,
+        v6_companies={"v6-b": "secret-b"},
+    )
+    await sobot.start()
+    yield sobot
+    await sobot.stop()
+
+
+async def echo_token(session: aiohttp.ClientSession, fake: FakeSobot, token: str) -> Any:
+    """The ret_code of an API call with `token`, and the token state and serial it echoes."""
+    async with (
+        asyncio.timeout(5),
+        session.get(f"{fake.url}/api/echo", headers={"token": token}) as r,
+    ):
+        answer = await r.json()
+    item = answer.get("item") or {}
+    return answer["ret_code"], item.get("token")
+
+
+async def token_call(
+    session: aiohttp.ClientSession, fake: FakeSobot, appid: str, app_key: str
+) -> str:
+    """The ret_code of a get_token for `appid` signed with `app_key`."""
+    create_time = str(int(time.time()))
+    query = {"appid": appid, "create_time": create_time}
+    query["sign"] = make_sign(appid, create_time, app_key)
+    async with asyncio.timeout(5), session.get(f"{fake.url}/api/get_token", params=query) as r:
+        code: str = (await r.json())["ret_code"]
+    return code
+
+
+async def test_each_company_has_its_own_tokens_and_none_supersedes_another(companies_fake, session):
+    fake = companies_fake
+    own = await issue_token(session, fake)
+    first_b = await issue_token(session, fake, "appid-b", "key-b")
+    # Both current: a company's token call leaves the others' tokens alone.
+    assert await echo_token(session, fake, own) == ("000000", {"state": "valid", "serial": 1})
+    assert await echo_token(session, fake, first_b) == ("000000", {"state": "valid", "serial": 1})
+
+    second_b = await issue_token(session, fake, "appid-b", "key-b")
+    assert len({own, first_b, second_b}) == 3
+    assert (await echo_token(session, fake, first_b))[0] == "900002"  # b's earlier one only
+    assert await echo_token(session, fake, second_b) == ("000000", {"state": "valid", "serial": 2})
+    assert await echo_token(session, fake, own) == ("000000", {"state": "valid", "serial": 1})
+    assert fake.current_token == own
+    assert fake.stats.renewals_before_expiry == 1  # b's second call, not a's after b's
+
+    # Each company's key signs its own calls only; an appid no company has is 900004.
+    assert await token_call(session, fake, "appid-c", "key-b") == "900003"
+    assert await token_call(session, fake, "appid-d", "key-c") == "900004"
+    assert fake.stats.tokens_issued == 3
+
+    # The controls take a company: expiring b's token leaves a's.
+    fake.expire_token(appid="appid-b")
+    assert (await echo_token(session, fake, second_b))[0] == "900002"
+    assert (await echo_token(session, fake, own))[0] == "000000"
+    with pytest.raises(ValueError, match="no v5 company 'appid-d'"):
+        fake.expire_token(appid="appid-d")
+
+
+async def test_each_v6_company_has_its_own_tokens(companies_fake, session):
+    fake = companies_fake
+    _, own = await issue_v6_token(session, fake)
+    _, first_b = await issue_v6_token(session, fake, "v6-b", "secret-b")
+    _, second_b = await issue_v6_token(session, fake, "v6-b", "secret-b")
+    assert jwt_claims(second_b["access_token"])["appId"] == "v6-b"
+    assert (await v6_call(session, fake, f"Bearer {own['access_token']}"))[0] == 200
+    assert (await v6_call(session, fake, f"Bearer {second_b['access_token']}"))[0] == 200
+    assert (await v6_call(session, fake, f"Bearer {first_b['access_token']}"))[0] == 401
+    assert fake.received[-1].token_state == "superseded"
+    status, refused = await issue_v6_token(session, fake, "v6-b", V6_SECRET)
+    assert (status, refused["code"]) == (401, 401002)  # the wrong sign
+
+
+@pytest.mark.parametrize("over_http", [False, True])
+async def test_a_changed_app_key_refuses_the_old_key_and_keeps_tokens_issued(
+    companies_fake, session, over_http
+):
+    fake = companies_fake
+    held = await issue_token(session, fake, "appid-b", "key-b")
+    held_own = await issue_token(session, fake)
+    if over_http:
+        async with (
+            asyncio.timeout(5),
+            session.post(f"{fake.url}/_fake/app-key?appid=appid-b", data=b"new-key-b\n") as r,
+        ):
+            assert r.status == 200
+    else:
+        fake.set_app_key("new-key-b", appid="appid-b")
+
+    assert await token_call(session, fake, "appid-b", "key-b") == "900003"  # a wrong sign
+    # The token issued before the change still serves, until a new one supersedes it.
+    assert await echo_token(session, fake, held) == ("000000", {"state": "valid", "serial": 1})
+    assert await token_call(session, fake, "appid-b", "new-key-b") == "000000"
+    assert (await echo_token(session, fake, held))[0] == "900002"
+    # The other companies' keys are unchanged.
+    assert await token_call(session, fake, APPID, APP_KEY) == "000000"
+    assert (await echo_token(session, fake, held_own))[0] == "900002"  # superseded just now
+
+
+async def test_a_changed_v6_secret_refuses_the_old_one(companies_fake, session):
+    fake = companies_fake
+    _, held = await issue_v6_token(session, fake, "v6-b", "secret-b")
+    async with (
+        asyncio.timeout(5),
+        session.post(f"{fake.url}/_fake/app-key?appid=v6-b&kind=v6", data=b"secret-b2") as r,
+    ):
+        assert r.status == 200
+    status, refused = await issue_v6_token(session, fake, "v6-b", "secret-b")
+    assert (status, refused["code"]) == (401, 401002)
+    assert (await v6_call(session, fake, f"Bearer {held['access_token']}"))[0] == 200
+    status, granted = await issue_v6_token(session, fake, "v6-b", "secret-b2")
+    assert (status, granted["response_type"]) == (200, "token")
+    assert (await issue_v6_token(session, fake))[0] == 200  # the fake's own V6 company: as it was
+
+
+@pytest.mark.parametrize(
+    ("query", "body", "message"),
+    [
+        ("appid=appid-b", b"", "empty"),
+        ("appid=appid-d", b"k", "no v5 company"),
+        ("appid=appid-b&kind=v7", b"k", "kind must be v5 or v6"),
+    ],
+)
+async def test_the_app_key_control_refuses_what_it_cannot_do(
+    companies_fake, session, query, body, message
+):
+    async with (
+        asyncio.timeout(5),
+        session.post(f"{companies_fake.url}/_fake/app-key?{query}", data=body) as r,
+    ):
+        assert r.status == 400
+        assert message in await r.text()
+    assert await token_call(session, companies_fake, "appid-b", "key-b") == "000000"
+
+
+def test_the_companies_file_is_read_and_its_mistakes_name_the_line(tmp_path):
+    path = tmp_path / "companies"
+    path.write_text("# appid app_key\n\nappid-b key-b\n  appid-c   key-c  \n")
+    assert read_companies(str(path)) == COMPANIES
+    for text, message in (
+        ("appid-b key-b\nappid-c\n", "line 2: expected `appid app_key`"),
+        ("appid-b key-b extra-word\n", "line 1: expected `appid app_key`"),
+        ("appid-b key-b\nappid-b other\n", "line 2: that appid is on an earlier line"),
+    ):
+        path.write_text(text)
+        with pytest.raises(ValueError, match=re.escape(message)) as raised:
+            read_companies(str(path))
+        assert "key-b" not in str(raised.value)
+        assert "other" not in str(raised.value)
+
+
+def test_fake_sobot_serves_the_companies_of_its_companies_file(tmp_path):
+    companies = tmp_path / "companies"
+    companies.write_text("appid-b key-b\n")
+    arguments = ("--port", "0", "--appid", "A", "--app-key", "K")
+    with running(
+        "fake-sobot", *arguments, "--companies-file", str(companies), cwd=tmp_path
+    ) as fake:
+        base = f"http://127.0.0.1:{fake.wait_for_event('listening')['port']}/api/get_token"
+        now = str(int(time.time()))
+        for appid, key, code in (
+            ("A", "K", "000000"),
+            ("appid-b", "key-b", "000000"),
+            ("appid-b", "K", "900003"),
+        ):
+            status, answer = http_get(
+                f"{base}?appid={appid}&create_time={now}&sign={make_sign(appid, now, key)}"
+            )
+            assert (status, answer["ret_code"]) == (200, code), appid
+        assert fake.terminate() == 0
+
+
+def test_fake_sobot_refuses_a_wrong_companies_file_as_a_usage_error(tmp_path):
+    companies = tmp_path / "companies"
+    companies.write_text("appid-b\n")
+    result = run_command(
+        "fake-sobot", "--companies-file", str(companies), cwd=tmp_path, env=command_env()
+    )
+    assert result.returncode == 2
+    assert "line 1: expected `appid app_key`" in result.stderr

@@ -44,7 +44,7 @@ from proxy.logs import configure_logging, get_logger
 from proxy.server.app import API, CONNECTIONS, CREDENTIALS, ROUTES, make_app
 from proxy.server.connections import raise_open_files_limit
 from proxy.server.listen import run, serve
-from proxy.testing.fake_sobot import FakeSobot
+from proxy.testing.fake_sobot import FakeSobot, read_companies
 from proxy.tokens.store import describe_store
 
 DEMO_APPID: Final = "demo-appid"
@@ -147,9 +147,23 @@ def build_parser() -> argparse.ArgumentParser:
     fake_cmd.add_argument(
         "--v6-token-lifetime", type=float, default=86400.0, help="lifetime of issued V6 tokens"
     )
+    fake_cmd.add_argument(
+        "--companies-file",
+        metavar="FILE",
+        type=companies_file,
+        help="more v5 companies to serve, one `appid app_key` a line (blank and # lines skipped)",
+    )
     fake_cmd.add_argument("--log-level", choices=LOG_LEVELS, default="info")
     fake_cmd.add_argument("--log-format", choices=LOG_FORMATS, default="json")
     return parser
+
+
+def companies_file(path: str) -> dict[str, str]:
+    """`fake-sobot --companies-file`: the companies it names, or a usage error saying why."""
+    try:
+        return read_companies(path)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _add_setting_arguments(parser: argparse.ArgumentParser) -> None:
@@ -376,6 +390,7 @@ def _run_fake(args: argparse.Namespace) -> int:
         v6_secret=args.v6_secret,
         token_lifetime=args.token_lifetime,
         v6_token_lifetime=args.v6_token_lifetime,
+        companies=args.companies_file,
     )
     app = fake.make_app()
     return run(

@@ -46,13 +46,18 @@ different credentials can run side by side (two hosts) in one test.
     lowercase-headers  a 200 `{"ret_code":"000000"}`, chunked, as an HTTP/2 gateway writes it:
                        every header name in lower case, hop-by-hop ones (`connection: close,
                        x-hop`, `x-hop`, `keep-alive`, `proxy-authenticate`) among them; raw
+- Many companies (`companies`, `v6_companies`, or `fake-sobot --companies-file`): one fake
+  serves them all, each with its own key and tokens; a token call for one supersedes only that
+  one's previous token, and a request is accepted with any company's current token.
 - Controls under `/_fake/` (under no served prefix, so never reachable through the proxy).
-  `kind=v6` makes expire, lifetime and fail-get-token act on the V6 token (default: v5):
-    GET  /_fake/stats                       counters
+  `kind=v6` makes expire, lifetime, fail-get-token and app-key act on the V6 token (default:
+  v5), and `appid=A` on company A's (default: the fake's own `appid` / `v6_appid`):
+    GET  /_fake/stats                       counters (token serials: the fake's own company's)
     POST /_fake/expire?kind=K               expire the current token now
     POST /_fake/lifetime?seconds=N&kind=K   the lifetime of the next tokens issued
-    POST /_fake/app-key?kind=K              the body is the new app_key (app_secret): token
-                                            calls signed with any other are refused
+    POST /_fake/app-key?appid=A&kind=K      the body is the company's new app_key (app_secret):
+                                            token calls signed with the old one are refused
+                                            (900003; V6 401), tokens issued stay valid
     POST /_fake/fail-get-token?mode=M&times=N&kind=K
          M = `malformed`, `http500`, `disconnect` or `stall` (no answer until the fake stops),
          or for v5 a ret_code (e.g. 900003), for v6 a numeric code C (a V6 error with code C,
@@ -71,7 +76,7 @@ handlers only on a runner made with `handler_cancellation=True`, as `start()` an
 `make_runner()` make it.
 
 Run it alone: `sobot-proxy fake-sobot --port P --appid A --app-key K [--v6-appid A6
---v6-secret S6]`.
+--v6-secret S6] [--companies-file FILE]` (FILE: more v5 companies, one `appid app_key` a line).
 """
 
 from __future__ import annotations
@@ -89,8 +94,9 @@ import struct
 import time
 import uuid
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Final, Literal
 from urllib.parse import unquote
 
@@ -233,8 +239,9 @@ class _Fault:
 
 @dataclass(slots=True)
 class _Tokens:
-    """One kind's current token, and how its token calls are told to fail."""
+    """One company's current token of one kind, and how its token calls are told to fail."""
 
+    appid: str
     lifetime: float
     token: str | None = None
     serial: int = 0
@@ -254,16 +261,24 @@ class _Tokens:
 
 @dataclass(slots=True)
 class _State:
-    v5: _Tokens
-    v6: _Tokens
+    # Each company's tokens, by appid; and every token issued, with its company's tokens and
+    # serial, so a request's token is found with one dict lookup however many companies there
+    # are (a benchmark runs a thousand).
+    v5: dict[str, _Tokens]
+    v6: dict[str, _Tokens]
+    v5_issued: dict[str, tuple[_Tokens, int]] = field(default_factory=dict)
+    v6_issued: dict[str, tuple[_Tokens, int]] = field(default_factory=dict)
     scripts: deque[_Script] = field(default_factory=deque)
 
-    def tokens(self, kind: str) -> _Tokens:
+    def companies(self, kind: str) -> dict[str, _Tokens]:
         if kind == "v5":
             return self.v5
         if kind == "v6":
             return self.v6
         raise ValueError(f"kind must be v5 or v6, not {kind!r}")
+
+    def issued(self, kind: Kind) -> dict[str, tuple[_Tokens, int]]:
+        return self.v5_issued if kind == "v5" else self.v6_issued
 
 
 class FakeSobot:
@@ -274,6 +289,8 @@ class FakeSobot:
         *,
         v6_appid: str | None = None,
         v6_secret: str | None = None,
+        companies: Mapping[str, str] | None = None,
+        v6_companies: Mapping[str, str] | None = None,
         prefixes: tuple[str, ...] = V5_PREFIXES,
         v6_prefixes: tuple[str, ...] = V6_PREFIXES,
         token_lifetime: float = 86400.0,
@@ -285,22 +302,34 @@ class FakeSobot:
         """`prefixes` take the v5 `token`; `v6_prefixes` the V6 JWT, served only when
         `v6_appid` and `v6_secret` are given. Every prefix starts and ends with `/`.
 
+        `companies` (appid -> app_key) and `v6_companies` (appId -> app_secret): more Sobot
+        companies served by this one host besides `appid` (and `v6_appid`), as one fake
+        standing for Sobot itself in front of many tenants. Each company has its own tokens: a
+        token call for one issues a new token that supersedes that company's previous one only,
+        and a request under a prefix is accepted with any company's current token. The controls
+        act on `appid`'s (or `v6_appid`'s) tokens unless given another company's appid.
+
         `same_company_as`: another host of the same Sobot company (as api-c.soboten.com is
         beside www.soboten.com): the tokens either issues are the ones both accept."""
         if (v6_appid is None) != (v6_secret is None):
             raise ValueError("v6_appid and v6_secret go together")
+        if v6_companies and v6_appid is None:
+            raise ValueError("v6_companies go with v6_appid and v6_secret")
         self.appid = appid
-        self._app_key = app_key
         self.v6_appid = v6_appid
+        # The key each v5 company's get_token is checked with, by appid.
+        self._app_keys = {**(companies or {}), appid: app_key}
         # The proxy's own kind checks the requests, so the fake and the proxy agree on them.
-        self._v6 = (
-            v6.V6Credential(v6_appid, v6_secret)
-            if v6_appid is not None and v6_secret is not None
-            else None
-        )
+        self._v6_credentials = {
+            v6_company: v6.V6Credential(v6_company, secret)
+            for v6_company, secret in {
+                **(v6_companies or {}),
+                **({v6_appid: v6_secret} if v6_appid is not None and v6_secret else {}),
+            }.items()
+        }
         self._jwt_key = secrets.token_bytes(32)
         served: list[tuple[str, Kind]] = [(prefix, "v5") for prefix in prefixes]
-        if self._v6 is not None:
+        if self._v6_credentials:
             served += [(prefix, "v6") for prefix in v6_prefixes]
         for prefix, _kind in served:
             if not (prefix.startswith("/") and prefix.endswith("/")):
@@ -331,41 +360,61 @@ class FakeSobot:
         self.url = ""
 
     def _new_state(self) -> _State:
-        if self._company is not None:
-            return _State(v5=self._company._state.v5, v6=self._company._state.v6)
         v5_lifetime, v6_lifetime = self._initial_lifetimes
-        return _State(v5=_Tokens(v5_lifetime), v6=_Tokens(v6_lifetime))
+        if self._company is not None:
+            shared = self._company._state
+            state = _State(shared.v5, shared.v6, shared.v5_issued, shared.v6_issued)
+        else:
+            state = _State(v5={}, v6={})
+        for appid in self._app_keys:
+            state.v5.setdefault(appid, _Tokens(appid, v5_lifetime))
+        for appid in self._v6_credentials:
+            state.v6.setdefault(appid, _Tokens(appid, v6_lifetime))
+        return state
+
+    def _tokens(self, kind: Kind, appid: str | None = None) -> _Tokens:
+        """A company's tokens of `kind`: `appid`'s, by default this fake's own company's."""
+        if appid is None:
+            appid = self.appid if kind == "v5" else self.v6_appid
+        tokens = self._state.companies(kind).get(appid or "")
+        if tokens is None:
+            raise ValueError(f"no {kind} company {appid!r}")
+        return tokens
 
     # -- controls --------------------------------------------------------------------------
 
-    def set_app_key(self, app_key: str, appid: str | None = None, kind: Kind = "v5") -> None:
-        """From now on accept token calls signed with `app_key` only (the company's key rotated
-        in Sobot's console); the tokens issued stay valid. `appid`: the fake's own (or None)."""
-        if appid not in (None, self.appid if kind == "v5" else self.v6_appid):
-            raise ValueError(f"this fake has no company {appid!r}")
-        if kind == "v5":
-            self._app_key = app_key
-        elif self._v6 is not None:
-            self._v6 = v6.V6Credential(self._v6.appid, app_key)
-        else:
-            raise ValueError("this fake serves no V6 call centre")
+    def expire_token(self, kind: Kind = "v5", appid: str | None = None) -> None:
+        self._tokens(kind, appid).expires_at = 0.0
 
-    def expire_token(self, kind: Kind = "v5") -> None:
-        self._state.tokens(kind).expires_at = 0.0
+    def set_lifetime(self, seconds: float, kind: Kind = "v5", appid: str | None = None) -> None:
+        self._tokens(kind, appid).lifetime = seconds
 
-    def set_lifetime(self, seconds: float, kind: Kind = "v5") -> None:
-        self._state.tokens(kind).lifetime = seconds
-
-    def fail_get_token(self, mode: str, times: int = 1, kind: Kind = "v5") -> None:
+    def fail_get_token(
+        self, mode: str, times: int = 1, kind: Kind = "v5", appid: str | None = None
+    ) -> None:
         """Make the next `times` token calls of `kind` fail (-1: until told otherwise, 0: stop).
 
         `mode` as the module docstring says; for v6 anything else than a number or a named mode
-        is a ValueError."""
-        tokens = self._state.tokens(kind)
+        is a ValueError. Only the calls naming the company's appid fail."""
+        tokens = self._tokens(kind, appid)
         if kind == "v6" and mode not in _TOKEN_FAILURES and not (mode.isascii() and mode.isdigit()):
             raise ValueError(f"unknown v6 failure mode {mode!r}")
         tokens.failure = mode if times else None
         tokens.failures_left = times
+
+    def set_app_key(self, app_key: str, appid: str | None = None, kind: Kind = "v5") -> None:
+        """From now on accept a company's token calls signed with `app_key` (v6: its
+        app_secret) only, as Sobot does once the key is changed in its console: one signed with
+        the old key is refused as a wrong sign (v5 `900003`, V6 HTTP 401). `appid`: by default
+        this fake's own company's.
+
+        Tokens issued before stay valid until they expire or a new one supersedes them: a
+        changed key does not end the token held."""
+        tokens = self._tokens(kind, appid)  # a ValueError for a company this fake does not have
+        if kind == "v5":
+            self._app_keys[tokens.appid] = app_key
+        else:
+            self._v6_credentials[tokens.appid] = v6.V6Credential(tokens.appid, app_key)
 
     def script(
         self,
@@ -441,12 +490,12 @@ class FakeSobot:
     @property
     def current_token(self) -> str | None:
         """The valid v5 token, for tests that check a secret never leaks."""
-        return self._current(self._state.v5)
+        return self._current(self._tokens("v5"))
 
     @property
     def current_v6_token(self) -> str | None:
         """The valid V6 token."""
-        return self._current(self._state.v6)
+        return self._current(self._tokens("v6")) if self.v6_appid is not None else None
 
     def _current(self, tokens: _Tokens) -> str | None:
         return tokens.token if tokens.token and self._clock() < tokens.expires_at else None
@@ -461,7 +510,7 @@ class FakeSobot:
         """
         app = web.Application()
         app.router.add_get(v5.GET_TOKEN_PATH, self._get_token)
-        if self._v6 is not None:
+        if self._v6_credentials:
             app.router.add_post(v6.TOKEN_PATH, self._v6_token)
         app.router.add_get("/_fake/stats", self._stats)
         app.router.add_post("/_fake/{control}", self._control)
@@ -498,39 +547,47 @@ class FakeSobot:
     async def _get_token(self, request: web.Request) -> web.StreamResponse:
         self.stats.get_token_calls += 1
         self._token_called.set()
-        tokens = self._state.v5
+        # The company the call names; an appid no company has is checked against this fake's
+        # own, which refuses it (900004) as Sobot does.
+        tokens = self._state.v5.get(request.query.get("appid", "")) or self._tokens("v5")
         mode = tokens.next_failure()
         if mode is not None:
             return await self._failed_token_call(request, mode, "v5")
 
         ret_code = v5.check_token_request(
-            request.query, appid=self.appid, app_key=self._app_key, now=self._wall_clock()
+            request.query,
+            appid=tokens.appid,
+            app_key=self._app_keys[tokens.appid],
+            now=self._wall_clock(),
         )
         if ret_code != v5.OK:
             return sobot_response(ret_code, v5.RET_CODE_MEANINGS[ret_code])
 
         if self._current(tokens) is not None:
             self.stats.renewals_before_expiry += 1
-        # Every call issues a new token and the previous one stops working.
-        token = self._issue(tokens, uuid.uuid4().hex, self.issued_tokens, self.issue_times)
+        # Every call issues a new token and the company's previous one stops working.
+        token = self._issue(tokens, uuid.uuid4().hex, "v5", self.issued_tokens, self.issue_times)
         self.stats.tokens_issued += 1
         lifetime = tokens.lifetime
         expires_in = str(int(lifetime)) if lifetime == int(lifetime) else str(lifetime)
         return sobot_response(v5.OK, "Success", {"token": token, "expires_in": expires_in})
 
     async def _v6_token(self, request: web.Request) -> web.StreamResponse:
-        assert self._v6 is not None  # routed only when there is a V6 credential
         self.stats.v6_token_calls += 1
         self._token_called.set()
-        tokens = self._state.v6
+        claim = ClientTokenRequest(query={}, body=await request.read())
+        # As for v5: the company the call names, else this fake's own, which refuses it.
+        own = self._tokens("v6")
+        tokens = self._state.v6.get(self._v6_credentials[own.appid].claimed_appid(claim) or "")
+        tokens = tokens or own
         mode = tokens.next_failure()
         if mode is not None:
             return await self._failed_token_call(request, mode, "v6")
 
-        claim = ClientTokenRequest(query={}, body=await request.read())
-        code = self._v6.check(claim, self._wall_clock())
+        credential = self._v6_credentials[tokens.appid]
+        code = credential.check(claim, self._wall_clock())
         if code is not None:
-            refusal = self._v6.refuse(code)
+            refusal = credential.refuse(code)
             return _json(refusal.status, refusal.body)
 
         if self._current(tokens) is not None:
@@ -538,18 +595,24 @@ class FakeSobot:
         # Whether Sobot's V6 invalidates the previous token is not documented: the fake does,
         # the stricter of the two, so a proxy that relies on an old token is caught.
         jwt = self._issue(
-            tokens, self._mint_jwt(tokens), self.issued_v6_tokens, self.v6_issue_times
+            tokens, self._mint_jwt(tokens), "v6", self.issued_v6_tokens, self.v6_issue_times
         )
         self.stats.v6_tokens_issued += 1
-        granted = self._v6.grant(jwt, tokens.lifetime)
+        granted = credential.grant(jwt, tokens.lifetime)
         return _json(granted.status, granted.body)
 
     def _issue(
-        self, tokens: _Tokens, token: str, issued: list[str], issue_times: list[float]
+        self,
+        tokens: _Tokens,
+        token: str,
+        kind: Kind,
+        issued: list[str],
+        issue_times: list[float],
     ) -> str:
         tokens.token = token
         tokens.serial += 1
         tokens.expires_at = self._clock() + tokens.lifetime
+        self._state.issued(kind)[token] = (tokens, tokens.serial)
         issued.append(token)
         issue_times.append(self._clock())
         return token
@@ -559,7 +622,7 @@ class FakeSobot:
         read right."""
         now = self._wall_clock()
         claims = {
-            "appId": self.v6_appid,
+            "appId": tokens.appid,
             "iat": int(now),
             "exp": round(now + tokens.lifetime, 3),
             "serial": tokens.serial + 1,
@@ -689,22 +752,24 @@ class FakeSobot:
         return _json(200, orjson.dumps({**V6_ENVELOPE, "data": _echo(received)}))
 
     def _v5_token_state(self, sent: str) -> tuple[str, int | None]:
-        tokens = self._state.v5
         if not sent:
             return "missing", None
-        if sent == tokens.token and self._clock() < tokens.expires_at:
-            return "valid", tokens.serial
+        tokens, serial = self._state.v5_issued.get(sent, (None, None))
+        if tokens is not None and sent == tokens.token and self._clock() < tokens.expires_at:
+            return "valid", serial
         return "expired", None
 
     def _v6_token_state(self, sent: str) -> tuple[str, int | None]:
-        tokens = self._state.v6
         if not sent:
             return "missing", None
-        if sent == tokens.token:
+        tokens, serial = self._state.v6_issued.get(sent, (None, None))
+        if tokens is not None and sent == tokens.token:
             if self._clock() < tokens.expires_at:
-                return "valid", tokens.serial
-            return "expired", tokens.serial
-        if sent in self.issued_v6_tokens:
+                return "valid", serial
+            return "expired", serial
+        if serial is not None:
+            return "superseded", serial
+        if sent in self.issued_v6_tokens:  # issued before a reset()
             return "superseded", self.issued_v6_tokens.index(sent) + 1
         return "unknown", None
 
@@ -786,7 +851,8 @@ class FakeSobot:
     # -- control endpoints -----------------------------------------------------------------
 
     async def _stats(self, _request: web.Request) -> web.Response:
-        serials = {"token_serial": self._state.v5.serial, "v6_token_serial": self._state.v6.serial}
+        v6_serial = self._tokens("v6").serial if self.v6_appid is not None else 0
+        serials = {"token_serial": self._tokens("v5").serial, "v6_token_serial": v6_serial}
         return web.json_response({**self.stats.as_dict(), **serials})
 
     async def _control(self, request: web.Request) -> web.Response:
@@ -794,14 +860,19 @@ class FakeSobot:
         query = request.query
         try:
             kind = _kind(query.get("kind", "v5"))
+            appid = query.get("appid")
             if control == "expire":
-                self.expire_token(kind)
-            elif control == "app-key":
-                self.set_app_key((await request.text()).strip(), query.get("appid"), kind)
+                self.expire_token(kind, appid)
             elif control == "lifetime":
-                self.set_lifetime(float(query["seconds"]), kind)
+                self.set_lifetime(float(query["seconds"]), kind, appid)
             elif control == "fail-get-token":
-                self.fail_get_token(query["mode"], int(query.get("times", "1")), kind)
+                self.fail_get_token(query["mode"], int(query.get("times", "1")), kind, appid)
+            elif control == "app-key":
+                # The key in the body, not the query: query strings end up in access logs.
+                app_key = (await request.text()).strip()
+                if not app_key:
+                    raise ValueError("the new key is the body, and it is empty")
+                self.set_app_key(app_key, appid, kind)
             elif control == "script":
                 self.script(
                     orjson.loads(await request.read()),
@@ -819,6 +890,26 @@ class FakeSobot:
         except (KeyError, ValueError) as exc:
             raise web.HTTPBadRequest(text=f"bad control request: {exc}") from None
         return web.json_response({"ok": True})
+
+
+def read_companies(path: str) -> dict[str, str]:
+    """The companies of a companies file: one `appid app_key` a line, blank lines and lines
+    starting with `#` skipped. A ValueError names a wrong line by its number, never its words."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ValueError(f"cannot read {path}: {exc.__class__.__name__}") from None
+    companies: dict[str, str] = {}
+    for number, line in enumerate(text.splitlines(), start=1):
+        words = line.split()
+        if not words or words[0].startswith("#"):
+            continue
+        if len(words) != 2:
+            raise ValueError(f"{path} line {number}: expected `appid app_key`")
+        if words[0] in companies:
+            raise ValueError(f"{path} line {number}: that appid is on an earlier line")
+        companies[words[0]] = words[1]
+    return companies
 
 
 def servlet_path(raw_target: str) -> str:
