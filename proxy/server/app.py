@@ -104,12 +104,9 @@ def make_app(
     Its listening site takes the client connections' limits from `app[CONNECTIONS]`."""
     secrets = secrets if secrets is not None else Secrets()
     store_password = urlsplit(settings.token_store).password or settings.token_store_password
-    for key in (
-        *(config.secret for tenant in settings.all_tenants for config in tenant.credential_sets),
-        *settings.client_keys,
-        store_password or "",
-    ):
-        secrets.add(key, lasting=True)
+    tenant_secrets = (c.secret for tenant in settings.all_tenants for c in tenant.credential_sets)
+    # All at once: the scrubber is built once, however many tenants and keys.
+    secrets.add_lasting((*tenant_secrets, *settings.client_keys, store_password or ""))
     app = web.Application(middlewares=[_json_http_errors])
     log = get_logger()
     access = AccessPolicy(settings)
