@@ -9,6 +9,7 @@ import dataclasses
 from collections.abc import AsyncIterator
 from typing import Any
 
+import orjson
 import pytest
 from aiohttp.test_utils import TestClient
 from prometheus_client.parser import text_string_to_metric_families
@@ -137,6 +138,31 @@ async def test_an_unknown_tenant_is_404_naming_the_header_and_never_forwarded(
         body = await response.json()
         assert body["ret_code"] == "980404"
         assert HEADER in body["ret_msg"]
+    assert not fake.received
+
+
+async def test_a_repeated_tenant_header_is_400_naming_it_and_never_forwarded(
+    make_proxy, tenant_settings: Settings, fake: FakeSobot, acme_host: FakeSobot
+):
+    """Sent twice (in any case, even naming one tenant twice), X-Sobot-Tenant names no tenant
+    for sure: refused, with client keys or without, before anything is forwarded."""
+    keyed = await keyed_proxy(make_proxy, tenant_settings)
+    open_proxy = await make_proxy(tenants=tenant_settings.tenants, routes=tenant_settings.routes)
+    for proxy, key in ((open_proxy, b""), (keyed, b"Authorization: Bearer " + KEY_ACME.encode())):
+        for second in (b"x-sobot-tenant: beta", b"X-Sobot-Tenant: acme"):
+            answer = await send_raw(
+                proxy,
+                b"GET /api/echo HTTP/1.1\r\nHost: x\r\nX-Sobot-Tenant: acme\r\n"
+                + second
+                + b"\r\n"
+                + (key + b"\r\n" if key else b"")
+                + b"Connection: close\r\n\r\n",
+            )
+            assert answer.startswith(b"HTTP/1.1 400"), answer
+            body = orjson.loads(answer.split(b"\r\n\r\n", 1)[1])
+            assert body["ret_code"] == "980400"
+            assert HEADER in body["ret_msg"]
+    assert not acme_host.received
     assert not fake.received
 
 

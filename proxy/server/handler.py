@@ -2,7 +2,8 @@
 and the drain at shutdown.
 
     admission   client key (401), the tenant (server/tenants.py: 403 for another tenant than
-                the key's, 404 for an unknown one), request target (400), allow-lists (403)
+                the key's, 404 for an unknown one, 400 for X-Sobot-Tenant sent twice), request
+                target (400), allow-lists (403)
     dispatch    a token request of a kind served (v5 get_token, V6 /tokens/company), in any
                 spelling -> answered locally; a path a route serves -> forwarded along the
                 tenant's route (403 when the tenant lacks the route's credential set);
@@ -21,9 +22,17 @@ from typing import Final
 
 import structlog
 from aiohttp import HttpVersion11, hdrs, web
+from multidict import CIMultiDictProxy
 
 from proxy.coalesce import CoalescedTransport
-from proxy.errors import ExpectationFailed, Forbidden, InternalError, NotProxied, ProxyError
+from proxy.errors import (
+    BadRequest,
+    ExpectationFailed,
+    Forbidden,
+    InternalError,
+    NotProxied,
+    ProxyError,
+)
 from proxy.server.access import AccessPolicy
 from proxy.server.body import NOTHING_RESERVED, Reservation
 from proxy.server.exact_head import PiecewiseResponse
@@ -105,7 +114,7 @@ class ApiHandler:
         at all (the allow-lists are the caller's to apply)."""
         # Authentication comes first, so a caller without a key learns nothing else.
         key_tenant = self._access.authenticate(request.headers)
-        tenant = self._tenants.for_request(key_tenant, request.headers.get(TENANT_HEADER))
+        tenant = self._tenants.for_request(key_tenant, _named_tenant(request.headers))
         record.tenant = tenant.name
         path, query = split_target(request.raw_path)
         record.path = path
@@ -268,6 +277,14 @@ class ApiHandler:
             for task in running:
                 task.cancel()
             await asyncio.gather(*running, return_exceptions=True)
+
+
+def _named_tenant(headers: CIMultiDictProxy[str]) -> str | None:
+    """The tenant X-Sobot-Tenant names, if it is sent; sent twice, it names none for sure."""
+    named = headers.getall(TENANT_HEADER, ())
+    if len(named) > 1:
+        raise BadRequest(f"{TENANT_HEADER} is sent more than once: send it once")
+    return named[0] if named else None
 
 
 def _shape(kind: Credential | None, route: Route | None) -> Credential | None:
