@@ -19,7 +19,7 @@ from proxy.config.settings import Settings
 from proxy.config.tenants import TenantSettings
 from proxy.server.app import TENANTS
 from proxy.testing.fake_sobot import FakeSobot
-from proxy.tokens.manager import TokenManager
+from proxy.tokens.manager import Backoff, TokenManager
 from tests.conftest import APP_KEY, CapturedLogs, ProxyFactory, eventually, send_raw
 from tests.test_local_token import signed_query
 from tests.test_routes import token_request
@@ -269,6 +269,38 @@ async def test_an_idle_tenant_is_not_renewed_and_fetches_again_when_next_used(
     assert (await tenant_proxy.get("/api/echo", headers={HEADER: "beta"})).status == 200
     assert beta_host.stats.get_token_calls == calls + 1
     assert tokens.renewing
+
+
+async def test_a_tenant_refused_by_sobot_stays_not_ready_once_idle(
+    make_proxy, tenant_settings: Settings, beta_host: FakeSobot, logs: CapturedLogs
+):
+    """beta's app_key is wrong: its retries stop once it is idle, and /readyz?tenant=beta and
+    the summary still say why, rather than reading "idle" as fine."""
+    wrong = dataclasses.replace(tenant_settings.tenants[1], app_key="wrong-key-0123456789abcdef")
+    proxy = await make_proxy(
+        tenants=(tenant_settings.tenants[0], wrong),
+        routes=tenant_settings.routes,
+        backoff=Backoff(first=0.05, cap=0.2),
+    )
+    assert (await proxy.get("/api/echo", headers={HEADER: "beta"})).status == 502
+
+    async def paused() -> bool:
+        return any(line.get("tenant") == "beta" for line in logs.events("token_renewal_paused"))
+
+    await eventually(paused, within=10)
+    assert not tenant_tokens(proxy, "beta").renewing
+    beta = await proxy.get("/readyz", params={"tenant": "beta"})
+    assert beta.status == 503
+    report = await beta.json()
+    assert report["status"] == "not ready"
+    assert report["configuration_error"] is True
+    entry = report["credentials"]["default"]
+    assert entry["configuration_error"] is True
+    assert entry["idle"] is True
+    assert "tenants.beta" in entry["problem"]
+    summary = await proxy.get("/readyz")
+    assert summary.status == 200  # `default` decides
+    assert set((await summary.json())["tenants"]["problems"]) == {"beta"}
 
 
 async def test_the_default_tenant_keeps_renewing_however_idle(make_proxy, settings: Settings):

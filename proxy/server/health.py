@@ -81,11 +81,15 @@ def _report(
             entry["token_expires_in"] = status.expires_in
             if status.problem:  # a token is held, but its renewal is failing
                 entry["warning"] = status.problem
-        elif not managed.tokens.renewing:
+        elif status.ret_code is None and not managed.tokens.renewing:
             entry["idle"] = True  # a named tenant's, unused: renewed again when next used
         else:
+            # Its last token call failed (idle or not: a refused tenant that paused is still
+            # refused), or the first is under way.
             entry["problem"] = status.problem
             entry["configuration_error"] = status.configuration_error
+            if not managed.tokens.renewing:
+                entry["idle"] = True
             if failing is None:
                 failing = managed.name, status
         report[managed.name] = entry
