@@ -303,6 +303,55 @@ async def test_a_tenant_refused_by_sobot_stays_not_ready_once_idle(
     assert set((await summary.json())["tenants"]["problems"]) == {"beta"}
 
 
+async def test_with_client_keys_only_an_operator_key_learns_which_tenants_there_are(
+    make_proxy, tenant_settings: Settings, acme_host: FakeSobot
+):
+    """Plain /readyz stays open and counts; the names (?tenant=, the summary's problems, the
+    metrics) are for a key bound to `default`. A tenant's key may ask about its own tenant, and
+    gets one answer for every other name, configured or not."""
+    key_beta = "client-key-beta-0123456789abcd"
+    wrong = dataclasses.replace(tenant_settings.tenants[1], app_key="wrong-key-0123456789abcdef")
+    proxy = await make_proxy(
+        tenants=(tenant_settings.tenants[0], wrong),
+        routes=tenant_settings.routes,
+        client_keys=(KEY_DEFAULT, KEY_ACME, key_beta),
+        client_key_tenants=("default", "acme", "beta"),
+    )
+    assert (await proxy.get("/api/echo", headers=bearer(key_beta))).status == 502
+    assert (await proxy.get("/api/echo", headers=bearer(KEY_ACME))).status == 200
+
+    for headers in ({}, bearer("not-a-key-0123456789"), bearer(KEY_ACME)):
+        summary = await proxy.get("/readyz", headers=headers)
+        assert summary.status == 200
+        body = await summary.json()
+        assert body["tenants"] == {"configured": 3, "started": 3, "failing": 1}
+        assert b"beta" not in await summary.read()
+    operator = await (await proxy.get("/readyz", headers=bearer(KEY_DEFAULT))).json()
+    assert set(operator["tenants"]["problems"]) == {"beta"}
+
+    async def about(name: str, headers: dict[str, str]) -> tuple[int, bytes]:
+        answer = await proxy.get("/readyz", params={"tenant": name}, headers=headers)
+        return answer.status, await answer.read()
+
+    # Without a key, or with another tenant's: the same answer for every name.
+    for headers, status in (({}, 401), (bearer(KEY_ACME), 403)):
+        answers = {await about(name, headers) for name in ("beta", "nobody", "default")}
+        assert len(answers) == 1
+        [(got, body)] = answers
+        assert got == status
+        assert orjson.loads(body)["ret_code"] == f"980{status}"
+    assert (await about("acme", bearer(KEY_ACME)))[0] == 200
+    assert (await about("beta", bearer(key_beta)))[0] == 503
+    assert (await about("beta", bearer(KEY_DEFAULT)))[0] == 503
+    assert (await about("nobody", bearer(KEY_DEFAULT)))[0] == 404
+
+    assert (await proxy.get("/metrics")).status == 401
+    refused = await proxy.get("/metrics", headers=bearer(KEY_ACME))
+    assert refused.status == 403
+    assert (await refused.json())["ret_code"] == "980403"
+    assert (await proxy.get("/metrics", headers=bearer(KEY_DEFAULT))).status == 200
+
+
 async def test_the_default_tenant_keeps_renewing_however_idle(make_proxy, settings: Settings):
     """Only named tenants pause: `default` is renewed whether used or not."""
     proxy = await make_proxy()

@@ -9,9 +9,10 @@ Tenants: readiness is `default`'s, whose tokens are fetched at start-up. A named
 on its first request and may sit idle (its tokens left to expire), so it cannot decide whether
 the proxy takes traffic, and one company's refused key must not take every other company's
 proxy out of its load balancer. The body stays short with a thousand tenants: `default`'s sets
-in full, then `tenants`: how many are configured and started, and the problem of each started
-tenant whose tokens fail. `/readyz?tenant=NAME` reports that tenant's sets in full, and is 503
-while one it uses lacks a token.
+in full, then `tenants`: how many are configured, started and failing, and the problem of each
+started tenant whose tokens fail. `/readyz?tenant=NAME` reports that tenant's sets in full, and
+is 503 while one it uses lacks a token. Who may see the tenants' names is the caller's to decide
+(app.py): with client keys, only an operator's key.
 """
 
 from __future__ import annotations
@@ -31,11 +32,15 @@ async def healthz(_request: web.Request) -> web.Response:
     return web.Response(body=_ALIVE, content_type="application/json")
 
 
-def readyz(tenants: Tenants, tenant: str | None = None) -> web.Response:
+def readyz(
+    tenants: Tenants, tenant: str | None = None, *, names_tenants: bool = True
+) -> web.Response:
     """200 while every set `default` uses (or the tenant `tenant`, if named) holds a valid
-    token; 503 with the reason (in Sobot's shape, from the first set without one) otherwise."""
+    token; 503 with the reason (in Sobot's shape, from the first set without one) otherwise.
+    `names_tenants`: the summary may name the failing tenants (else it only counts them)."""
     if tenant is None:
-        return _ready(tenants.default.sets, {"tenants": _tenants_summary(tenants)})
+        summary = _tenants_summary(tenants, names_tenants)
+        return _ready(tenants.default.sets, {"tenants": summary})
     started = next((each for each in tenants.started() if each.name == tenant), None)
     if started is None:
         if tenants.is_configured(tenant):
@@ -45,8 +50,9 @@ def readyz(tenants: Tenants, tenant: str | None = None) -> web.Response:
     return _ready(started.sets, {"tenant": tenant})
 
 
-def _tenants_summary(tenants: Tenants) -> dict[str, object]:
-    """How many tenants are configured and started, and what fails for the started ones."""
+def _tenants_summary(tenants: Tenants, names_tenants: bool) -> dict[str, object]:
+    """How many tenants are configured, started and failing, and what fails for which (if
+    `names_tenants`)."""
     started = list(tenants.started())
     problems = {}
     for tenant in started[1:]:  # `default` is reported in full
@@ -60,7 +66,9 @@ def _tenants_summary(tenants: Tenants) -> dict[str, object]:
                 problems[tenant.name] = warnings
     summary: dict[str, object] = {"configured": tenants.configured, "started": len(started)}
     if problems:
-        summary["problems"] = problems
+        summary["failing"] = len(problems)
+        if names_tenants:
+            summary["problems"] = problems
     return summary
 
 
