@@ -439,6 +439,25 @@ MISTAKES = [
         id="credentials-not-a-table",
     ),
     pytest.param(
+        f'[credentials.cc]\nkind = "v6"\nappid = "main-cc"\napp_key = "{ACME_V6}"\n'
+        + WITH_KEY
+        + V6_SET.replace('kind = "v6"', 'kind = "v5"'),
+        "tenants.acme.credentials.cc.kind: 'v5', but credentials.cc is 'v6': a credential set's "
+        "name has one kind in every tenant",
+        id="one-set-name-two-kinds",
+    ),
+    pytest.param(
+        WITH_KEY
+        + V6_SET
+        + WITH_KEY.replace("acme", "beta")
+        + V6_SET.replace("tenants.acme", "tenants.beta")
+        .replace('"acme-cc"', '"beta-cc"')
+        .replace('kind = "v6"', 'kind = "v5"'),
+        "tenants.beta.credentials.cc.kind: 'v5', but tenants.acme.credentials.cc is 'v6': a "
+        "credential set's name has one kind in every tenant",
+        id="one-set-name-two-kinds-in-two-tenants",
+    ),
+    pytest.param(
         WITH_KEY + V6_SET + '[[routes]]\nprefix = "/x/"\ncredentials = "callcenter"\n',
         "routes[1].credentials: 'callcenter' is not a credential set (known: default, none, cc)",
         id="route-naming-a-set-no-tenant-has",
