@@ -20,7 +20,14 @@ from proxy.config.tenants import TenantSettings
 from proxy.server.app import TENANTS
 from proxy.testing.fake_sobot import FakeSobot
 from proxy.tokens.manager import Backoff, TokenManager
-from tests.conftest import APP_KEY, CapturedLogs, ProxyFactory, eventually, send_raw
+from tests.conftest import (
+    APP_KEY,
+    CapturedLogs,
+    ProxyFactory,
+    eventually,
+    exact_url,
+    send_raw,
+)
 from tests.test_local_token import signed_query
 from tests.test_routes import token_request
 
@@ -125,8 +132,37 @@ async def test_a_route_naming_a_set_the_tenant_lacks_is_403_and_not_forwarded(
         assert not host.received
     lines = [line for line in logs.events("request") if line["path"] == "/callservice/v6/call"]
     assert [line["tenant"] for line in lines] == ["default", "beta"]
-    # beta was started by its request: its token comes (stopping mid-fetch is another test's).
-    await beta_host.wait_for_get_token_calls(1)
+    # Refused: beta was not started by it.
+    assert [each.name for each in tenant_proxy.app[TENANTS].started()] == ["default"]
+    assert beta_host.stats.get_token_calls == 0
+
+
+async def test_a_refused_request_starts_no_tenant(
+    make_proxy, tenant_settings: Settings, acme_host: FakeSobot, beta_host: FakeSobot
+):
+    """Whatever refuses a request (its target, a path no route serves, the allow-lists, a set
+    the tenant lacks, a token request's sign, an Expect) refuses it before its tenant is built:
+    no token fetched, no store opened. Its first request that is forwarded starts it."""
+    proxy = await make_proxy(
+        tenants=tenant_settings.tenants, routes=tenant_settings.routes, allow_methods=("GET",)
+    )
+    acme, beta = {HEADER: "acme"}, {HEADER: "beta"}
+    refusals = [
+        (await proxy.session.get(exact_url(proxy, "/api/a/%2e%2e/b"), headers=acme)).status,
+        (await proxy.get("/nothing/here", headers=acme)).status,
+        (await proxy.post("/api/echo", headers=acme)).status,
+        (await proxy.get("/callservice/v6/call", headers=beta)).status,
+        (await proxy.get("/api/echo", headers={**acme, "Expect": "bogus"})).status,
+    ]
+    assert refusals == [400, 404, 403, 403, 417]
+    wrong_sign = await proxy.get("/api/get_token", params=signed_query(BETA_APPID, "wrong"))
+    assert (await wrong_sign.json())["ret_code"] == "900003"
+    assert [each.name for each in proxy.app[TENANTS].started()] == ["default"]
+    assert (acme_host.stats.get_token_calls, beta_host.stats.get_token_calls) == (0, 0)
+    forwarded = await proxy.get("/callservice/v6/call", headers=acme)
+    assert forwarded.status == 200
+    assert [each.name for each in proxy.app[TENANTS].started()] == ["default", "acme"]
+    assert len(acme_host.received) == 1
 
 
 async def test_an_unknown_tenant_is_404_naming_the_header_and_never_forwarded(

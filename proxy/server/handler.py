@@ -108,32 +108,50 @@ class ApiHandler:
 
     def _admit(
         self, request: web.BaseRequest, record: RequestRecord
-    ) -> tuple[str, str, Credential | None, Route | None, Tenant, str | None]:
+    ) -> tuple[str, str, Credential | None, Route | None, str, Tenant | None, str | None]:
         """(path, query, the kind whose token request it is, or the route it goes along, the
-        tenant, the client key's tenant if client keys are on), once the request may be served
-        at all (the allow-lists are the caller's to apply)."""
+        tenant's name, the tenant if it has started, the client key's tenant if client keys are
+        on), once the request may be served at all (the allow-lists are the caller's to apply).
+        Nothing is built: for a tenant not started yet the route is the shared prefixes' one
+        (`default`'s), for the caller to bind (_bound) once the request is to be forwarded."""
         # Authentication comes first, so a caller without a key learns nothing else.
         key_tenant = self._access.authenticate(request.headers)
-        tenant = self._tenants.for_request(key_tenant, _named_tenant(request.headers))
-        record.tenant = tenant.name
+        name = self._tenants.name_for_request(key_tenant, _named_tenant(request.headers))
+        record.tenant = name
         path, query = split_target(request.raw_path)
         record.path = path
         kind = self._local_token.kind_of(path)
         served = as_served(path)
-        route = tenant.routes.match(served)
+        tenant = self._tenants.built(name)
+        route = (tenant or self._tenants.default).routes.match(served)
         if kind is not None:
             # Answered locally; counted under the route it would have gone along, if any.
             record.route = kind.token_path if route is None else route.prefix
-            return path, query, kind, None, tenant, key_tenant
+            return path, query, kind, None, name, tenant, key_tenant
         if route is None:
             raise NotProxied(self._not_routed)
         record.route, record.credentials = route.prefix, route.credentials_name
-        if route.lacking is not None:
+        lacking = route.lacking if tenant is not None else self._lacking(name, route)
+        if lacking is not None:
             raise Forbidden(
-                f"the tenant {tenant.name} has no credential set {route.lacking!r}, which the "
+                f"the tenant {name} has no credential set {lacking!r}, which the "
                 f"route {route.prefix} injects"
             )
-        return path, query, kind, route, tenant, key_tenant
+        return path, query, kind, route, name, tenant, key_tenant
+
+    def _lacking(self, name: str, shared: Route) -> str | None:
+        """The set the shared route `shared` injects that the tenant `name` has not, if any."""
+        wanted = shared.lacking or (shared.credential_set and shared.credential_set.name)
+        return wanted if wanted and not self._tenants.has_set(name, wanted) else None
+
+    def _bound(self, name: str, path: str) -> Route:
+        """The route of `path` as the tenant `name` takes it, the tenant started now: its first
+        request to be forwarded."""
+        tenant = self._tenants.get(name)
+        assert tenant is not None  # a configured name
+        route = tenant.routes.match(as_served(path))
+        assert route is not None  # the prefixes are shared
+        return route
 
     async def expect(self, request: web.Request) -> web.StreamResponse | None:
         """`Expect: 100-continue`: refuse before the client sends its body, or invite it."""
@@ -142,7 +160,7 @@ class ApiHandler:
         reserved = NOTHING_RESERVED
         shape = None
         try:
-            path, _, kind, route, _, _ = self._admit(request, record)
+            path, _, kind, route, _, _, _ = self._admit(request, record)
             shape = _shape(kind, route)
             self._access.authorize(request.method, path)
             if request.headers.get(hdrs.EXPECT, "").lower() != "100-continue":
@@ -232,7 +250,7 @@ class ApiHandler:
         reserved = request.pop(_RESERVED, None) if hdrs.EXPECT in request.headers else None
         shape = None
         try:
-            path, query, kind, route, _, key_tenant = self._admit(request, record)
+            path, query, kind, route, name, tenant, key_tenant = self._admit(request, record)
             shape = _shape(kind, route)
             self._access.authorize(request.method, path)
             if kind is not None:
@@ -242,6 +260,8 @@ class ApiHandler:
                     record.tenant = answered_for
                 record.status = response.status
                 return response
+            if tenant is None:
+                route = self._bound(name, path)
             assert route is not None
             return await self._forwarder.forward(request, route, path, query, record, reserved)
         except ProxyError as exc:
