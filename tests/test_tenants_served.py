@@ -129,6 +129,9 @@ async def test_a_route_naming_a_set_the_tenant_lacks_is_403_and_not_forwarded(
         body = await response.json()
         assert body["ret_code"] == "980403"
         assert "'callcenter'" in body["ret_msg"]
+        # The route's set is of kind v6 (in the tenants that have it): V6's fields too.
+        assert (body["code"], body["status"]) == (403, "Error")
+        assert body["message"] == body["ret_msg"]
         assert not host.received
     lines = [line for line in logs.events("request") if line["path"] == "/callservice/v6/call"]
     assert [line["tenant"] for line in lines] == ["default", "beta"]

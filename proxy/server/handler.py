@@ -131,18 +131,34 @@ class ApiHandler:
         if route is None:
             raise NotProxied(self._not_routed)
         record.route, record.credentials = route.prefix, route.credentials_name
-        lacking = route.lacking if tenant is not None else self._lacking(name, route)
+        return path, query, kind, route, name, tenant, key_tenant
+
+    def _refuse_lacking(self, route: Route | None, name: str, tenant: Tenant | None) -> None:
+        """Refuse a route whose credential set the tenant `name` has not (its `tenant`, if it
+        has started: its routes know; else its configuration)."""
+        if route is None:
+            return
+        if tenant is not None:
+            lacking = route.lacking
+        else:  # the shared route: is its set one the tenant has?
+            wanted = route.lacking or (route.credential_set and route.credential_set.name)
+            lacking = wanted if wanted and not self._tenants.has_set(name, wanted) else None
         if lacking is not None:
             raise Forbidden(
                 f"the tenant {name} has no credential set {lacking!r}, which the "
                 f"route {route.prefix} injects"
             )
-        return path, query, kind, route, name, tenant, key_tenant
 
-    def _lacking(self, name: str, shared: Route) -> str | None:
-        """The set the shared route `shared` injects that the tenant `name` has not, if any."""
-        wanted = shared.lacking or (shared.credential_set and shared.credential_set.name)
-        return wanted if wanted and not self._tenants.has_set(name, wanted) else None
+    def _shape(self, kind: Credential | None, route: Route | None) -> Credential | None:
+        """The kind whose error shape a request's errors take: its token request's, or that of
+        the credential set its route injects (the tenant's own, or another's of that name)."""
+        if kind is not None:
+            return kind
+        if route is None:
+            return None
+        if route.credential_set is not None:
+            return route.credential_set.credential
+        return None if route.lacking is None else self._tenants.kind_of_set(route.lacking)
 
     def _bound(self, name: str, path: str) -> Route:
         """The route of `path` as the tenant `name` takes it, the tenant started now: its first
@@ -160,8 +176,9 @@ class ApiHandler:
         reserved = NOTHING_RESERVED
         shape = None
         try:
-            path, _, kind, route, _, _, _ = self._admit(request, record)
-            shape = _shape(kind, route)
+            path, _, kind, route, name, tenant, _ = self._admit(request, record)
+            shape = self._shape(kind, route)
+            self._refuse_lacking(route, name, tenant)
             self._access.authorize(request.method, path)
             if request.headers.get(hdrs.EXPECT, "").lower() != "100-continue":
                 raise ExpectationFailed("only `Expect: 100-continue` is understood")
@@ -251,7 +268,8 @@ class ApiHandler:
         shape = None
         try:
             path, query, kind, route, name, tenant, key_tenant = self._admit(request, record)
-            shape = _shape(kind, route)
+            shape = self._shape(kind, route)
+            self._refuse_lacking(route, name, tenant)
             self._access.authorize(request.method, path)
             if kind is not None:
                 answer = await self._local_token.answer(request, kind, key_tenant=key_tenant)
@@ -305,16 +323,6 @@ def _named_tenant(headers: CIMultiDictProxy[str]) -> str | None:
     if len(named) > 1:
         raise BadRequest(f"{TENANT_HEADER} is sent more than once: send it once")
     return named[0] if named else None
-
-
-def _shape(kind: Credential | None, route: Route | None) -> Credential | None:
-    """The kind whose error shape a request's errors take: its token request's, or that of the
-    credential set its route injects."""
-    if kind is not None:
-        return kind
-    if route is not None and route.credential_set is not None:
-        return route.credential_set.credential
-    return None
 
 
 def _error_response(error: ProxyError, shape: Credential | None) -> web.Response:

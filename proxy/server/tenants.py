@@ -43,7 +43,15 @@ class Tenant:
 
 
 class Tenants:
-    __slots__ = ("_build", "_configs", "_kind_index", "_started", "_token_kinds", "default")
+    __slots__ = (
+        "_build",
+        "_configs",
+        "_kind_index",
+        "_set_kinds",
+        "_started",
+        "_token_kinds",
+        "default",
+    )
 
     def __init__(
         self, configs: Sequence[TenantSettings], build: Callable[[TenantSettings], Tenant]
@@ -56,6 +64,8 @@ class Tenants:
         # kind -> appid -> (tenant, set, credential): validation makes a kind's appids unique over
         # all tenants.
         self._kind_index: dict[str, dict[str, tuple[str, str, Credential]]] = {}
+        # set name -> a credential of its kind: validation gives a name one kind in every tenant.
+        self._set_kinds: dict[str, Credential] = {}
         for config in configs:
             for credentials in config.credential_sets:
                 credential = KINDS[credentials.kind](
@@ -63,6 +73,7 @@ class Tenants:
                 )
                 by_appid = self._kind_index.setdefault(credentials.kind, {})
                 by_appid[credentials.appid] = (config.name, credentials.name, credential)
+                self._set_kinds.setdefault(credentials.name, credential)
         # One credential of each kind answers "is this that kind's token path?" and refuses a
         # request naming an appid no tenant has.
         self._token_kinds = tuple(
@@ -127,6 +138,10 @@ class Tenants:
             set_name == DEFAULT_CREDENTIALS
             or any(credentials.name == set_name for credentials in config.credentials)
         )
+
+    def kind_of_set(self, set_name: str) -> Credential | None:
+        """A credential of the kind the sets called `set_name` are (for an answer's shape)."""
+        return self._set_kinds.get(set_name)
 
     def token_kind(self, path: str) -> Credential | None:
         """The kind whose token endpoint `path` is (in any spelling), among the kinds served."""
