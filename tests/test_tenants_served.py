@@ -235,15 +235,32 @@ async def test_a_client_key_decides_the_tenant_and_cannot_reach_another(
     assert not fake.received
 
 
-async def test_a_client_key_cannot_take_another_tenants_token(
+async def test_a_client_key_cannot_take_another_tenants_token_nor_learn_its_appid(
     make_proxy, tenant_settings: Settings, acme_host: FakeSobot
 ):
+    """Another tenant's appid, signed right or wrong, is answered as an appid no tenant has
+    (v5 900004, V6 its unknown appId), and starts nothing."""
     proxy = await keyed_proxy(make_proxy, tenant_settings)
-    query = signed_query(ACME_APPID, ACME_KEY)
-    refused = await proxy.get("/api/get_token", params=query, headers=bearer(KEY_DEFAULT))
-    assert refused.status == 403
-    granted = await proxy.get("/api/get_token", params=query, headers=bearer(KEY_ACME))
-    assert (await granted.json())["item"]["token"] == acme_host.current_token
+
+    async def v5(appid: str, key: str, client_key: str) -> tuple[int, bytes]:
+        query = signed_query(appid, key)
+        answer = await proxy.get("/api/get_token", params=query, headers=bearer(client_key))
+        return answer.status, await answer.read()
+
+    async def v6(appid: str, secret: str, client_key: str) -> tuple[int, bytes]:
+        body = token_request(appid, secret)
+        answer = await proxy.post("/tokens/company", json=body, headers=bearer(client_key))
+        return answer.status, await answer.read()
+
+    for ask, appid, key in ((v5, ACME_APPID, ACME_KEY), (v6, ACME_V6_APPID, ACME_V6_SECRET)):
+        unknown = await ask("nobody-appid", key, KEY_DEFAULT)
+        assert await ask(appid, key, KEY_DEFAULT) == unknown
+        assert await ask(appid, "wrong-key-0123456789", KEY_DEFAULT) == unknown
+    assert orjson.loads((await v5(ACME_APPID, ACME_KEY, KEY_DEFAULT))[1])["ret_code"] == "900004"
+    assert (await v6(ACME_V6_APPID, ACME_V6_SECRET, KEY_DEFAULT))[0] == 401
+    assert [each.name for each in proxy.app[TENANTS].started()] == ["default"]
+    _, granted = await v5(ACME_APPID, ACME_KEY, KEY_ACME)
+    assert orjson.loads(granted)["item"]["token"] == acme_host.current_token
 
 
 async def test_a_client_get_token_gets_the_token_of_the_tenant_its_appid_names(
