@@ -9,6 +9,7 @@ import dataclasses
 from collections.abc import AsyncIterator
 from typing import Any
 
+import aiohttp
 import orjson
 import pytest
 from aiohttp.test_utils import TestClient
@@ -18,7 +19,7 @@ from proxy.config.routes import CredentialSettings, RouteSettings
 from proxy.config.settings import Settings
 from proxy.config.tenants import TenantSettings
 from proxy.server.app import TENANTS
-from proxy.testing.fake_sobot import FakeSobot
+from proxy.testing.fake_sobot import FAULT_HEADER, FakeSobot
 from proxy.tokens.manager import Backoff, TokenManager
 from tests.conftest import (
     APP_KEY,
@@ -406,6 +407,24 @@ async def test_with_client_keys_only_an_operator_key_learns_which_tenants_there_
     assert refused.status == 403
     assert (await refused.json())["ret_code"] == "980403"
     assert (await proxy.get("/metrics", headers=bearer(KEY_DEFAULT))).status == 200
+
+
+async def test_every_line_logged_within_a_request_names_its_tenant(
+    tenant_proxy, acme_host: FakeSobot, logs: CapturedLogs
+):
+    """A line logged mid-request (here `upstream_aborted`: acme's answer broken off) carries the
+    tenant as the request line does; the next request on the connection does not inherit it."""
+    response = await tenant_proxy.get(
+        "/api/file", headers={HEADER: "acme", FAULT_HEADER: "truncate"}
+    )
+    with pytest.raises(aiohttp.ClientPayloadError):  # the body never completes
+        await response.read()
+    [aborted] = logs.events("upstream_aborted")
+    assert aborted["tenant"] == "acme"
+    for _ in range(2):  # kept alive: handled in the same task as the one before
+        assert (await tenant_proxy.get("/api/echo", headers={HEADER: "acme"})).status == 200
+    assert (await tenant_proxy.get("/api/echo", headers={HEADER: "nobody"})).status == 404
+    assert "tenant" not in logs.events("request")[-1]
 
 
 async def test_the_default_tenant_keeps_renewing_however_idle(make_proxy, settings: Settings):

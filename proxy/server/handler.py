@@ -223,6 +223,7 @@ class ApiHandler:
             return response
         finally:
             structlog.contextvars.reset_contextvars(**context)
+            structlog.contextvars.unbind_contextvars("tenant")  # bound once known (_respond)
 
     async def _tracked(
         self, request: web.Request, record: RequestRecord, started: float
@@ -268,6 +269,8 @@ class ApiHandler:
         shape = None
         try:
             path, query, kind, route, name, tenant, key_tenant = self._admit(request, record)
+            # Every line logged from now on while this request is handled names its tenant.
+            structlog.contextvars.bind_contextvars(tenant=name)
             shape = self._shape(kind, route)
             self._refuse_lacking(route, name, tenant)
             self._access.authorize(request.method, path)
