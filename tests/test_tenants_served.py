@@ -427,6 +427,25 @@ async def test_every_line_logged_within_a_request_names_its_tenant(
     assert "tenant" not in logs.events("request")[-1]
 
 
+async def test_readyz_names_twenty_failing_tenants_at_most_and_counts_them_all(
+    make_proxy, fake: FakeSobot
+):
+    """25 tenants refused by Sobot (their appids are not the fake's): the summary stays short."""
+    tenants = tuple(
+        TenantSettings(f"t{i}", f"appid-{i}", f"app-key-{i:02d}-0123456789abcdef", fake.url)
+        for i in range(25)
+    )
+    proxy = await make_proxy(tenants=tenants, backoff=Backoff(first=60, cap=60))
+    for tenant in tenants:
+        assert (await proxy.get("/api/echo", headers={HEADER: tenant.name})).status == 502
+    summary = (await (await proxy.get("/readyz")).json())["tenants"]
+    assert (summary["configured"], summary["started"], summary["failing"]) == (26, 26, 25)
+    assert len(summary["problems"]) == 20
+    assert set(summary["problems"]) <= {tenant.name for tenant in tenants}
+    one = await proxy.get("/readyz", params={"tenant": "t24"})
+    assert one.status == 503
+
+
 async def test_the_default_tenant_keeps_renewing_however_idle(make_proxy, settings: Settings):
     """Only named tenants pause: `default` is renewed whether used or not."""
     proxy = await make_proxy()

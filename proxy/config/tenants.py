@@ -53,6 +53,8 @@ DEFAULT_TENANT: Final = "default"
 ALL_TABLES: Final = TABLES | {"tenants"}
 TENANT_KEYS: Final = ("appid", "app_key", "app_key_file", "region", "base_url", "credentials")
 COMMENT: Final = "#"
+# A problem lists the tenants there are if there are no more than this (a line, not a page).
+NAMES_LISTED: Final = 10
 
 
 @dataclass(frozen=True, slots=True)
@@ -230,9 +232,14 @@ def bind_client_keys(
             continue
         key, tenant = words[0], words[1] if len(words) == 2 else DEFAULT_TENANT
         if tenant not in tenant_names:
+            known = (
+                f"tenants: {', '.join(tenant_names)}"
+                if len(tenant_names) <= NAMES_LISTED
+                else f"{len(tenant_names)} tenants are configured"
+            )
             problems.append(
-                f"{where}: names a tenant that is not configured (tenants: "
-                f"{', '.join(tenant_names)}; names are case-sensitive)"
+                f"{where}: names a tenant that is not configured ({known}; names are "
+                "case-sensitive)"
             )
             continue
         earlier = first_line.setdefault(key, (number, tenant))

@@ -179,6 +179,7 @@ def make_app(
                 ),
             ),
             tenants=tenants,
+            prefixes=[route.prefix for route in tenants.default.routes],
             local_token=LocalTokenEndpoint(tenants, read_timeout=settings.upstream_timeout),
             metrics=metrics,
             log=log,

@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import time
 import weakref
+from collections.abc import Iterable
 from typing import Final
 
 import structlog
@@ -75,16 +76,18 @@ class ApiHandler:
         access: AccessPolicy,
         forwarder: Forwarder,
         tenants: Tenants,
+        prefixes: Iterable[str],
         local_token: LocalTokenEndpoint,
         metrics: Metrics,
         log: structlog.typing.FilteringBoundLogger,
     ) -> None:
+        """`prefixes`: the routes' (shared by every tenant), for the 404's message."""
         self._access = access
         self._forwarder = forwarder
         self._tenants = tenants
         self._not_routed = NotProxied(
             "no route serves this path: only paths under "
-            + ", ".join(route.prefix for route in tenants.default.routes)
+            + ", ".join(prefixes)
             + " are forwarded to Sobot"
         ).message
         self._local_token = local_token

@@ -9,13 +9,16 @@ Tenants: readiness is `default`'s, whose tokens are fetched at start-up. A named
 on its first request and may sit idle (its tokens left to expire), so it cannot decide whether
 the proxy takes traffic, and one company's refused key must not take every other company's
 proxy out of its load balancer. The body stays short with a thousand tenants: `default`'s sets
-in full, then `tenants`: how many are configured, started and failing, and the problem of each
-started tenant whose tokens fail. `/readyz?tenant=NAME` reports that tenant's sets in full, and
-is 503 while one it uses lacks a token. Who may see the tenants' names is the caller's to decide
-(app.py): with client keys, only an operator's key.
+in full, then `tenants`: how many are configured, started and failing, and the problem of the
+first PROBLEMS_SHOWN started tenants whose tokens fail. `/readyz?tenant=NAME` reports that
+tenant's sets in full, and is 503 while one it uses lacks a token. Who may see the tenants'
+names is the caller's to decide (app.py): with client keys, only an operator's key.
 """
 
 from __future__ import annotations
+
+import itertools
+from typing import Final
 
 import orjson
 from aiohttp import web
@@ -26,6 +29,8 @@ from proxy.server.tenants import Tenants
 from proxy.tokens.manager import TokenStatus
 
 _ALIVE = orjson.dumps({"status": "alive"})
+# The failing tenants named in /readyz's summary at most (`failing` counts them all).
+PROBLEMS_SHOWN: Final = 20
 
 
 async def healthz(_request: web.Request) -> web.Response:
@@ -41,7 +46,7 @@ def readyz(
     if tenant is None:
         summary = _tenants_summary(tenants, names_tenants)
         return _ready(tenants.default.sets, {"tenants": summary})
-    started = next((each for each in tenants.started() if each.name == tenant), None)
+    started = tenants.built(tenant)
     if started is None:
         if tenants.is_configured(tenant):
             body = {"status": "not started", "tenant": tenant}
@@ -67,8 +72,8 @@ def _tenants_summary(tenants: Tenants, names_tenants: bool) -> dict[str, object]
     summary: dict[str, object] = {"configured": tenants.configured, "started": len(started)}
     if problems:
         summary["failing"] = len(problems)
-        if names_tenants:
-            summary["problems"] = problems
+        if names_tenants:  # the first few: a probe's answer stays short when many fail
+            summary["problems"] = dict(itertools.islice(problems.items(), PROBLEMS_SHOWN))
     return summary
 
 
