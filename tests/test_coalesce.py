@@ -11,7 +11,6 @@ import asyncio
 import select
 import socket
 from collections.abc import AsyncIterator, Callable
-from types import SimpleNamespace
 
 import aiohttp
 import pytest
@@ -271,8 +270,8 @@ async def test_a_request_waits_for_others_in_flight_but_not_for_itself() -> None
     handler = ApiHandler(
         access=None,  # type: ignore[arg-type]
         forwarder=None,  # type: ignore[arg-type]
-        # Only the default tenant's routes are read, for the 404 message: none here.
-        tenants=SimpleNamespace(default=SimpleNamespace(routes=())),  # type: ignore[arg-type]
+        tenants=None,  # type: ignore[arg-type]
+        prefixes=(),
         local_token=None,  # type: ignore[arg-type]
         metrics=None,  # type: ignore[arg-type]
         log=None,  # type: ignore[arg-type]

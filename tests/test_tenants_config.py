@@ -260,6 +260,19 @@ def test_a_bad_key_file_line_is_one_problem_naming_the_line_never_the_key(lines,
     assert problems_of(ACME + BETA, env, files={KEYS_FILE: lines}) == [problem]
 
 
+def test_an_unknown_tenant_among_many_is_one_short_line():
+    """With more tenants than a line can list, the problem counts them instead."""
+    many = "".join(
+        f'[tenants.t{i}]\nappid = "appid-{i}"\napp_key = "key-{i}"\n' for i in range(1000)
+    )
+    env = {"SOBOT_PROXY_CLIENT_KEYS_FILE": KEYS_FILE}
+    lines = f"{CLIENT_KEYS[0]} t1000\n"
+    assert problems_of(many, env, files={KEYS_FILE: lines}) == [
+        f"{FILE_ERROR} line 1: names a tenant that is not configured (1001 tenants are "
+        "configured; names are case-sensitive)"
+    ]
+
+
 def test_a_key_bound_to_a_tenant_with_a_mistake_is_not_a_second_problem():
     toml = ACME.replace('app_key_file = "acme.key"\n', "")
     problems = problems_of(
@@ -437,6 +450,25 @@ MISTAKES = [
         "tenants.acme.credentials: must be tables of credential sets "
         "([tenants.acme.credentials.NAME])",
         id="credentials-not-a-table",
+    ),
+    pytest.param(
+        f'[credentials.cc]\nkind = "v6"\nappid = "main-cc"\napp_key = "{ACME_V6}"\n'
+        + WITH_KEY
+        + V6_SET.replace('kind = "v6"', 'kind = "v5"'),
+        "tenants.acme.credentials.cc.kind: 'v5', but credentials.cc is 'v6': a credential set's "
+        "name has one kind in every tenant",
+        id="one-set-name-two-kinds",
+    ),
+    pytest.param(
+        WITH_KEY
+        + V6_SET
+        + WITH_KEY.replace("acme", "beta")
+        + V6_SET.replace("tenants.acme", "tenants.beta")
+        .replace('"acme-cc"', '"beta-cc"')
+        .replace('kind = "v6"', 'kind = "v5"'),
+        "tenants.beta.credentials.cc.kind: 'v5', but tenants.acme.credentials.cc is 'v6': a "
+        "credential set's name has one kind in every tenant",
+        id="one-set-name-two-kinds-in-two-tenants",
     ),
     pytest.param(
         WITH_KEY + V6_SET + '[[routes]]\nprefix = "/x/"\ncredentials = "callcenter"\n',

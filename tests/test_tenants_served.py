@@ -9,6 +9,8 @@ import dataclasses
 from collections.abc import AsyncIterator
 from typing import Any
 
+import aiohttp
+import orjson
 import pytest
 from aiohttp.test_utils import TestClient
 from prometheus_client.parser import text_string_to_metric_families
@@ -17,9 +19,16 @@ from proxy.config.routes import CredentialSettings, RouteSettings
 from proxy.config.settings import Settings
 from proxy.config.tenants import TenantSettings
 from proxy.server.app import TENANTS
-from proxy.testing.fake_sobot import FakeSobot
-from proxy.tokens.manager import TokenManager
-from tests.conftest import APP_KEY, CapturedLogs, ProxyFactory, eventually, send_raw
+from proxy.testing.fake_sobot import FAULT_HEADER, FakeSobot
+from proxy.tokens.manager import Backoff, TokenManager
+from tests.conftest import (
+    APP_KEY,
+    CapturedLogs,
+    ProxyFactory,
+    eventually,
+    exact_url,
+    send_raw,
+)
 from tests.test_local_token import signed_query
 from tests.test_routes import token_request
 
@@ -121,11 +130,43 @@ async def test_a_route_naming_a_set_the_tenant_lacks_is_403_and_not_forwarded(
         body = await response.json()
         assert body["ret_code"] == "980403"
         assert "'callcenter'" in body["ret_msg"]
+        # The route's set is of kind v6 (in the tenants that have it): V6's fields too.
+        assert (body["code"], body["status"]) == (403, "Error")
+        assert body["message"] == body["ret_msg"]
         assert not host.received
     lines = [line for line in logs.events("request") if line["path"] == "/callservice/v6/call"]
     assert [line["tenant"] for line in lines] == ["default", "beta"]
-    # beta was started by its request: its token comes (stopping mid-fetch is another test's).
-    await beta_host.wait_for_get_token_calls(1)
+    # Refused: beta was not started by it.
+    assert [each.name for each in tenant_proxy.app[TENANTS].started()] == ["default"]
+    assert beta_host.stats.get_token_calls == 0
+
+
+async def test_a_refused_request_starts_no_tenant(
+    make_proxy, tenant_settings: Settings, acme_host: FakeSobot, beta_host: FakeSobot
+):
+    """Whatever refuses a request (its target, a path no route serves, the allow-lists, a set
+    the tenant lacks, a token request's sign, an Expect) refuses it before its tenant is built:
+    no token fetched, no store opened. Its first request that is forwarded starts it."""
+    proxy = await make_proxy(
+        tenants=tenant_settings.tenants, routes=tenant_settings.routes, allow_methods=("GET",)
+    )
+    acme, beta = {HEADER: "acme"}, {HEADER: "beta"}
+    refusals = [
+        (await proxy.session.get(exact_url(proxy, "/api/a/%2e%2e/b"), headers=acme)).status,
+        (await proxy.get("/nothing/here", headers=acme)).status,
+        (await proxy.post("/api/echo", headers=acme)).status,
+        (await proxy.get("/callservice/v6/call", headers=beta)).status,
+        (await proxy.get("/api/echo", headers={**acme, "Expect": "bogus"})).status,
+    ]
+    assert refusals == [400, 404, 403, 403, 417]
+    wrong_sign = await proxy.get("/api/get_token", params=signed_query(BETA_APPID, "wrong"))
+    assert (await wrong_sign.json())["ret_code"] == "900003"
+    assert [each.name for each in proxy.app[TENANTS].started()] == ["default"]
+    assert (acme_host.stats.get_token_calls, beta_host.stats.get_token_calls) == (0, 0)
+    forwarded = await proxy.get("/callservice/v6/call", headers=acme)
+    assert forwarded.status == 200
+    assert [each.name for each in proxy.app[TENANTS].started()] == ["default", "acme"]
+    assert len(acme_host.received) == 1
 
 
 async def test_an_unknown_tenant_is_404_naming_the_header_and_never_forwarded(
@@ -137,6 +178,31 @@ async def test_an_unknown_tenant_is_404_naming_the_header_and_never_forwarded(
         body = await response.json()
         assert body["ret_code"] == "980404"
         assert HEADER in body["ret_msg"]
+    assert not fake.received
+
+
+async def test_a_repeated_tenant_header_is_400_naming_it_and_never_forwarded(
+    make_proxy, tenant_settings: Settings, fake: FakeSobot, acme_host: FakeSobot
+):
+    """Sent twice (in any case, even naming one tenant twice), X-Sobot-Tenant names no tenant
+    for sure: refused, with client keys or without, before anything is forwarded."""
+    keyed = await keyed_proxy(make_proxy, tenant_settings)
+    open_proxy = await make_proxy(tenants=tenant_settings.tenants, routes=tenant_settings.routes)
+    for proxy, key in ((open_proxy, b""), (keyed, b"Authorization: Bearer " + KEY_ACME.encode())):
+        for second in (b"x-sobot-tenant: beta", b"X-Sobot-Tenant: acme"):
+            answer = await send_raw(
+                proxy,
+                b"GET /api/echo HTTP/1.1\r\nHost: x\r\nX-Sobot-Tenant: acme\r\n"
+                + second
+                + b"\r\n"
+                + (key + b"\r\n" if key else b"")
+                + b"Connection: close\r\n\r\n",
+            )
+            assert answer.startswith(b"HTTP/1.1 400"), answer
+            body = orjson.loads(answer.split(b"\r\n\r\n", 1)[1])
+            assert body["ret_code"] == "980400"
+            assert HEADER in body["ret_msg"]
+    assert not acme_host.received
     assert not fake.received
 
 
@@ -170,15 +236,32 @@ async def test_a_client_key_decides_the_tenant_and_cannot_reach_another(
     assert not fake.received
 
 
-async def test_a_client_key_cannot_take_another_tenants_token(
+async def test_a_client_key_cannot_take_another_tenants_token_nor_learn_its_appid(
     make_proxy, tenant_settings: Settings, acme_host: FakeSobot
 ):
+    """Another tenant's appid, signed right or wrong, is answered as an appid no tenant has
+    (v5 900004, V6 its unknown appId), and starts nothing."""
     proxy = await keyed_proxy(make_proxy, tenant_settings)
-    query = signed_query(ACME_APPID, ACME_KEY)
-    refused = await proxy.get("/api/get_token", params=query, headers=bearer(KEY_DEFAULT))
-    assert refused.status == 403
-    granted = await proxy.get("/api/get_token", params=query, headers=bearer(KEY_ACME))
-    assert (await granted.json())["item"]["token"] == acme_host.current_token
+
+    async def v5(appid: str, key: str, client_key: str) -> tuple[int, bytes]:
+        query = signed_query(appid, key)
+        answer = await proxy.get("/api/get_token", params=query, headers=bearer(client_key))
+        return answer.status, await answer.read()
+
+    async def v6(appid: str, secret: str, client_key: str) -> tuple[int, bytes]:
+        body = token_request(appid, secret)
+        answer = await proxy.post("/tokens/company", json=body, headers=bearer(client_key))
+        return answer.status, await answer.read()
+
+    for ask, appid, key in ((v5, ACME_APPID, ACME_KEY), (v6, ACME_V6_APPID, ACME_V6_SECRET)):
+        unknown = await ask("nobody-appid", key, KEY_DEFAULT)
+        assert await ask(appid, key, KEY_DEFAULT) == unknown
+        assert await ask(appid, "wrong-key-0123456789", KEY_DEFAULT) == unknown
+    assert orjson.loads((await v5(ACME_APPID, ACME_KEY, KEY_DEFAULT))[1])["ret_code"] == "900004"
+    assert (await v6(ACME_V6_APPID, ACME_V6_SECRET, KEY_DEFAULT))[0] == 401
+    assert [each.name for each in proxy.app[TENANTS].started()] == ["default"]
+    _, granted = await v5(ACME_APPID, ACME_KEY, KEY_ACME)
+    assert orjson.loads(granted)["item"]["token"] == acme_host.current_token
 
 
 async def test_a_client_get_token_gets_the_token_of_the_tenant_its_appid_names(
@@ -243,6 +326,124 @@ async def test_an_idle_tenant_is_not_renewed_and_fetches_again_when_next_used(
     assert (await tenant_proxy.get("/api/echo", headers={HEADER: "beta"})).status == 200
     assert beta_host.stats.get_token_calls == calls + 1
     assert tokens.renewing
+
+
+async def test_a_tenant_refused_by_sobot_stays_not_ready_once_idle(
+    make_proxy, tenant_settings: Settings, beta_host: FakeSobot, logs: CapturedLogs
+):
+    """beta's app_key is wrong: its retries stop once it is idle, and /readyz?tenant=beta and
+    the summary still say why, rather than reading "idle" as fine."""
+    wrong = dataclasses.replace(tenant_settings.tenants[1], app_key="wrong-key-0123456789abcdef")
+    proxy = await make_proxy(
+        tenants=(tenant_settings.tenants[0], wrong),
+        routes=tenant_settings.routes,
+        backoff=Backoff(first=0.05, cap=0.2),
+    )
+    assert (await proxy.get("/api/echo", headers={HEADER: "beta"})).status == 502
+
+    async def paused() -> bool:
+        return any(line.get("tenant") == "beta" for line in logs.events("token_renewal_paused"))
+
+    await eventually(paused, within=10)
+    assert not tenant_tokens(proxy, "beta").renewing
+    beta = await proxy.get("/readyz", params={"tenant": "beta"})
+    assert beta.status == 503
+    report = await beta.json()
+    assert report["status"] == "not ready"
+    assert report["configuration_error"] is True
+    entry = report["credentials"]["default"]
+    assert entry["configuration_error"] is True
+    assert entry["idle"] is True
+    assert "tenants.beta" in entry["problem"]
+    summary = await proxy.get("/readyz")
+    assert summary.status == 200  # `default` decides
+    assert set((await summary.json())["tenants"]["problems"]) == {"beta"}
+
+
+async def test_with_client_keys_only_an_operator_key_learns_which_tenants_there_are(
+    make_proxy, tenant_settings: Settings, acme_host: FakeSobot
+):
+    """Plain /readyz stays open and counts; the names (?tenant=, the summary's problems, the
+    metrics) are for a key bound to `default`. A tenant's key may ask about its own tenant, and
+    gets one answer for every other name, configured or not."""
+    key_beta = "client-key-beta-0123456789abcd"
+    wrong = dataclasses.replace(tenant_settings.tenants[1], app_key="wrong-key-0123456789abcdef")
+    proxy = await make_proxy(
+        tenants=(tenant_settings.tenants[0], wrong),
+        routes=tenant_settings.routes,
+        client_keys=(KEY_DEFAULT, KEY_ACME, key_beta),
+        client_key_tenants=("default", "acme", "beta"),
+    )
+    assert (await proxy.get("/api/echo", headers=bearer(key_beta))).status == 502
+    assert (await proxy.get("/api/echo", headers=bearer(KEY_ACME))).status == 200
+
+    for headers in ({}, bearer("not-a-key-0123456789"), bearer(KEY_ACME)):
+        summary = await proxy.get("/readyz", headers=headers)
+        assert summary.status == 200
+        body = await summary.json()
+        assert body["tenants"] == {"configured": 3, "started": 3, "failing": 1}
+        assert b"beta" not in await summary.read()
+    operator = await (await proxy.get("/readyz", headers=bearer(KEY_DEFAULT))).json()
+    assert set(operator["tenants"]["problems"]) == {"beta"}
+
+    async def about(name: str, headers: dict[str, str]) -> tuple[int, bytes]:
+        answer = await proxy.get("/readyz", params={"tenant": name}, headers=headers)
+        return answer.status, await answer.read()
+
+    # Without a key, or with another tenant's: the same answer for every name.
+    for headers, status in (({}, 401), (bearer(KEY_ACME), 403)):
+        answers = {await about(name, headers) for name in ("beta", "nobody", "default")}
+        assert len(answers) == 1
+        [(got, body)] = answers
+        assert got == status
+        assert orjson.loads(body)["ret_code"] == f"980{status}"
+    assert (await about("acme", bearer(KEY_ACME)))[0] == 200
+    assert (await about("beta", bearer(key_beta)))[0] == 503
+    assert (await about("beta", bearer(KEY_DEFAULT)))[0] == 503
+    assert (await about("nobody", bearer(KEY_DEFAULT)))[0] == 404
+
+    assert (await proxy.get("/metrics")).status == 401
+    refused = await proxy.get("/metrics", headers=bearer(KEY_ACME))
+    assert refused.status == 403
+    assert (await refused.json())["ret_code"] == "980403"
+    assert (await proxy.get("/metrics", headers=bearer(KEY_DEFAULT))).status == 200
+
+
+async def test_every_line_logged_within_a_request_names_its_tenant(
+    tenant_proxy, acme_host: FakeSobot, logs: CapturedLogs
+):
+    """A line logged mid-request (here `upstream_aborted`: acme's answer broken off) carries the
+    tenant as the request line does; the next request on the connection does not inherit it."""
+    response = await tenant_proxy.get(
+        "/api/file", headers={HEADER: "acme", FAULT_HEADER: "truncate"}
+    )
+    with pytest.raises(aiohttp.ClientPayloadError):  # the body never completes
+        await response.read()
+    [aborted] = logs.events("upstream_aborted")
+    assert aborted["tenant"] == "acme"
+    for _ in range(2):  # kept alive: handled in the same task as the one before
+        assert (await tenant_proxy.get("/api/echo", headers={HEADER: "acme"})).status == 200
+    assert (await tenant_proxy.get("/api/echo", headers={HEADER: "nobody"})).status == 404
+    assert "tenant" not in logs.events("request")[-1]
+
+
+async def test_readyz_names_twenty_failing_tenants_at_most_and_counts_them_all(
+    make_proxy, fake: FakeSobot
+):
+    """25 tenants refused by Sobot (their appids are not the fake's): the summary stays short."""
+    tenants = tuple(
+        TenantSettings(f"t{i}", f"appid-{i}", f"app-key-{i:02d}-0123456789abcdef", fake.url)
+        for i in range(25)
+    )
+    proxy = await make_proxy(tenants=tenants, backoff=Backoff(first=60, cap=60))
+    for tenant in tenants:
+        assert (await proxy.get("/api/echo", headers={HEADER: tenant.name})).status == 502
+    summary = (await (await proxy.get("/readyz")).json())["tenants"]
+    assert (summary["configured"], summary["started"], summary["failing"]) == (26, 26, 25)
+    assert len(summary["problems"]) == 20
+    assert set(summary["problems"]) <= {tenant.name for tenant in tenants}
+    one = await proxy.get("/readyz", params={"tenant": "t24"})
+    assert one.status == 503
 
 
 async def test_the_default_tenant_keeps_renewing_however_idle(make_proxy, settings: Settings):

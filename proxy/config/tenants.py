@@ -13,7 +13,8 @@ named tenants:
                                     upstream / region default: the tenant's main upstream
 
 A route's credential set must be one that some tenant has; a tenant without it is refused
-that route when it is asked for (the server's business, not the loader's).
+that route when it is asked for (the server's business, not the loader's). A set's name has one
+kind in every tenant that has it.
 
 Client keys are bound to tenants: a client keys file's line is `<key> <tenant>`, or `<key>`
 alone for `default`; every key given as a value (an environment variable, a TOML list) is
@@ -52,6 +53,8 @@ from proxy.config.toml_routes import (
 DEFAULT_TENANT: Final = "default"
 ALL_TABLES: Final = TABLES | {"tenants"}
 TENANT_KEYS: Final = ("appid", "app_key", "app_key_file", "region", "base_url", "credentials")
+# A problem lists the tenants there are if there are no more than this (a line, not a page).
+NAMES_LISTED: Final = 10
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,11 +119,34 @@ def parse_tables(
         sets_of_tenants += tenant_sets
         if tenant is not None:
             tenants.append(tenant)
+    _one_kind_per_name(reader, credentials, tenants)
     # A route may name a set only some tenants have: the others are refused it per request.
     known = (DEFAULT_CREDENTIALS, NO_CREDENTIALS, *dict.fromkeys((*declared, *sets_of_tenants)))
     routes = parse_routes(reader, toml_values, known)
     names = (DEFAULT_TENANT, *(name for name in given_tenants if _valid_name(name)))
     return Tables(credentials, tuple(tenants), routes, names)
+
+
+def _one_kind_per_name(
+    reader: Reader, top_level: tuple[CredentialSettings, ...], tenants: list[TenantSettings]
+) -> None:
+    """A set's name means one kind in every tenant: a route naming it answers in that kind's
+    shape whichever tenant asks."""
+    first: dict[str, tuple[str, str]] = {}  # name -> (kind, where)
+    places = [(("credentials",), config) for config in top_level] + [
+        (("tenants", tenant.name, "credentials"), config)
+        for tenant in tenants
+        for config in tenant.credentials
+    ]
+    for under, config in places:
+        where = key_path(*under, config.name)
+        kind, first_where = first.setdefault(config.name, (config.kind, where))
+        if kind != config.kind:
+            reader.problem(
+                f"{where}.kind",
+                f"{config.kind!r}, but {first_where} is {kind!r}: a credential set's name has "
+                "one kind in every tenant",
+            )
 
 
 def _valid_name(name: str) -> bool:
@@ -212,9 +238,14 @@ def bind_client_keys(
             continue
         key, tenant = words[0], words[1] if len(words) == 2 else DEFAULT_TENANT
         if tenant not in tenant_names:
+            known = (
+                f"tenants: {', '.join(tenant_names)}"
+                if len(tenant_names) <= NAMES_LISTED
+                else f"{len(tenant_names)} tenants are configured"
+            )
             problems.append(
-                f"{where}: names a tenant that is not configured (tenants: "
-                f"{', '.join(tenant_names)}; names are case-sensitive)"
+                f"{where}: names a tenant that is not configured ({known}; names are "
+                "case-sensitive)"
             )
             continue
         earlier = first_line.setdefault(key, (number, tenant))

@@ -27,7 +27,8 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 
 from proxy.config.settings import Settings
-from proxy.errors import ProxyError, error_response, proxy_code
+from proxy.config.tenants import DEFAULT_TENANT
+from proxy.errors import Forbidden, ProxyError, error_response, proxy_code
 from proxy.logs import Secrets, get_logger
 from proxy.server.access import AccessPolicy
 from proxy.server.body import SpoolBudget
@@ -106,8 +107,8 @@ def make_app(
 
     Its listening site takes the client connections' limits from `app[CONNECTIONS]`."""
     secrets = secrets if secrets is not None else Secrets()
-    for key in secrets_of(settings):
-        secrets.add(key, lasting=True)
+    # All at once: the scrubber is built once, however many tenants and keys.
+    secrets.add_lasting(secrets_of(settings))
     store_password = StorePassword.of(settings)
     app = web.Application(middlewares=[_json_http_errors])
     log = get_logger()
@@ -159,6 +160,7 @@ def make_app(
                 ),
             ),
             tenants=tenants,
+            prefixes=[route.prefix for route in tenants.default.routes],
             local_token=LocalTokenEndpoint(tenants, read_timeout=settings.upstream_timeout),
             metrics=metrics,
             log=log,
@@ -203,13 +205,34 @@ def make_app(
 
 
 async def _readyz(request: web.Request) -> web.Response:
-    return readyz(request.app[TENANTS], request.query.get("tenant"))
+    """Open to probes: ready or not, and counts. With client keys, which tenants there are is an
+    operator's business (a key bound to `default`): only such a key sees the tenants' names and
+    may ask about any tenant; a tenant's key may ask about its own, whatever else it names
+    refused alike, so no caller learns which names are configured."""
+    access, tenants = request.app[ACCESS], request.app[TENANTS]
+    tenant = request.query.get("tenant")
+    if not access.authenticates:  # on loopback: whoever calls may pick any tenant anyway
+        return readyz(tenants, tenant)
+    try:
+        key_tenant = access.authenticate(request.headers)
+    except ProxyError as exc:
+        if tenant is None:
+            return readyz(tenants, names_tenants=False)
+        return exc.to_response()
+    if tenant is None:
+        return readyz(tenants, names_tenants=key_tenant == DEFAULT_TENANT)
+    if key_tenant not in (DEFAULT_TENANT, tenant):
+        return Forbidden("the client key may ask about its own tenant only").to_response()
+    return readyz(tenants, tenant)
 
 
 async def _metrics(request: web.Request) -> web.Response:
-    """The metrics, for whoever may use the API: the same client keys."""
+    """The metrics, for whoever may use the API: the same client keys, bound to `default` (an
+    operator's): the series name every tenant."""
     try:
-        request.app[ACCESS].authenticate(request.headers)
+        key_tenant = request.app[ACCESS].authenticate(request.headers)
+        if key_tenant not in (None, DEFAULT_TENANT):
+            raise Forbidden("only a client key of the `default` tenant may read the metrics")
     except ProxyError as exc:
         return exc.to_response()
     page = web.Response(body=request.app[METRICS].page(), headers={"Content-Type": CONTENT_TYPE})

@@ -2,7 +2,8 @@
 and the drain at shutdown.
 
     admission   client key (401), the tenant (server/tenants.py: 403 for another tenant than
-                the key's, 404 for an unknown one), request target (400), allow-lists (403)
+                the key's, 404 for an unknown one, 400 for X-Sobot-Tenant sent twice), request
+                target (400), allow-lists (403)
     dispatch    a token request of a kind served (v5 get_token, V6 /tokens/company), in any
                 spelling -> answered locally; a path a route serves -> forwarded along the
                 tenant's route (403 when the tenant lacks the route's credential set);
@@ -17,13 +18,22 @@ from __future__ import annotations
 import asyncio
 import time
 import weakref
+from collections.abc import Iterable
 from typing import Final
 
 import structlog
 from aiohttp import HttpVersion11, hdrs, web
+from multidict import CIMultiDictProxy
 
 from proxy.coalesce import CoalescedTransport
-from proxy.errors import ExpectationFailed, Forbidden, InternalError, NotProxied, ProxyError
+from proxy.errors import (
+    BadRequest,
+    ExpectationFailed,
+    Forbidden,
+    InternalError,
+    NotProxied,
+    ProxyError,
+)
 from proxy.server.access import AccessPolicy
 from proxy.server.body import NOTHING_RESERVED, Reservation
 from proxy.server.exact_head import PiecewiseResponse
@@ -66,16 +76,18 @@ class ApiHandler:
         access: AccessPolicy,
         forwarder: Forwarder,
         tenants: Tenants,
+        prefixes: Iterable[str],
         local_token: LocalTokenEndpoint,
         metrics: Metrics,
         log: structlog.typing.FilteringBoundLogger,
     ) -> None:
+        """`prefixes`: the routes' (shared by every tenant), for the 404's message."""
         self._access = access
         self._forwarder = forwarder
         self._tenants = tenants
         self._not_routed = NotProxied(
             "no route serves this path: only paths under "
-            + ", ".join(route.prefix for route in tenants.default.routes)
+            + ", ".join(prefixes)
             + " are forwarded to Sobot"
         ).message
         self._local_token = local_token
@@ -99,32 +111,66 @@ class ApiHandler:
 
     def _admit(
         self, request: web.BaseRequest, record: RequestRecord
-    ) -> tuple[str, str, Credential | None, Route | None, Tenant, str | None]:
+    ) -> tuple[str, str, Credential | None, Route | None, str, Tenant | None, str | None]:
         """(path, query, the kind whose token request it is, or the route it goes along, the
-        tenant, the client key's tenant if client keys are on), once the request may be served
-        at all (the allow-lists are the caller's to apply)."""
+        tenant's name, the tenant if it has started, the client key's tenant if client keys are
+        on), once the request may be served at all (the allow-lists are the caller's to apply).
+        Nothing is built: for a tenant not started yet the route is the shared prefixes' one
+        (`default`'s), for the caller to bind (_bound) once the request is to be forwarded."""
         # Authentication comes first, so a caller without a key learns nothing else.
         key_tenant = self._access.authenticate(request.headers)
-        tenant = self._tenants.for_request(key_tenant, request.headers.get(TENANT_HEADER))
-        record.tenant = tenant.name
+        name = self._tenants.name_for_request(key_tenant, _named_tenant(request.headers))
+        record.tenant = name
         path, query = split_target(request.raw_path)
         record.path = path
         kind = self._local_token.kind_of(path)
         served = as_served(path)
-        route = tenant.routes.match(served)
+        tenant = self._tenants.built(name)
+        route = (tenant or self._tenants.default).routes.match(served)
         if kind is not None:
             # Answered locally; counted under the route it would have gone along, if any.
             record.route = kind.token_path if route is None else route.prefix
-            return path, query, kind, None, tenant, key_tenant
+            return path, query, kind, None, name, tenant, key_tenant
         if route is None:
             raise NotProxied(self._not_routed)
         record.route, record.credentials = route.prefix, route.credentials_name
-        if route.lacking is not None:
+        return path, query, kind, route, name, tenant, key_tenant
+
+    def _refuse_lacking(self, route: Route | None, name: str, tenant: Tenant | None) -> None:
+        """Refuse a route whose credential set the tenant `name` has not (its `tenant`, if it
+        has started: its routes know; else its configuration)."""
+        if route is None:
+            return
+        if tenant is not None:
+            lacking = route.lacking
+        else:  # the shared route: is its set one the tenant has?
+            wanted = route.lacking or (route.credential_set and route.credential_set.name)
+            lacking = wanted if wanted and not self._tenants.has_set(name, wanted) else None
+        if lacking is not None:
             raise Forbidden(
-                f"the tenant {tenant.name} has no credential set {route.lacking!r}, which the "
+                f"the tenant {name} has no credential set {lacking!r}, which the "
                 f"route {route.prefix} injects"
             )
-        return path, query, kind, route, tenant, key_tenant
+
+    def _shape(self, kind: Credential | None, route: Route | None) -> Credential | None:
+        """The kind whose error shape a request's errors take: its token request's, or that of
+        the credential set its route injects (the tenant's own, or another's of that name)."""
+        if kind is not None:
+            return kind
+        if route is None:
+            return None
+        if route.credential_set is not None:
+            return route.credential_set.credential
+        return None if route.lacking is None else self._tenants.kind_of_set(route.lacking)
+
+    def _bound(self, name: str, path: str) -> Route:
+        """The route of `path` as the tenant `name` takes it, the tenant started now: its first
+        request to be forwarded."""
+        tenant = self._tenants.get(name)
+        assert tenant is not None  # a configured name
+        route = tenant.routes.match(as_served(path))
+        assert route is not None  # the prefixes are shared
+        return route
 
     async def expect(self, request: web.Request) -> web.StreamResponse | None:
         """`Expect: 100-continue`: refuse before the client sends its body, or invite it."""
@@ -133,8 +179,9 @@ class ApiHandler:
         reserved = NOTHING_RESERVED
         shape = None
         try:
-            path, _, kind, route, _, _ = self._admit(request, record)
-            shape = _shape(kind, route)
+            path, _, kind, route, name, tenant, _ = self._admit(request, record)
+            shape = self._shape(kind, route)
+            self._refuse_lacking(route, name, tenant)
             self._access.authorize(request.method, path)
             if request.headers.get(hdrs.EXPECT, "").lower() != "100-continue":
                 raise ExpectationFailed("only `Expect: 100-continue` is understood")
@@ -179,6 +226,7 @@ class ApiHandler:
             return response
         finally:
             structlog.contextvars.reset_contextvars(**context)
+            structlog.contextvars.unbind_contextvars("tenant")  # bound once known (_respond)
 
     async def _tracked(
         self, request: web.Request, record: RequestRecord, started: float
@@ -223,8 +271,11 @@ class ApiHandler:
         reserved = request.pop(_RESERVED, None) if hdrs.EXPECT in request.headers else None
         shape = None
         try:
-            path, query, kind, route, _, key_tenant = self._admit(request, record)
-            shape = _shape(kind, route)
+            path, query, kind, route, name, tenant, key_tenant = self._admit(request, record)
+            # Every line logged from now on while this request is handled names its tenant.
+            structlog.contextvars.bind_contextvars(tenant=name)
+            shape = self._shape(kind, route)
+            self._refuse_lacking(route, name, tenant)
             self._access.authorize(request.method, path)
             if kind is not None:
                 answer = await self._local_token.answer(request, kind, key_tenant=key_tenant)
@@ -233,6 +284,8 @@ class ApiHandler:
                     record.tenant = answered_for
                 record.status = response.status
                 return response
+            if tenant is None:
+                route = self._bound(name, path)
             assert route is not None
             return await self._forwarder.forward(request, route, path, query, record, reserved)
         except ProxyError as exc:
@@ -277,14 +330,12 @@ class ApiHandler:
             await asyncio.gather(*running, return_exceptions=True)
 
 
-def _shape(kind: Credential | None, route: Route | None) -> Credential | None:
-    """The kind whose error shape a request's errors take: its token request's, or that of the
-    credential set its route injects."""
-    if kind is not None:
-        return kind
-    if route is not None and route.credential_set is not None:
-        return route.credential_set.credential
-    return None
+def _named_tenant(headers: CIMultiDictProxy[str]) -> str | None:
+    """The tenant X-Sobot-Tenant names, if it is sent; sent twice, it names none for sure."""
+    named = headers.getall(TENANT_HEADER, ())
+    if len(named) > 1:
+        raise BadRequest(f"{TENANT_HEADER} is sent more than once: send it once")
+    return named[0] if named else None
 
 
 def _error_response(error: ProxyError, shape: Credential | None) -> web.Response:

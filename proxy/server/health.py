@@ -9,14 +9,19 @@ Tenants: readiness is `default`'s, whose tokens are fetched at start-up. A named
 on its first request and may sit idle (its tokens left to expire), so it cannot decide whether
 the proxy takes traffic, and one company's refused key must not take every other company's
 proxy out of its load balancer. The body stays short with a thousand tenants: `default`'s sets
-in full, then `tenants`: how many are configured and started, and the problem of each started
-tenant whose tokens fail. A set whose token is valid but whose renewal fails (a new key Sobot
-refuses after a reload: `configuration_error`) stays ready and says so: `warning`, `problem`
-and `configuration_error` in its entry, `warning` at the top. `/readyz?tenant=NAME` reports
-that tenant's sets in full, and is 503 while one it uses lacks a token.
+in full, then `tenants`: how many are configured, started and failing, and the problem of the
+first PROBLEMS_SHOWN started tenants whose tokens fail. A set whose token is valid but whose
+renewal fails (a new key Sobot refuses after a reload: `configuration_error`) stays ready and
+says so: `warning`, `problem` and `configuration_error` in its entry, `warning` at the top.
+`/readyz?tenant=NAME` reports that tenant's sets in full, and is 503 while one it uses lacks a
+token. Who may see the tenants' names is the caller's to decide (app.py): with client keys, only
+an operator's key.
 """
 
 from __future__ import annotations
+
+import itertools
+from typing import Final
 
 import orjson
 from aiohttp import web
@@ -27,18 +32,24 @@ from proxy.server.tenants import Tenants
 from proxy.tokens.manager import TokenStatus
 
 _ALIVE = orjson.dumps({"status": "alive"})
+# The failing tenants named in /readyz's summary at most (`failing` counts them all).
+PROBLEMS_SHOWN: Final = 20
 
 
 async def healthz(_request: web.Request) -> web.Response:
     return web.Response(body=_ALIVE, content_type="application/json")
 
 
-def readyz(tenants: Tenants, tenant: str | None = None) -> web.Response:
+def readyz(
+    tenants: Tenants, tenant: str | None = None, *, names_tenants: bool = True
+) -> web.Response:
     """200 while every set `default` uses (or the tenant `tenant`, if named) holds a valid
-    token; 503 with the reason (in Sobot's shape, from the first set without one) otherwise."""
+    token; 503 with the reason (in Sobot's shape, from the first set without one) otherwise.
+    `names_tenants`: the summary may name the failing tenants (else it only counts them)."""
     if tenant is None:
-        return _ready(tenants.default.sets, {"tenants": _tenants_summary(tenants)})
-    started = next((each for each in tenants.started() if each.name == tenant), None)
+        summary = _tenants_summary(tenants, names_tenants)
+        return _ready(tenants.default.sets, {"tenants": summary})
+    started = tenants.built(tenant)
     if started is None:
         if tenants.is_configured(tenant):
             body = {"status": "not started", "tenant": tenant}
@@ -47,8 +58,9 @@ def readyz(tenants: Tenants, tenant: str | None = None) -> web.Response:
     return _ready(started.sets, {"tenant": tenant})
 
 
-def _tenants_summary(tenants: Tenants) -> dict[str, object]:
-    """How many tenants are configured and started, and what fails for the started ones."""
+def _tenants_summary(tenants: Tenants, names_tenants: bool) -> dict[str, object]:
+    """How many tenants are configured, started and failing, and what fails for which (if
+    `names_tenants`)."""
     started = list(tenants.started())
     problems = {}
     for tenant in started[1:]:  # `default` is reported in full
@@ -62,7 +74,9 @@ def _tenants_summary(tenants: Tenants) -> dict[str, object]:
                 problems[tenant.name] = warnings
     summary: dict[str, object] = {"configured": tenants.configured, "started": len(started)}
     if problems:
-        summary["problems"] = problems
+        summary["failing"] = len(problems)
+        if names_tenants:  # the first few: a probe's answer stays short when many fail
+            summary["problems"] = dict(itertools.islice(problems.items(), PROBLEMS_SHOWN))
     return summary
 
 
@@ -85,11 +99,15 @@ def _report(
                 entry["warning"] = status.problem
                 entry["problem"] = status.problem
                 entry["configuration_error"] = status.configuration_error
-        elif not managed.tokens.renewing:
+        elif status.ret_code is None and not managed.tokens.renewing:
             entry["idle"] = True  # a named tenant's, unused: renewed again when next used
         else:
+            # Its last token call failed (idle or not: a refused tenant that paused is still
+            # refused), or the first is under way.
             entry["problem"] = status.problem
             entry["configuration_error"] = status.configuration_error
+            if not managed.tokens.renewing:
+                entry["idle"] = True
             if failing is None:
                 failing = managed.name, status
         report[managed.name] = entry

@@ -6,8 +6,8 @@ correctly for a configured credential set gets that set's managed token, in its 
 shape, with the time it has left. The call never reaches Sobot, so no client can rotate the
 token everyone shares. Which set: the one of the request's kind whose appid the request names,
 in whichever tenant has it (server/tenants.py: the tenant is built then if it was not yet). With
-client keys, that must be the key's own tenant: another tenant's appid is refused (403), as
-every request for another tenant is.
+client keys, only the key's own tenant is looked in: another tenant's appid is answered as one no
+set has, so a key cannot find out which appids the proxy serves.
 Refusals are in the kind's own shape (sobot/credential.py: refuse): v5's are Sobot's own, 900004
 for an appid no set has and 900003 for a wrong signature or a stale create_time, with HTTP 200,
 which is what such clients already handle.
@@ -16,15 +16,17 @@ which is what such clients already handle.
 from __future__ import annotations
 
 import asyncio
+import secrets
 import time
 from collections.abc import Callable
 from typing import Final
 
 from aiohttp import web
 
-from proxy.errors import BodyTooLarge, ClientTimeout, Forbidden
+from proxy.errors import BodyTooLarge, ClientTimeout
 from proxy.server.tenants import Tenants
 from proxy.sobot.credential import ClientTokenRequest, Credential, LocalAnswer
+from proxy.sobot.kinds import KINDS
 
 # A token request's body is a few dozen bytes of JSON; anything much larger is not one.
 MAX_BODY: Final = 16 * 1024
@@ -42,6 +44,7 @@ class LocalTokenEndpoint:
         self._tenants = tenants
         self._read_timeout = read_timeout
         self._wall_clock = wall_clock
+        self._strangers: dict[str, Credential] = {}  # kind -> a set no one can ask for
 
     def kind_of(self, path: str) -> Credential | None:
         """The kind whose token endpoint `path` is, if it is one the proxy answers."""
@@ -63,13 +66,15 @@ class LocalTokenEndpoint:
         now = self._wall_clock()
         appid = kind.claimed_appid(claim)
         claimant = self._tenants.claimant(kind.kind, appid)
-        if claimant is None:
-            # Checked against a set of its kind whose appid it does not name: the refusal is
-            # "malformed" if it is, else "unknown appid", in the kind's own words.
-            return (*_response(kind.refuse(kind.check(claim, now))), None, None)
+        if claimant is None or key_tenant not in (None, claimant[0]):
+            # No set has it, or none the client key may ask for: answered alike, so a key learns
+            # nothing of other tenants' appids. Checked against a set of its kind whose appid no
+            # client can name: "malformed" if it is, else "unknown appid", in the kind's words.
+            stranger = self._strangers.get(kind.kind)
+            if stranger is None:
+                stranger = self._strangers[kind.kind] = _stranger(kind.kind)
+            return (*_response(stranger.refuse(stranger.check(claim, now))), None, None)
         name, set_name, credential = claimant
-        if key_tenant is not None and name != key_tenant:
-            raise Forbidden("the client key is not for the tenant whose appid this names")
         refusal = credential.check(claim, now)
         if refusal is not None:
             return (*_response(credential.refuse(refusal)), set_name, name)
@@ -96,6 +101,11 @@ class LocalTokenEndpoint:
         except TimeoutError:
             raise ClientTimeout("the client stopped sending its token request's body") from None
         return bytes(body)
+
+
+def _stranger(kind: str) -> Credential:
+    """A credential of `kind` whose appid and secret are random: no request names it."""
+    return KINDS[kind](secrets.token_hex(16), secrets.token_hex(16), "Bearer")
 
 
 def _response(answer: LocalAnswer) -> tuple[web.Response, str]:

@@ -173,8 +173,7 @@ class Reloader:
                 detail="these differ from the running configuration and are not applied: "
                 "restart the proxy for them",
             )
-        for secret in secrets_of(new):
-            self._secrets.add(secret, lasting=True)
+        self._secrets.add_lasting(secrets_of(new))  # at once: the scrubber is rebuilt once
         try:
             changes = self._tenants.reconfigure(new.all_tenants)
         except Exception:

@@ -1,14 +1,17 @@
 """Tenants as they are served: which tenant a request is for, and each tenant's credential sets
 and routes, built when the tenant is first used.
 
-    Tenants     every configured tenant by name; `default` built at start-up, a named tenant on
-                its first request (a dict lookup per request once built)
+    Tenants     every configured tenant by name; `default` built at start-up, a named tenant
+                when its first request is forwarded (a dict lookup per request once built)
     Tenant      one tenant's CredentialSets (its token managers and stores) and its RouteTable
                 (the shared prefixes, bound to its main upstream and its sets)
 
-Which tenant (`for_request`): with client keys, the key's tenant, and an X-Sobot-Tenant that
-names another is refused (403); without client keys, X-Sobot-Tenant names it, else `default`.
-A name no tenant has is 404. The header is the proxy's own: never sent upstream (headers.py).
+Which tenant (`name_for_request`): with client keys, the key's tenant, and an X-Sobot-Tenant
+that names another is refused (403); without client keys, X-Sobot-Tenant names it, else
+`default`. A name no tenant has is 404. The header is the proxy's own: never sent upstream
+(headers.py). Only the name is resolved then: the handler checks the request against the shared
+prefixes, the tenant's configured sets and the allow-lists first, and builds the tenant only to
+forward it, so a refused request starts nothing.
 
 A client's own token request names an appid: `claimant` finds the tenant with a set of that
 kind and appid, and that set's credential to check the request's sign with, from an index
@@ -23,6 +26,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Final, Protocol
 
+from proxy.config.routes import DEFAULT_CREDENTIALS
 from proxy.config.tenants import DEFAULT_TENANT, TenantSettings
 from proxy.errors import Forbidden, UnknownTenant
 from proxy.server.credentials import CredentialSets
@@ -67,7 +71,15 @@ class Reconfigured:
 
 
 class Tenants:
-    __slots__ = ("_builder", "_configs", "_kind_index", "_started", "_token_kinds", "default")
+    __slots__ = (
+        "_builder",
+        "_configs",
+        "_kind_index",
+        "_set_kinds",
+        "_started",
+        "_token_kinds",
+        "default",
+    )
 
     def __init__(self, configs: Sequence[TenantSettings], builder: Builder) -> None:
         """`configs`: every tenant, `default` first; `builder` makes a tenant's state. Builds
@@ -75,7 +87,7 @@ class Tenants:
         self._configs = {config.name: config for config in configs}
         self._builder = builder
         self._started: dict[str, Tenant] = {}
-        self._kind_index, self._token_kinds = _kind_index(self._configs)
+        self._kind_index, self._token_kinds, self._set_kinds = _kind_index(self._configs)
         default = self.get(DEFAULT_TENANT)
         assert default is not None
         self.default = default
@@ -120,7 +132,7 @@ class Tenants:
             started[DEFAULT_TENANT] = self._builder.build(configs_now[DEFAULT_TENANT])
         started = {DEFAULT_TENANT: started.pop(DEFAULT_TENANT), **started}  # `default` first
         # One step each, nothing awaited in between: no request runs while they change.
-        self._kind_index, self._token_kinds = _kind_index(configs_now)
+        self._kind_index, self._token_kinds, self._set_kinds = _kind_index(configs_now)
         self._configs = configs_now
         self._started = started
         self.default = started[DEFAULT_TENANT]
@@ -151,21 +163,42 @@ class Tenants:
         return tenant
 
     def for_request(self, key_tenant: str | None, named: str | None) -> Tenant:
-        """The tenant of a request: `key_tenant`, the client key's (None: no client keys);
-        `named`, what X-Sobot-Tenant says (None: no such header)."""
+        """The tenant of a request, built now if this is its first use (see name_for_request)."""
+        tenant = self.get(self.name_for_request(key_tenant, named))
+        assert tenant is not None  # a configured name
+        return tenant
+
+    def name_for_request(self, key_tenant: str | None, named: str | None) -> str:
+        """The name of a request's tenant, a configured one; nothing is built. `key_tenant`: the
+        client key's (None: no client keys); `named`, what X-Sobot-Tenant says (None: no such
+        header)."""
         if key_tenant is not None:
             if named is not None and named != key_tenant:
                 raise Forbidden(f"the client key is not for the tenant {HEADER} names")
-            name = key_tenant
-        else:
-            name = DEFAULT_TENANT if named is None else named
-        tenant = self.get(name)
-        if tenant is None:
+            return key_tenant
+        name = DEFAULT_TENANT if named is None else named
+        if name not in self._configs:
             # The name is the client's own: not echoed.
             raise UnknownTenant(
                 f"{HEADER} names no tenant this proxy serves (names are case-sensitive)"
             )
-        return tenant
+        return name
+
+    def built(self, name: str) -> Tenant | None:
+        """The tenant `name` if it has started; nothing is built."""
+        return self._started.get(name)
+
+    def has_set(self, name: str, set_name: str) -> bool:
+        """Whether the configured tenant `name` has a credential set `set_name`, started or not."""
+        config = self._configs.get(name)
+        return config is not None and (
+            set_name == DEFAULT_CREDENTIALS
+            or any(credentials.name == set_name for credentials in config.credentials)
+        )
+
+    def kind_of_set(self, set_name: str) -> Credential | None:
+        """A credential of the kind the sets called `set_name` are (for an answer's shape)."""
+        return self._set_kinds.get(set_name)
 
     def token_kind(self, path: str) -> Credential | None:
         """The kind whose token endpoint `path` is (in any spelling), among the kinds served."""
@@ -185,11 +218,13 @@ class Tenants:
 
 def _kind_index(
     configs: Mapping[str, TenantSettings],
-) -> tuple[_KindIndex, tuple[Credential, ...]]:
+) -> tuple[_KindIndex, tuple[Credential, ...], dict[str, Credential]]:
     """Every set of every tenant by kind and appid (validation makes a kind's appids unique over
-    all tenants), and one credential of each kind, which answers "is this that kind's token
-    path?" and refuses a request naming an appid no tenant has."""
+    all tenants); one credential of each kind, which answers "is this that kind's token path?"
+    and refuses a request naming an appid no tenant has; and by set name, a credential of the
+    kind that name has (validation gives a name one kind in every tenant)."""
     index: _KindIndex = {}
+    set_kinds: dict[str, Credential] = {}
     for config in configs.values():
         for credentials in config.credential_sets:
             credential = KINDS[credentials.kind](
@@ -197,8 +232,9 @@ def _kind_index(
             )
             by_appid = index.setdefault(credentials.kind, {})
             by_appid[credentials.appid] = (config.name, credentials.name, credential)
+            set_kinds.setdefault(credentials.name, credential)
     kinds = tuple(next(iter(by_appid.values()))[2] for by_appid in index.values())
-    return index, kinds
+    return index, kinds, set_kinds
 
 
 def _shape(config: TenantSettings) -> TenantSettings:

@@ -329,7 +329,7 @@ class TokenManager:
         if current is not None and current.value == stored.value:
             return current  # already held (the watcher and a fetch may both bring it)
         self._serial += 1
-        self._secrets.add(stored.value)
+        self._secrets.add(stored.value, owner=self)
         # Counted from when it was issued (the fetch was sent), so it ends before Sobot's does.
         expires_at = self._clock() + (stored.expires_at - self._wall_clock())
         token = Token(stored.value, self._serial, expires_at, stored.lifetime)

@@ -141,7 +141,7 @@ class CredentialTokenSource:
         now = self._wall_clock()
         call = self._credential.token_request(now)
         for secret in call.secrets:
-            self._secrets.add(secret)
+            self._secrets.add(secret, owner=self)
         started = time.perf_counter()
         try:
             async with asyncio.timeout(self._deadline):
