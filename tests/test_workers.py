@@ -4,12 +4,14 @@ through Redis when it is configured), and a worker that dies is restarted."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 import re
 import signal
 from collections import Counter
 from contextlib import ExitStack
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
@@ -204,19 +206,19 @@ async def test_sighup_is_passed_on_to_every_worker_and_ends_none(tmp_path):
         proxy.wait_for_event("listening")  # both are up
         wait_until_ready(url)
 
-        def events(name: str) -> list[dict[str, object]]:
+        def events(name: str) -> list[dict[str, Any]]:
             return [
                 e for line in proxy.stdout if (e := json_object(line) or {}).get("event") == name
             ]
 
-        def passed_on(times: int) -> bool:
+        def passed_on(times: int, _line: str) -> bool:
             return len(events("reload_forwarded")) == times and (
                 len(events("reload_requested")) == 2 * times
             )
 
         for times in (1, 2):  # a second SIGHUP too: a worker that took one is still there
             proxy.process.send_signal(signal.SIGHUP)
-            proxy.wait_for_line(lambda _, times=times: passed_on(times))
+            proxy.wait_for_line(functools.partial(passed_on, times))
         [first, second] = events("reload_forwarded")
         assert first["pids"] == second["pids"] == started["pids"]
         assert sorted(e["pid"] for e in events("reload_requested")) == sorted(started["pids"] * 2)
