@@ -261,7 +261,10 @@ async def test_at_the_descriptor_limit_probes_are_refused_until_the_header_timeo
                 within=BOUND * HEADER_TIMEOUT,
             )
             assert not await asyncio.to_thread(healthz_answers, running.proxy_url)
-            [warning] = running.proxy_events("open_files_nearly_exhausted")
+            # Awaited: the line may still be on its way through the pipe.
+            warning = await asyncio.to_thread(
+                running.proxy.wait_for_event, "open_files_nearly_exhausted"
+            )
             assert warning["open_files_limit"] == limit
             # The header timeout closes the silent connections: the proxy serves again.
             await eventually(
