@@ -16,7 +16,7 @@ from proxy.logs import Secrets, get_logger
 from proxy.sobot.v5 import V5Credential
 from proxy.testing.fake_sobot import FakeSobot
 from proxy.tokens.source import token_client, token_source
-from proxy.tokens.store import RedisTokenStore, StoredToken
+from proxy.tokens.store import SharedRedis, StoredToken
 from tests.conftest import APP_KEY, APPID, lying_peer
 from tests.processes import EXIT_TIMEOUT, HEX32, command_env, run_command
 
@@ -367,9 +367,8 @@ async def test_online_with_an_unreachable_upstream_exits_1(tmp_path):
 
 async def store_a_token(fake: FakeSobot, redis_url: str) -> StoredToken:
     """What a running replica does: fetch a token from the fake and store it in Redis."""
-    store = RedisTokenStore(
-        redis_url, prefix=f"sobot-proxy:{APPID}:", password=None, lease=5, log=get_logger()
-    )
+    redis = SharedRedis(redis_url, password=None, log=get_logger())
+    store = redis.store(prefix=f"sobot-proxy:{APPID}:", lease=5)
     settings = Settings(appid=APPID, app_key=APP_KEY, base_url=fake.url)
     client = token_client(settings, ssl.create_default_context())
     try:
@@ -388,18 +387,17 @@ async def store_a_token(fake: FakeSobot, redis_url: str) -> StoredToken:
     try:
         await store.save(token)
     finally:
-        await store.close()
+        await redis.close()
     return token
 
 
 async def stored_token(redis_url: str) -> StoredToken | None:
-    store = RedisTokenStore(
-        redis_url, prefix=f"sobot-proxy:{APPID}:", password=None, lease=5, log=get_logger()
-    )
+    redis = SharedRedis(redis_url, password=None, log=get_logger())
+    store = redis.store(prefix=f"sobot-proxy:{APPID}:", lease=5)
     try:
         return await store.load()
     finally:
-        await store.close()
+        await redis.close()
 
 
 async def test_online_with_a_shared_token_in_redis_never_calls_get_token(

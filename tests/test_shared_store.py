@@ -4,14 +4,21 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import AsyncIterator, Awaitable
+from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
+from aiohttp.test_utils import TestClient
 
+from proxy.config.tenants import TenantSettings
 from proxy.logs import get_logger
+from proxy.server.app import TENANTS
 from proxy.testing.fake_sobot import FakeSobot
-from proxy.tokens.store import RedisTokenStore, StoredToken
+from proxy.tokens.manager import TokenManager
+from proxy.tokens.store import POOL_CONNECTIONS, SharedRedis, StoredToken
 from tests.conftest import (
+    APP_KEY,
     APPID,
     CapturedLogs,
     RedisServer,
@@ -136,9 +143,8 @@ async def test_a_redis_that_comes_back_empty_gets_the_held_token_back(
 
 async def test_an_older_token_never_overwrites_a_newer_one(redis_server: RedisServer):
     """A holder whose lease ran out mid-fetch must not put back an older token."""
-    store = RedisTokenStore(
-        redis_server.url, prefix=f"sobot-proxy:{APPID}:", password=None, lease=5, log=get_logger()
-    )
+    redis = SharedRedis(redis_server.url, password=None, log=get_logger())
+    store = redis.store(prefix=f"sobot-proxy:{APPID}:", lease=5)
     try:
         now = time.time()
         newer = StoredToken("newer-token-value", now, 60)
@@ -149,7 +155,7 @@ async def test_an_older_token_never_overwrites_a_newer_one(redis_server: RedisSe
         assert stored is not None
         assert stored.value == "newer-token-value"
     finally:
-        await store.close()
+        await redis.close()
 
 
 async def test_an_early_renewal_waits_for_redis_while_the_token_is_still_good(
@@ -216,3 +222,134 @@ async def test_a_store_that_answers_garbage_is_a_store_that_is_down(
     assert logs.events("token_store_available") == []
     assert [e["event"] for e in logs.events() if e["level"] in ("error", "critical")] == []
     assert [e["event"] for e in logs.events() if "exception" in e] == []
+
+
+# -- one client and one subscriber for every tenant ------------------------------------------
+
+TENANTS_COUNT = 50
+
+
+def company(index: int) -> tuple[str, str]:
+    return f"company-{index}", f"company-{index}-app-key-0123456789"
+
+
+@pytest.fixture
+async def companies_host() -> AsyncIterator[FakeSobot]:
+    """One fake standing for Sobot in front of TENANTS_COUNT companies, and `default`'s."""
+    sobot = FakeSobot(APPID, APP_KEY, companies=dict(map(company, range(TENANTS_COUNT))))
+    await sobot.start()
+    yield sobot
+    await sobot.stop()
+
+
+def many_tenants(host: FakeSobot) -> tuple[TenantSettings, ...]:
+    return tuple(
+        TenantSettings(f"t{index}", *company(index), host.url) for index in range(TENANTS_COUNT)
+    )
+
+
+async def use(proxy: TestClient[Any, Any], tenant: str) -> str:
+    response = await proxy.get("/api/echo", headers={"X-Sobot-Tenant": tenant})
+    return str((await response.json())["ret_code"])
+
+
+def tokens_of_tenant(proxy: TestClient[Any, Any], tenant: str) -> TokenManager:
+    started = proxy.app[TENANTS].get(tenant)
+    assert started is not None
+    managed = started.sets.named("default")
+    assert managed is not None
+    return managed.tokens
+
+
+async def proxies_connections(admin: aioredis.Redis) -> list[dict[str, str]]:
+    """Redis's clients but the one asking (CLIENT LIST, one dict of fields per client)."""
+    own = await admin.client_id()
+    return [client for client in await admin.client_list() if int(client["id"]) != own]
+
+
+async def test_many_tenants_share_one_redis_client_and_one_subscription(
+    make_proxy, companies_host: FakeSobot, redis_server: RedisServer
+):
+    """However many tenants, a proxy holds one pub/sub connection and a bounded pool; a token
+    another replica publishes for tenant K still reaches this proxy's tenant K."""
+    tenants = many_tenants(companies_host)
+    first = await make_proxy(
+        base_url=companies_host.url, token_store=redis_server.url, tenants=tenants
+    )
+    async with asyncio.timeout(30):
+        codes = await asyncio.gather(*(use(first, tenant.name) for tenant in tenants))
+    assert set(codes) == {"000000"}
+    admin = aioredis.Redis.from_url(redis_server.url)
+    try:
+        channels = [f"sobot-proxy:{tenant.appid}:new-token" for tenant in tenants]
+
+        async def all_subscribed() -> bool:
+            counts = await admin.pubsub_numsub(*channels)
+            return all(count == 1 for _, count in counts)
+
+        await eventually(all_subscribed)
+        clients = await proxies_connections(admin)
+        subscribers = [client for client in clients if int(client["sub"]) > 0]
+        assert [int(client["sub"]) for client in subscribers] == [TENANTS_COUNT + 1]
+        assert len(clients) <= POOL_CONNECTIONS, f"{len(clients)} connections"
+
+        # Another replica: its tenant K adopts the stored token, then renews it after Sobot
+        # rotated it; this proxy's K hears of it through the one subscription.
+        second = await make_proxy(
+            base_url=companies_host.url, token_store=redis_server.url, tenants=tenants
+        )
+        tenant = tenants[TENANTS_COUNT // 2].name
+        assert await use(second, tenant) == "000000"
+        held = tokens_of_tenant(first, tenant).current()
+        assert held is not None
+        companies_host.expire_token(appid=tenants[TENANTS_COUNT // 2].appid)
+        assert await use(second, tenant) == "000000"  # 900002, renewed, stored and published
+        renewed = tokens_of_tenant(second, tenant).current()
+        assert renewed is not None
+        assert renewed.value != held.value
+
+        async def adopted() -> bool:
+            current = tokens_of_tenant(first, tenant).current()
+            return current is not None and current.value == renewed.value
+
+        await eventually(adopted, within=5)
+        rejections = companies_host.stats.token_rejections
+        assert await use(first, tenant) == "000000"
+        assert companies_host.stats.token_rejections == rejections  # no replay needed
+    finally:
+        await admin.aclose()
+
+
+async def test_an_idle_tenant_keeps_no_subscription(
+    make_proxy, fake: FakeSobot, redis_server: RedisServer, logs: CapturedLogs
+):
+    beta = FakeSobot("beta-appid", "beta-app-key-0123456789abcdef", token_lifetime=1.0)
+    await beta.start()
+    admin = aioredis.Redis.from_url(redis_server.url)
+    try:
+        proxy = await make_proxy(
+            token_store=redis_server.url,
+            tenants=(
+                TenantSettings("beta", "beta-appid", "beta-app-key-0123456789abcdef", beta.url),
+            ),
+        )
+        assert await use(proxy, "beta") == "000000"
+        channel = "sobot-proxy:beta-appid:new-token"
+
+        async def subscribers() -> int:
+            return int((await admin.pubsub_numsub(channel))[0][1])
+
+        await eventually(lambda: _equals(subscribers(), 1))
+        await eventually(lambda: _equals(subscribers(), 0))  # unused for its token's life
+        assert any(line.get("tenant") == "beta" for line in logs.events("token_renewal_paused"))
+        default_channel = f"sobot-proxy:{APPID}:new-token"
+        assert (await admin.pubsub_numsub(default_channel))[0][1] == 1  # `default` never idles
+        assert await use(proxy, "beta") == "000000"
+        await eventually(lambda: _equals(subscribers(), 1))  # watching again
+    finally:
+        await admin.aclose()
+        await beta.stop()
+
+
+async def _equals(value: Awaitable[int], expected: int) -> bool:
+    return await value == expected

@@ -54,8 +54,8 @@ from proxy.tokens.store import (
     StoredToken,
     StoreUnavailable,
     TokenStore,
+    TokenStores,
     describe_store,
-    make_store,
 )
 
 EXIT_OK: Final = 0
@@ -159,9 +159,9 @@ async def _prove(
         resources.push_async_callback(client.close)
         store: TokenStore | None = None
         if settings.token_store != "memory":
-            store = make_store(
-                settings, namespace=credential.store_namespace, appid=config.appid, log=log
-            )
+            stores = TokenStores(settings, log=log)
+            resources.push_async_callback(stores.close)
+            store = stores.make(namespace=credential.store_namespace, appid=config.appid, log=log)
             resources.push_async_callback(store.close)
         prover = _Prover(
             settings, config, credential, client, store, log, report, probe, probe_base

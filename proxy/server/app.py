@@ -9,8 +9,9 @@
                                    credential set's token (tenants.py, routing.py, forward.py)
         anything else              404, never forwarded
 
-The upstream clients (one for forwarding, a small one of the token calls' own) are opened at
-start-up and closed at shutdown through cleanup_ctx, and so is, for each credential set of each
+The upstream clients (one for forwarding, a small one of the token calls' own) and the token
+stores' one Redis client (tokens/store.py: TokenStores) are opened at start-up and closed at
+shutdown through cleanup_ctx, and so is, for each credential set of each
 tenant, its token store, token manager and background refresher: `default`'s at start-up, a
 named tenant's when it is first used (tenants.py, building.py). A reload (reload.py) changes
 tenants, secrets and client keys while the app runs. Request handlers reach them through typed
@@ -45,7 +46,7 @@ from proxy.server.routing import RouteTable
 from proxy.server.tenants import Tenants
 from proxy.tokens.manager import Backoff
 from proxy.tokens.source import token_client
-from proxy.tokens.store import StorePassword
+from proxy.tokens.store import StorePassword, TokenStores
 from proxy.upstream import Client
 
 TENANTS: Final = web.AppKey("tenants", Tenants)
@@ -133,6 +134,13 @@ def make_app(
         # Token calls have connections of their own: a pool full of slow requests must never
         # keep a token from being renewed.
         get_token_client = token_client(settings, tls)
+        stores = TokenStores(
+            settings,
+            log=log,
+            workers_directory=workers_directory,
+            on_error=metrics.store_errors.inc,
+            password=store_password,
+        )
         builder = TenantBuilder(
             settings,
             get_token_client,
@@ -140,8 +148,7 @@ def make_app(
             log,
             secrets,
             backoff or Backoff(),
-            workers_directory,
-            store_password,
+            stores,
         )
         tenants = Tenants(settings.all_tenants, builder)
         app[TENANTS] = tenants
@@ -190,6 +197,7 @@ def make_app(
                     for tenant in tenants.started():
                         for managed in tenant.sets:
                             await managed.store.close()
+                    await stores.close()
                 finally:
                     await client.close()
                     await get_token_client.close()

@@ -29,7 +29,7 @@ from proxy.sobot.credential import Credential
 from proxy.sobot.kinds import KINDS
 from proxy.tokens.manager import Backoff, TokenManager
 from proxy.tokens.source import token_source
-from proxy.tokens.store import StorePassword, make_store
+from proxy.tokens.store import TokenStores
 from proxy.upstream import Client
 
 
@@ -48,8 +48,7 @@ class TenantBuilder:
     log: structlog.typing.FilteringBoundLogger
     secrets: Secrets
     backoff: Backoff
-    workers_directory: str | None
-    store_password: StorePassword | None
+    stores: TokenStores
 
     def build(self, tenant: TenantSettings) -> Tenant:
         """A tenant's sets and routes, its routes' tokens renewing from now on."""
@@ -105,14 +104,8 @@ class TenantBuilder:
             secrets=self.secrets,
             on_result=lambda result: get_token_calls[result].inc(),
         )
-        store = make_store(
-            settings,
-            namespace=credential.store_namespace,
-            appid=config.appid,
-            log=set_log,
-            workers_directory=self.workers_directory,
-            on_error=self.metrics.store_errors.inc,
-            password=self.store_password,
+        store = self.stores.make(
+            namespace=credential.store_namespace, appid=config.appid, log=set_log
         )
         tokens = TokenManager(
             source,

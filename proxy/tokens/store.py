@@ -9,9 +9,15 @@ kind's namespace and its appid. With a shared store they renew it together:
   lock's previous holder may just have renewed it), fetch, and save the new token.
 - The lock has a lease: a replica that dies holding it holds it no longer than the lease. It is
   released only by its holder (redis-py's Lock checks the holder's token in a script).
-- Saving publishes a message on a channel; every replica listens, and also looks every
-  POLL_INTERVAL seconds in case a message was missed (a reconnect), so it learns of a new token
-  within a moment. Requests never wait on Redis: each replica serves the token it holds.
+- Saving publishes a message on the set's channel; every replica listens, so it learns of a
+  new token within a moment. Requests never wait on Redis: each replica serves the token it
+  holds.
+- However many sets and tenants, a process talks to Redis through one client (TokenStores,
+  SharedRedis: one bounded connection pool) and listens on one pub/sub connection
+  (tokens/subscriber.py), subscribed to the channels of the stores being watched. A message
+  missed while that connection was down is made up for when it is back: every store watching
+  is told to look once. The only polling left is a store's whose own commands fail while the
+  subscription works: it looks every POLL_INTERVAL until they work again.
 
 The token is stored in clear: protect Redis as you protect the app_key (a password, TLS with
 rediss://, a private network).
@@ -42,8 +48,12 @@ import structlog
 from redis.credentials import CredentialProvider
 
 from proxy.config.settings import Settings
+from proxy.tokens.subscriber import Subscriber, Watch
 
 POLL_INTERVAL: Final = 2.0
+# The one Redis client's connections: the subscriber's, and those commands share.
+POOL_CONNECTIONS: Final = 16
+POOL_WAIT: Final = 2.0  # for a free connection, at most (then the store counts as down)
 # KEYS: the token, the channel. ARGV: the record, its issued_at, milliseconds left.
 _SAVE_IF_NEWER: Final = """
 local stored = redis.call('GET', KEYS[1])
@@ -58,8 +68,6 @@ redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[3])
 redis.call('PUBLISH', KEYS[2], 'renewed')
 return 1
 """
-RECONNECT_DELAY: Final = 0.5
-MAX_RECONNECT_DELAY: Final = 8.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -137,40 +145,65 @@ def describe_store(url: str, *, workers_directory: str | None = None) -> str:
     return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
 
 
-def make_store(
-    settings: Settings,
-    *,
-    namespace: str,
-    appid: str,
-    log: structlog.typing.FilteringBoundLogger,
-    workers_directory: str | None = None,
-    on_error: Callable[[], None] = lambda: None,
-    password: StorePassword | None = None,
-) -> TokenStore:
-    """The store `settings` name, for the token of `appid` in a kind's `namespace`
-    (Credential.store_namespace); for `memory` in a worker of several, the workers' shared
-    file. `on_error` hears of every failure to use a shared store (for the metrics);
-    `password`, if given, authenticates Redis connections (else settings' password, if any)."""
-    if settings.token_store == "memory":
-        if workers_directory is not None:
-            # Named by a digest: an appid may hold any character, a file name may not.
-            digest = hashlib.sha256(appid.encode()).hexdigest()[:16]
-            return FileTokenStore(
-                workers_directory,
-                name=f"{namespace}-{digest}",
-                lease=settings.renewal_lease,
+class TokenStores:
+    """The stores of one process, one per credential set, as `settings` name them: in memory;
+    in a worker of several without Redis, the workers' shared files; or in Redis, every store
+    through one client (one connection pool, POOL_CONNECTIONS at most) and one pub/sub
+    connection (tokens/subscriber.py), however many sets and tenants there are. Closed at
+    shutdown, after the stores."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        log: structlog.typing.FilteringBoundLogger,
+        workers_directory: str | None = None,
+        on_error: Callable[[], None] = lambda: None,
+        password: StorePassword | None = None,
+    ) -> None:
+        """`on_error` hears of every failure to use a shared store (for the metrics);
+        `password`, if given, authenticates Redis connections (else settings' password, if
+        any). No connection is made before a store is used."""
+        self._settings = settings
+        self._log = log
+        self._workers_directory = workers_directory
+        self._on_error = on_error
+        self._redis: SharedRedis | None = None
+        if settings.token_store != "memory":
+            self._redis = SharedRedis(
+                settings.token_store,
+                password=password if password is not None else settings.token_store_password,
                 log=log,
                 on_error=on_error,
             )
+
+    @property
+    def redis(self) -> SharedRedis | None:
+        return self._redis
+
+    def make(
+        self, *, namespace: str, appid: str, log: structlog.typing.FilteringBoundLogger
+    ) -> TokenStore:
+        """The store for the token of `appid` in a kind's `namespace`
+        (Credential.store_namespace)."""
+        settings = self._settings
+        if self._redis is not None:
+            return self._redis.store(prefix=f"{namespace}:{appid}:", lease=settings.renewal_lease)
+        if self._workers_directory is not None:
+            # Named by a digest: an appid may hold any character, a file name may not.
+            digest = hashlib.sha256(appid.encode()).hexdigest()[:16]
+            return FileTokenStore(
+                self._workers_directory,
+                name=f"{namespace}-{digest}",
+                lease=settings.renewal_lease,
+                log=log,
+                on_error=self._on_error,
+            )
         return MemoryTokenStore()
-    return RedisTokenStore(
-        settings.token_store,
-        prefix=f"{namespace}:{appid}:",
-        password=password if password is not None else settings.token_store_password,
-        lease=settings.renewal_lease,
-        log=log,
-        on_error=on_error,
-    )
+
+    async def close(self) -> None:
+        if self._redis is not None:
+            await self._redis.close()
 
 
 class StoreUnavailable(Exception):
@@ -181,9 +214,10 @@ class RenewalBusy(Exception):
     """Another holder of the renewal lock has not finished within the lock's lease."""
 
 
-class _Availability:
+class Availability:
     """A shared store's failures: counted, turned into StoreUnavailable, and logged once per
-    outage, when it begins; the first success after it is logged too."""
+    outage, when it begins; the first success after it is logged too. One for all the Redis
+    stores of a process (one Redis: one outage, one line), one per file store."""
 
     def __init__(
         self, log: structlog.typing.FilteringBoundLogger, on_error: Callable[[], None]
@@ -192,7 +226,7 @@ class _Availability:
         self._on_error = on_error
         self._down = False
 
-    def _unavailable(self, exc: Exception) -> StoreUnavailable:
+    def failed(self, exc: Exception) -> StoreUnavailable:
         self._on_error()
         reason = type(exc).__name__
         if not self._down:
@@ -200,7 +234,7 @@ class _Availability:
             self._log.warning("token_store_unavailable", reason=reason)
         return StoreUnavailable(reason)
 
-    def _available(self) -> None:
+    def worked(self) -> None:
         if self._down:
             self._down = False
             self._log.info("token_store_available")
@@ -249,23 +283,24 @@ class MemoryTokenStore:
         pass
 
 
-class RedisTokenStore(_Availability):
-    shared = True
+class SharedRedis:
+    """The one Redis client of a process's stores, its one subscriber, and its availability."""
 
     def __init__(
         self,
         url: str,
         *,
-        prefix: str,
         password: str | StorePassword | None,
-        lease: float,
         log: structlog.typing.FilteringBoundLogger,
         on_error: Callable[[], None] = lambda: None,
     ) -> None:
-        super().__init__(log, on_error)
-        # Short socket timeouts: the store is on the renewal path, never on a request's.
-        self._redis = aioredis.Redis.from_url(
+        # Bounded: a burst of renewals across many tenants waits a moment for a connection
+        # rather than opening one each and keeping them all. Short timeouts: the store is on
+        # the renewal path, never on a request's.
+        pool = aioredis.BlockingConnectionPool.from_url(
             url,
+            max_connections=POOL_CONNECTIONS,
+            timeout=POOL_WAIT,
             socket_timeout=2.0,
             socket_connect_timeout=2.0,
             **(
@@ -274,20 +309,52 @@ class RedisTokenStore(_Availability):
                 else {"password": password}
             ),
         )
+        self.client = aioredis.Redis.from_pool(pool)
+        self.availability = Availability(log, on_error)
+        self.subscriber = Subscriber(self.client, on_failure=self.availability.failed)
+        self.save_if_newer = self.client.register_script(_SAVE_IF_NEWER)
+
+    def store(self, *, prefix: str, lease: float) -> RedisTokenStore:
+        return RedisTokenStore(self, prefix=prefix, lease=lease)
+
+    async def close(self) -> None:
+        await self.subscriber.close()
+        await self.client.aclose()
+
+
+class RedisTokenStore:
+    shared = True
+
+    def __init__(self, redis: SharedRedis, *, prefix: str, lease: float) -> None:
+        self._shared = redis
+        self._redis = redis.client
+        self._health = redis.availability
         # v5: "sobot-proxy:<appid>:", the keys of every release before credential kinds; V6:
         # "sobot-proxy-v6:<appid>:", which no v5 key can be, whatever its appid.
         self._token_key = prefix + "token"
         self._lock_key = prefix + "renewal-lock"
         self._channel = prefix + "new-token"
         self._lease = lease
-        self._save_if_newer = self._redis.register_script(_SAVE_IF_NEWER)
+        self._failing = False  # this store's last command failed
+        self._watches: set[Watch] = set()
+
+    def _failed(self, exc: Exception) -> StoreUnavailable:
+        if not self._failing:
+            self._failing = True
+            for watch in self._watches:  # to wait POLL_INTERVAL from now on
+                watch.set()
+        return self._health.failed(exc)
+
+    def _worked(self) -> None:
+        self._failing = False
+        self._health.worked()
 
     async def load(self) -> StoredToken | None:
         try:
             raw = await self._redis.get(self._token_key)
         except Exception as exc:  # not only RedisError: see the module docstring
-            raise self._unavailable(exc) from exc
-        self._available()
+            raise self._failed(exc) from exc
+        self._worked()
         if not isinstance(raw, bytes):  # None; or anything else from a peer that is not Redis
             return None
         return StoredToken.decode(raw)
@@ -304,13 +371,13 @@ class RedisTokenStore(_Availability):
         if left_ms <= 0:
             return
         try:
-            await self._save_if_newer(
+            await self._shared.save_if_newer(
                 keys=[self._token_key, self._channel],
                 args=[token.encode(), repr(token.issued_at), left_ms],
             )
         except Exception as exc:
-            raise self._unavailable(exc) from exc
-        self._available()
+            raise self._failed(exc) from exc
+        self._worked()
 
     @contextlib.asynccontextmanager
     async def renewal_lock(self) -> AsyncIterator[None]:
@@ -323,8 +390,8 @@ class RedisTokenStore(_Availability):
         try:
             acquired = await lock.acquire()
         except Exception as exc:
-            raise self._unavailable(exc) from exc
-        self._available()
+            raise self._failed(exc) from exc
+        self._worked()
         if not acquired:
             raise RenewalBusy("another replica is renewing the token and has not finished")
         try:
@@ -336,33 +403,32 @@ class RedisTokenStore(_Availability):
                 await lock.release()
 
     async def changes(self) -> AsyncIterator[None]:
-        delay = RECONNECT_DELAY
-        while True:
-            try:
-                async with self._redis.pubsub() as pubsub:
-                    await pubsub.subscribe(self._channel)
-                    # Subscribed; whether the store works is for the look that follows to say.
-                    delay = RECONNECT_DELAY
-                    yield  # (re)connected: look now
-                    while True:
-                        # Bounded on our side too: a reconnect inside redis-py must not keep
-                        # the poll from happening.
-                        with contextlib.suppress(TimeoutError):
-                            async with asyncio.timeout(POLL_INTERVAL):
-                                await pubsub.get_message(
-                                    ignore_subscribe_messages=True, timeout=POLL_INTERVAL
-                                )
-                        yield  # a message, or a poll's worth of time
-            except Exception as exc:  # not only RedisError: see the module docstring
-                self._unavailable(exc)  # logged once an outage, not at every retry
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, MAX_RECONNECT_DELAY)
+        """Yields when a message arrives on the store's channel, and when the process's
+        subscription to it is (re)confirmed (a message may have been missed meanwhile).
+        While this store's own commands fail but the subscription works (a timeout, a busy
+        pool, a new password only new connections need), it yields every POLL_INTERVAL too:
+        nothing else would tell it the store works again."""
+        subscriber = self._shared.subscriber
+        watch = subscriber.watch(self._channel)
+        self._watches.add(watch)
+        try:
+            while True:
+                poll = POLL_INTERVAL if self._failing and subscriber.connected else None
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(poll):
+                        await watch.wait()
+                watch.clear()
+                yield
+        finally:
+            # However the watcher ends (cancelled, retired, paused): no subscription left.
+            self._watches.discard(watch)
+            subscriber.unwatch(self._channel, watch)
 
     async def close(self) -> None:
-        await self._redis.aclose()
+        """Nothing of its own to close: the client and the subscriber are the process's."""
 
 
-class FileTokenStore(_Availability):
+class FileTokenStore:
     """Worker processes of one proxy on one host: a file for the token, an flock for renewal.
 
     The lock needs no lease: the kernel releases an flock when its holder dies. Changes are
@@ -381,7 +447,7 @@ class FileTokenStore(_Availability):
         log: structlog.typing.FilteringBoundLogger,
         on_error: Callable[[], None] = lambda: None,
     ) -> None:
-        super().__init__(log, on_error)
+        self._health = Availability(log, on_error)
         self._token_path = os.path.join(directory, f"{name}.token.json")
         self._lock_path = os.path.join(directory, f"{name}.renewal.lock")
         self._lease = lease
@@ -392,11 +458,11 @@ class FileTokenStore(_Availability):
             with open(self._token_path, "rb") as file:  # noqa: ASYNC230
                 raw = file.read()
         except FileNotFoundError:
-            self._available()
+            self._health.worked()
             return None
         except OSError as exc:
-            raise self._unavailable(exc) from exc
-        self._available()
+            raise self._health.failed(exc) from exc
+        self._health.worked()
         return StoredToken.decode(raw)
 
     async def save(self, token: StoredToken) -> None:
@@ -408,15 +474,15 @@ class FileTokenStore(_Availability):
                 file.write(token.encode())
             os.replace(partial, self._token_path)
         except OSError as exc:
-            raise self._unavailable(exc) from exc
-        self._available()
+            raise self._health.failed(exc) from exc
+        self._health.worked()
 
     @contextlib.asynccontextmanager
     async def renewal_lock(self) -> AsyncIterator[None]:
         try:
             descriptor = os.open(self._lock_path, os.O_RDWR | os.O_CREAT, 0o600)
         except OSError as exc:
-            raise self._unavailable(exc) from exc
+            raise self._health.failed(exc) from exc
         try:
             deadline = asyncio.get_running_loop().time() + self._lease + 5
             while True:
@@ -442,7 +508,7 @@ class FileTokenStore(_Availability):
             except FileNotFoundError:
                 stamp = None
             except OSError as exc:
-                self._unavailable(exc)
+                self._health.failed(exc)
                 stamp = None
             if stamp != seen or quiet >= POLL_INTERVAL:
                 seen, quiet = stamp, 0.0
