@@ -648,3 +648,122 @@ async def test_online_with_a_v6_probe_answered_401_exits_1(tmp_path, v6_fake):
     assert online_lines(result)[3:] == [
         "online: [callcenter] Sobot rejected the new token on GET /callservice/v6/x: HTTP 401"
     ]
+
+
+# --- online, with tenants -----------------------------------------------------------------------
+
+ACME_APPID = "check-acme-appid"
+ACME_KEY = "check-acme-app-key-0123"
+ACME_V6_APPID = "check-acme-v6-appid"
+ACME_V6_SECRET = "check-acme-v6-secret-0123"
+
+
+@pytest.fixture
+async def acme_fake():
+    """The tenant acme's Sobot: another host, its own appid and keys."""
+    sobot = FakeSobot(ACME_APPID, ACME_KEY, v6_appid=ACME_V6_APPID, v6_secret=ACME_V6_SECRET)
+    await sobot.start()
+    yield sobot
+    await sobot.stop()
+
+
+def tenants_file(tmp_path, acme: FakeSobot, *, acme_key: str = ACME_KEY) -> str:
+    """The tenant acme at its own host, its v6 set `callcenter` in a file beside."""
+    (tmp_path / "acme.key").write_text(acme_key + "\n")
+    (tmp_path / "acme_v6.secret").write_text(ACME_V6_SECRET + "\n")
+    config = tmp_path / "tenants.toml"
+    config.write_text(
+        f"""[tenants.acme]
+appid = "{ACME_APPID}"
+app_key_file = "acme.key"
+base_url = "{acme.url}"
+
+[tenants.acme.credentials.callcenter]
+kind = "v6"
+appid = "{ACME_V6_APPID}"
+app_key_file = "acme_v6.secret"
+"""
+    )
+    return str(config)
+
+
+async def test_online_proves_every_tenants_sets_one_line_each(tmp_path, fake, acme_fake):
+    config = tenants_file(tmp_path, acme_fake)
+    result = await check_async(
+        tmp_path, "--config", config, "--online", "--rotate-token", **online_env(fake)
+    )
+    assert result.status == 0, result.output
+    lines = online_lines(result)
+    assert lines[:2] == [  # the tenant `default`, as without tenants
+        f"online: get_token succeeded at {fake.url} for appid {APPID}: a token valid for "
+        "86400 s was issued (not shown)",
+        "online: the credentials work",
+    ]
+    assert lines[2] == (
+        f"online: [acme/default] get_token succeeded at {acme_fake.url} for appid {ACME_APPID}: "
+        "a token valid for 86400 s was issued (not shown); the credentials work"
+    )
+    assert re.fullmatch(
+        rf"online: \[acme/callcenter\] /tokens/company succeeded at {re.escape(acme_fake.url)} "
+        rf"for appid {ACME_V6_APPID}: a token valid for 8640\d(\.\d+)? s was issued "
+        r"\(not shown\); the credentials work",
+        lines[3],
+    ), lines[3]
+    assert len(lines) == 4
+    # One rotation warning per set, a named tenant's on one line under its name.
+    warned = result.stderr.splitlines()
+    assert [line.split(" ")[2] for line in warned] == [
+        "proving",
+        "[acme/default]",
+        "[acme/callcenter]",
+    ]
+    assert (fake.stats.get_token_calls, acme_fake.stats.get_token_calls) == (1, 1)
+    assert acme_fake.stats.v6_token_calls == 1
+    assert_no_secret(result, ACME_KEY, ACME_V6_SECRET, *acme_fake.issued_tokens)
+
+
+async def test_online_names_the_tenant_and_set_refused_and_exits_1(tmp_path, fake, acme_fake):
+    wrong = "not-the-acme-key-0123"
+    config = tenants_file(tmp_path, acme_fake, acme_key=wrong)
+    result = await check_async(
+        tmp_path, "--config", config, "--online", "--rotate-token", **online_env(fake)
+    )
+    assert result.status == 1, result.output
+    lines = online_lines(result)
+    assert lines[1] == "online: the credentials work"  # the tenant `default` is fine
+    assert lines[2] == (
+        "online: [acme/default] Sobot's get_token answered 900003 (signature error): "
+        "signature error"
+    )
+    assert lines[3].startswith("online: [acme/callcenter] /tokens/company succeeded at ")
+    assert acme_fake.stats.tokens_issued == 0
+    assert_no_secret(result, wrong, ACME_KEY, ACME_V6_SECRET, *fake.issued_tokens)
+
+
+async def test_online_probes_each_tenant_at_its_own_upstream(tmp_path, fake, acme_fake):
+    """A probe on a route to the main upstream goes to each tenant's own host, with its own
+    token."""
+    config = tenants_file(tmp_path, acme_fake)
+    result = await check_async(
+        tmp_path,
+        "--config",
+        config,
+        "--online",
+        "--rotate-token",
+        "--probe-path",
+        PROBE,
+        **online_env(fake),
+    )
+    assert result.status == 0, result.output
+    lines = online_lines(result)
+    assert (
+        lines[1] == f"online: Sobot accepted the new token: GET {PROBE} answered 000000 (success)"
+    )
+    assert lines[2].endswith(
+        f"; Sobot accepted the new token: GET {PROBE} answered 000000 (success)"
+    )
+    assert lines[3].endswith("; the credentials work")  # the probe is not the v6 set's
+    for sobot in (fake, acme_fake):
+        assert [(r.path, r.token_state) for r in sobot.received] == [
+            ("/api/ws/5/ticket/list", "valid")
+        ]

@@ -17,7 +17,11 @@ wherever possible:
   empty, the new token is fetched under the replicas' renewal lock and stored, so running
   replicas adopt it rather than meet a rejection.
 
-Lines about a set other than `default` begin with its name in brackets.
+Every tenant's sets are proven, `default`'s first. Lines about a set of the tenant `default`
+other than its set `default` begin with the set's name in brackets (`[callcenter]`); lines about
+a named tenant's set begin with the tenant's and the set's names (`[acme/default]`,
+`[acme/callcenter]`), and each such set says all it has to say in one line (and, if it warns,
+one warning line): with a thousand tenants, one line per set.
 
 Exit status: 0 every set valid and proven; 1 some credentials or token were refused, or Sobot
 or the token store cannot be reached; 2 (with nothing refused) a set could not be proven without
@@ -31,7 +35,7 @@ import contextlib
 import logging
 import ssl
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Final, TextIO
 from urllib.parse import urlsplit
 
@@ -43,6 +47,7 @@ from yarl import URL
 from proxy import upstream
 from proxy.config.routes import DEFAULT_CREDENTIALS, CredentialSettings
 from proxy.config.settings import MIB, Settings
+from proxy.config.tenants import DEFAULT_TENANT
 from proxy.logs import Secrets
 from proxy.server.paths import split_target
 from proxy.sobot import v5
@@ -69,13 +74,30 @@ PROBE_READ_LIMIT: Final = MIB
 class _Report:
     out: TextIO
     err: TextIO
-    prefix: str = ""  # "[name] " for a set other than default
+    prefix: str = ""  # "[set] " or "[tenant/set] ": see the module docstring
+    # Said by end(), joined: one line (and one warning line) for the set.
+    one_line: bool = False
+    _lines: list[str] = field(default_factory=list)
+    _warnings: list[str] = field(default_factory=list)
 
     def line(self, text: str) -> None:
-        print(f"online: {self.prefix}{text}", file=self.out, flush=True)
+        if self.one_line:
+            self._lines.append(text)
+        else:
+            print(f"online: {self.prefix}{text}", file=self.out, flush=True)
 
     def warning(self, text: str) -> None:
-        print(f"sobot-proxy: warning: {self.prefix}{text}", file=self.err, flush=True)
+        if self.one_line:
+            self._warnings.append(text)
+        else:
+            print(f"sobot-proxy: warning: {self.prefix}{text}", file=self.err, flush=True)
+
+    def end(self) -> None:
+        if self._warnings:
+            warned = "; ".join(self._warnings)
+            print(f"sobot-proxy: warning: {self.prefix}{warned}", file=self.err, flush=True)
+        if self._lines:
+            print(f"online: {self.prefix}{'; '.join(self._lines)}", file=self.out, flush=True)
 
 
 def prove(
@@ -95,32 +117,43 @@ def prove(
 async def _prove_all(
     settings: Settings, *, rotate_token: bool, probe: str | None, out: TextIO, err: TextIO
 ) -> int:
-    # The probe proves the set of the route it goes along (if that route injects one).
-    probe_route = None if probe is None else _route_of(settings, probe)
     results = []
-    for config in settings.credential_sets:
-        prefix = "" if config.name == DEFAULT_CREDENTIALS else f"[{config.name}] "
-        report = _Report(out, err, prefix)
-        probed = probe if probe_route is not None and probe_route[1] == config.name else None
-        base = probe_route[0] if probed is not None and probe_route is not None else None
-        results.append(
-            await _prove(
-                settings,
-                config,
-                rotate_token=rotate_token,
-                probe=probed,
-                probe_base=base,
-                report=report,
+    for tenant in settings.all_tenants:
+        # The probe proves the tenant's set of the route it goes along (if that route injects
+        # one, and the tenant has it), at the route's upstream or the tenant's main one.
+        probe_route = None if probe is None else _route_of(settings, probe, tenant.base_url)
+        for config in tenant.credential_sets:
+            report = _report_for(tenant.name, config.name, out, err)
+            probed = probe if probe_route is not None and probe_route[1] == config.name else None
+            base = probe_route[0] if probed is not None and probe_route is not None else None
+            results.append(
+                await _prove(
+                    settings,
+                    config,
+                    tenant.base_url,
+                    rotate_token=rotate_token,
+                    probe=probed,
+                    probe_base=base,
+                    report=report,
+                )
             )
-        )
+            report.end()
     if EXIT_REFUSED in results:
         return EXIT_REFUSED
     return max(results)
 
 
+def _report_for(tenant: str, credential_set: str, out: TextIO, err: TextIO) -> _Report:
+    if tenant != DEFAULT_TENANT:
+        return _Report(out, err, f"[{tenant}/{credential_set}] ", one_line=True)
+    return _Report(
+        out, err, "" if credential_set == DEFAULT_CREDENTIALS else f"[{credential_set}] "
+    )
+
+
 def probe_problem(settings: Settings, probe: str) -> str | None:
     """Why `probe` cannot prove a credential set under `settings`, if it cannot."""
-    route = _route_of(settings, probe)
+    route = _route_of(settings, probe, settings.base_url)
     if route is None:
         return "no route serves it"
     if route[1] is None:
@@ -128,18 +161,20 @@ def probe_problem(settings: Settings, probe: str) -> str | None:
     return None
 
 
-def _route_of(settings: Settings, path: str) -> tuple[str, str | None] | None:
-    """(base URL, credential set) of the route `path` goes along; None: no route serves it."""
+def _route_of(settings: Settings, path: str, main_base_url: str) -> tuple[str, str | None] | None:
+    """(base URL, credential set) of the route `path` goes along for a tenant whose main
+    upstream is `main_base_url`; None: no route serves it."""
     path = split_target(path)[0]  # as the proxy takes it: `//api/x` is `/api/x`
     for route in settings.route_table:
         if path.startswith(route.prefix):
-            return route.upstream(settings.base_url), route.credentials
+            return route.upstream(main_base_url), route.credentials
     return None
 
 
 async def _prove(
     settings: Settings,
     config: CredentialSettings,
+    main_base_url: str,
     *,
     rotate_token: bool,
     probe: str | None,
@@ -164,7 +199,16 @@ async def _prove(
             store = stores.make(namespace=credential.store_namespace, appid=config.appid, log=log)
             resources.push_async_callback(store.close)
         prover = _Prover(
-            settings, config, credential, client, store, log, report, probe, probe_base
+            settings,
+            config,
+            credential,
+            client,
+            store,
+            log,
+            report,
+            base_url=config.base_url or main_base_url,
+            probe=probe,
+            probe_base=probe_base or main_base_url,
         )
         call = _call_name(credential)
         try:
@@ -226,19 +270,22 @@ class _Prover:
         store: TokenStore | None,
         log: structlog.typing.FilteringBoundLogger,
         report: _Report,
+        *,
+        base_url: str,
         probe: str | None,
-        probe_base: str | None,
+        probe_base: str,
     ) -> None:
+        """`base_url`: where the set's token comes from; `probe_base`: where the probe goes."""
         self._settings = settings
         self._config = config
         self._credential = credential
-        self._base_url = config.base_url or settings.base_url
+        self._base_url = base_url
         self._client = client
         self._store = store
         self._log = log
         self._report = report
         self._probe = probe
-        self._probe_base = probe_base or settings.base_url
+        self._probe_base = probe_base
 
     async def shared_token(self) -> StoredToken | None:
         """The live token the store holds for the set, or None (said so)."""

@@ -153,7 +153,8 @@ def _reread_client_keys(
 def restart_needed(old: Settings, new: Settings) -> list[str]:
     """The names (as in the README and the TOML file: `port`, `routes`, `token_store`, ...)
     of the settings that differ between `old` and `new` and that a reload does not apply, in
-    the order of the README's table. Empty: `new` can be applied whole."""
+    the order Settings declares them, `client_keys` (turned on or off) last. Empty: `new`
+    can be applied whole."""
     names = [
         field.name
         for field in dataclasses.fields(Settings)
