@@ -7,12 +7,14 @@ standard `logging` module) go the same way.
 Credentials never reach a line. The code never logs them; a processor masks any field with a
 credential's name; and every line passes through a scrubber that replaces the known secret
 values (the app_key, client keys, recent tokens and signatures) wherever they appear, in an
-exception's text included. The scrubber is the last line of defence, not the first.
+exception's text included, as they are and as JSON and repr() escape them. The scrubber is
+the last line of defence, not the first.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import re
 import sys
@@ -70,39 +72,48 @@ class Secrets:
     def __init__(self, fixed: Iterable[str] = ()) -> None:
         self._lasting: set[bytes] = set()
         self._lasting_watch = _Watch()
-        self._owned: weakref.WeakKeyDictionary[object, deque[bytes]] = weakref.WeakKeyDictionary()
-        self._unowned: deque[bytes] = deque(maxlen=UNOWNED_KEPT)
+        # A short-lived value is kept as its forms (see _forms), watched and let go together.
+        self._owned: weakref.WeakKeyDictionary[object, deque[tuple[bytes, ...]]] = (
+            weakref.WeakKeyDictionary()
+        )
+        self._unowned: deque[tuple[bytes, ...]] = deque(maxlen=UNOWNED_KEPT)
         self._short_watch = _Watch()
         self.add_lasting(fixed)
 
     def add_lasting(self, values: Iterable[str]) -> None:
         """Watch for each of `values` for good (keys): all at once, one rebuild."""
-        self._lasting.update(_watchable(value) for value in values)
-        self._lasting.discard(b"")
+        self._lasting.update(form for value in values for form in _forms(value))
         self._lasting_watch.rebuild(self._lasting)
 
     def add(self, value: str, *, lasting: bool = False, owner: object = None) -> None:
         """Watch for `value`: for good when `lasting` (keys), else as one of the last values
         `owner` added (an object, weakly referenced: its values go with it), or, without an
         owner, as one of the last few added so."""
-        raw = _watchable(value)
-        if not raw:
+        forms = _forms(value)
+        if not forms:
             return
         if lasting:
-            if raw not in self._lasting:
-                self._lasting.add(raw)
-                self._lasting_watch.add(raw, lambda: self._lasting)
+            for form in forms:
+                if form not in self._lasting:
+                    self._lasting.add(form)
+                    self._lasting_watch.add(form, lambda: self._lasting)
             return
         kept = self._unowned if owner is None else self._owned.get(owner)
         if kept is None:
             kept = self._owned[owner] = deque(maxlen=OWNED_KEPT)
-        if raw in kept:
+        if forms in kept:
             return
-        kept.append(raw)
-        self._short_watch.add(raw, self._short_lived)
+        kept.append(forms)
+        for form in forms:
+            self._short_watch.add(form, self._short_lived)
 
     def _short_lived(self) -> set[bytes]:
-        return {*self._unowned, *(value for kept in self._owned.values() for value in kept)}
+        return {
+            form
+            for kept in (self._unowned, *self._owned.values())
+            for forms in kept
+            for form in forms
+        }
 
     def scrub(self, data: bytes) -> bytes:
         spans = self._lasting_watch.spans(data)
@@ -162,9 +173,21 @@ class _Watch:
         return spans
 
 
-def _watchable(value: str) -> bytes:
-    """`value` as the lines carry it, or nothing if it is too short to scrub safely."""
-    return value.encode() if len(value) >= MIN_SECRET_LENGTH else b""
+def _forms(value: str) -> tuple[bytes, ...]:
+    """`value` in every form a rendered line can carry it, each once: as it is; JSON-escaped
+    (a string field of a JSON line); as repr() shows it (an exception's args in a traceback, a
+    KeyError's message); and that repr JSON-escaped (a traceback in a JSON line). A secret with
+    a quote, a backslash or a control character differs in each. None if the value is too short
+    to scrub safely."""
+    if len(value) < MIN_SECRET_LENGTH:
+        return ()
+    # repr() quotes with ' unless the text holds ' and no ": as the secret alone, and inside a
+    # longer text that holds both (its ' then escaped). Without the quotes.
+    shown = (repr(value)[1:-1], repr(f'{value}"')[1:-2])
+    forms = [value.encode("utf-8", "surrogateescape"), *(text.encode() for text in shown)]
+    with contextlib.suppress(TypeError):  # lone surrogates: orjson refuses them, lines too
+        forms += (orjson.dumps(text)[1:-1] for text in (value, *shown))
+    return tuple(dict.fromkeys(forms))
 
 
 def redact_secret_fields(

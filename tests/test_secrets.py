@@ -2,16 +2,22 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
+import urllib.parse
+
+from aiohttp.test_utils import TestServer
 
 from proxy.config.routes import CredentialSettings, RouteSettings
+from proxy.config.settings import Settings
 from proxy.config.tenants import TenantSettings
 from proxy.logs import Secrets, get_logger
+from proxy.server.app import make_app
 from proxy.sobot import v6
 from proxy.sobot.v5 import make_sign
 from proxy.testing.fake_sobot import FakeSobot
 from proxy.tokens.manager import Backoff
-from tests.conftest import APP_KEY, APPID, CapturedLogs, tokens_of
+from tests.conftest import APP_KEY, APPID, CapturedLogs, exact_url, tokens_of
 from tests.processes import HEX32
 
 
@@ -104,6 +110,59 @@ async def test_every_failure_path_keeps_the_app_key_and_token_out_of_all_output(
         assert secret.encode() not in logs.raw
         for answer in answers:
             assert secret.encode() not in answer
+
+
+# A quote, a backslash and text outside ASCII: JSON and repr() show each of them escaped, and a
+# traceback rendered into a JSON line escapes the repr again. The markers (Kq7z, Pw9x) are
+# found in any form a line could show them in.
+ESCAPED_CLIENT_KEY = 'client"key\\0123456789-Kq7z-ключ'
+ESCAPED_STORE_PASSWORD = 'store"pass\\word-Pw9x-密码'
+
+
+async def test_secrets_that_json_and_repr_escape_are_scrubbed_in_every_form(
+    aiohttp_client, settings: Settings, logs: CapturedLogs, monkeypatch
+):
+    """In a request's log line, an error's line and a traceback (its repr too) of a crash."""
+    key, password = ESCAPED_CLIENT_KEY, ESCAPED_STORE_PASSWORD
+    settings = dataclasses.replace(settings, client_keys=(key,), token_store_password=password)
+    app = make_app(settings, secrets=logs.secrets)
+    # Without aiohttp's access log, as the proxy runs (server/listen.py): it would show the
+    # target as sent, percent-encoded, which no log line of the proxy's does.
+    server = TestServer(app)
+    await server.start_server(access_log=None)
+    proxy = await aiohttp_client(server)
+    bearer = f"Bearer {key}"
+    answers: list[bytes] = []
+
+    async def call(path: str) -> None:
+        response = await proxy.session.get(
+            exact_url(proxy, path), headers={"Authorization": bearer}
+        )
+        answers.append(await response.read())
+
+    # The client key in a request's path (sent by mistake), as the request's line shows it.
+    await call("/api/" + urllib.parse.quote(f"{key}|{password}", safe=""))
+    get_logger().error("store_failed", detail=f"a bug logs {key} and {password}")
+
+    async def crash(*_args, **_kwargs):
+        # An exception's args are shown by their repr(), and the traceback goes into JSON.
+        raise KeyError(key, password)
+
+    with monkeypatch.context() as patched:
+        patched.setattr("proxy.server.forward.Forwarder.forward", crash)
+        await call("/api/echo")
+
+    [request_line, crash_line] = logs.events("request")
+    assert request_line["path"] == "/api/[redacted]|[redacted]"
+    [error] = logs.events("store_failed")
+    assert error["detail"] == "a bug logs [redacted] and [redacted]"
+    [internal] = logs.events("internal_error")
+    assert "KeyError: ('[redacted]', '[redacted]')" in internal["exception"]
+    assert crash_line["status"] == 500
+    for marker in (b"Kq7z", b"Pw9x"):
+        assert marker not in logs.raw
+        for answer in answers:
+            assert marker not in answer
 
 
 def test_the_scrubber_replaces_every_secret_whole_wherever_it_appears():
