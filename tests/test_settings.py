@@ -118,7 +118,7 @@ def test_toml_file_alone_can_configure_everything(tmp_path):
         max_queue=0,
         shutdown_grace=0,
         temp_dir=str(tmp_path),
-        client_keys=["k1", "k2"],
+        client_keys=["client-key-1", "client-key-2"],
         allow_paths=["/api/ws/5/ticket/", "/api/5/user/"],
         allow_methods=["get", "POST"],
     )
@@ -138,7 +138,7 @@ def test_toml_file_alone_can_configure_everything(tmp_path):
         max_queue=0,
         shutdown_grace=0.0,
         temp_dir=str(tmp_path),
-        client_keys=("k1", "k2"),
+        client_keys=("client-key-1", "client-key-2"),
         allow_paths=("/api/ws/5/ticket/", "/api/5/user/"),
         allow_methods=("GET", "POST"),
     )
@@ -459,18 +459,18 @@ def test_a_body_kept_in_memory_needs_no_spool_room():
 
 
 def test_client_keys_come_comma_separated_or_one_a_line_from_a_file(tmp_path):
-    listed = load_settings({}, {**ENV, "SOBOT_PROXY_CLIENT_KEYS": " k1, k2 ,,"})
-    assert listed.client_keys == ("k1", "k2")
+    listed = load_settings({}, {**ENV, "SOBOT_PROXY_CLIENT_KEYS": " client-key-1, client-key-2 ,,"})
+    assert listed.client_keys == ("client-key-1", "client-key-2")
     keys = tmp_path / "keys"
-    keys.write_text("k3\n\n k4 \n")
+    keys.write_text("client-key-3\n\n client-key-4 \n")
     filed = load_settings({}, {**ENV, "SOBOT_PROXY_CLIENT_KEYS_FILE": str(keys)})
-    assert filed.client_keys == ("k3", "k4")
-    assert "k3" not in repr(filed)
+    assert filed.client_keys == ("client-key-3", "client-key-4")
+    assert "client-key-3" not in repr(filed)
 
 
 def test_public_listening_is_fine_with_client_keys_or_an_explicit_opt_out():
     public = {**ENV, "SOBOT_PROXY_HOST": "0.0.0.0"}
-    assert load_settings({}, {**public, "SOBOT_PROXY_CLIENT_KEYS": "k"}).host == "0.0.0.0"
+    assert load_settings({}, {**public, "SOBOT_PROXY_CLIENT_KEYS": "client-key"}).host == "0.0.0.0"
     opted_out = load_settings({"allow_unauthenticated": True}, public)
     assert opted_out.allow_unauthenticated is True
     assert load_settings({}, {**ENV, "SOBOT_PROXY_HOST": "::1"}).host == "::1"  # loopback
@@ -499,3 +499,59 @@ def test_a_redis_store_url_and_password_never_show():
     with pytest.raises(ConfigError) as raised:
         load_settings({}, {**ENV, "SOBOT_TOKEN_STORE": "redis://:url-secret@h:99999/0"})
     assert "url-secret" not in str(raised.value)
+
+
+SHORT_SECRETS = [
+    ({"SOBOT_PROXY_CLIENT_KEYS": "Short-1"}, "SOBOT_PROXY_CLIENT_KEYS: its key is shorter than 8"),
+    (
+        {"SOBOT_PROXY_CLIENT_KEYS": "client-key-1,Short-1,Short-2"},
+        "SOBOT_PROXY_CLIENT_KEYS: 2 of its keys are shorter than 8 characters",
+    ),
+    (
+        {"SOBOT_PROXY_CLIENT_KEYS_FILE": "keys"},
+        "SOBOT_PROXY_CLIENT_KEYS_FILE: {tmp}/keys line 2: its key is shorter than 8 characters",
+    ),
+    (
+        {"SOBOT_TOKEN_STORE": "redis://r/0", "SOBOT_TOKEN_STORE_PASSWORD": "Short-1"},
+        "SOBOT_TOKEN_STORE_PASSWORD: the password is shorter than 8 characters",
+    ),
+    (
+        {"SOBOT_TOKEN_STORE": "redis://r/0", "SOBOT_TOKEN_STORE_PASSWORD_FILE": "password"},
+        "SOBOT_TOKEN_STORE_PASSWORD_FILE: the password is shorter than 8 characters",
+    ),
+    (
+        {"SOBOT_TOKEN_STORE": "redis://:Short%2D1@r/0"},
+        "SOBOT_TOKEN_STORE: the password is shorter than 8 characters",
+    ),
+]
+
+
+@pytest.mark.parametrize(("changes", "problem"), SHORT_SECRETS)
+def test_client_keys_and_redis_passwords_too_short_to_scrub_are_refused(tmp_path, changes, problem):
+    """The logs' scrubber leaves values under 8 characters alone (they would mangle ordinary
+    text): such a key or password could show in a line, so it is refused, in one line that
+    does not show it."""
+    (tmp_path / "keys").write_text("client-key-1\nShort-1\n")
+    (tmp_path / "password").write_text("Short-1\n")
+    env = {
+        **ENV,
+        **{
+            name: str(tmp_path / value) if name.endswith("_FILE") else value
+            for name, value in changes.items()
+        },
+    }
+    [reported] = problems_of({}, env)
+    assert reported.startswith(problem.format(tmp=tmp_path))
+    assert "Short" not in reported
+
+
+def test_client_keys_and_redis_passwords_of_8_characters_are_enough():
+    settings = load_settings(
+        {},
+        {
+            **ENV,
+            "SOBOT_PROXY_CLIENT_KEYS": "8-chars!",
+            "SOBOT_TOKEN_STORE": "redis://:8-chars!@r/0",
+        },
+    )
+    assert settings.client_keys == ("8-chars!",)

@@ -276,7 +276,7 @@ def test_an_unknown_tenant_among_many_is_one_short_line():
 def test_a_key_bound_to_a_tenant_with_a_mistake_is_not_a_second_problem():
     toml = ACME.replace('app_key_file = "acme.key"\n', "")
     problems = problems_of(
-        toml, {"SOBOT_PROXY_CLIENT_KEYS_FILE": KEYS_FILE}, files={KEYS_FILE: "k acme\n"}
+        toml, {"SOBOT_PROXY_CLIENT_KEYS_FILE": KEYS_FILE}, files={KEYS_FILE: "client-key acme\n"}
     )
     assert problems == [f"{CONFIG}: tenants.acme: set app_key or app_key_file"]
 

@@ -14,7 +14,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final, NamedTuple
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 from proxy.config import secret_files
 from proxy.config.routes import (
@@ -45,6 +45,7 @@ from proxy.config.values import (
 )
 from proxy.config.values import is_loopback as is_loopback  # re-exported, as REGIONS
 from proxy.config.values import text as _text
+from proxy.logs import MIN_SECRET_LENGTH
 
 MIB: Final = 1024 * 1024
 # Request bodies up to this size are kept in memory for the replay; a larger one goes to disk
@@ -272,7 +273,17 @@ def _token_store(value: Any) -> str:
     db = parts.path.strip("/")
     if db and not db.isdigit():
         raise ValueError("names a database that is not a number (redis://host:port/0)")
+    if parts.password is not None and len(unquote(parts.password)) < MIN_SECRET_LENGTH:
+        raise ValueError(f"the password {_TOO_SHORT}")
     return text
+
+
+# The logs' scrubber leaves shorter values alone (they would mangle ordinary text): a secret
+# that short could show in a line, so it is refused.
+_TOO_SHORT: Final = (
+    f"is shorter than {MIN_SECRET_LENGTH} characters, too short for the logs to hide; use a "
+    "long random one"
+)
 
 
 def _host(value: Any) -> str:
@@ -660,6 +671,9 @@ def load_with_provenance(
         secrets[secret.name], origins[secret.name] = _read_secret(
             secret, env, toml_values, toml_label, read_text, problems
         )
+    password = secrets["token_store_password"]
+    if password and len(password[0]) < MIN_SECRET_LENGTH:
+        problems.append(f"{origins['token_store_password'].name}: the password {_TOO_SHORT}")
     region = values["region"]
     tables = parse_tables(
         toml_values,
@@ -693,7 +707,6 @@ def load_with_provenance(
     if values["base_url"] is None:
         values["base_url"] = REGIONS[region]
         origins["base_url"] = origins["region"]  # the region chose it
-    password = secrets["token_store_password"]
     settings = Settings(
         app_key=secrets["app_key"][0],
         app_key_file=origins["app_key"].file,

@@ -49,6 +49,7 @@ from proxy.config.toml_routes import (
     unknown_keys,
     upstream,
 )
+from proxy.logs import MIN_SECRET_LENGTH
 
 DEFAULT_TENANT: Final = "default"
 ALL_TABLES: Final = TABLES | {"tenants"}
@@ -220,8 +221,13 @@ def bind_client_keys(
     and lines starting with # are skipped.
 
     A problem names the line by its number, never its words: a mistaken line may hold two
-    keys, so even the tenant it names is not repeated."""
+    keys, so even the tenant it names is not repeated. A key shorter than MIN_SECRET_LENGTH is
+    a problem: the logs' scrubber leaves such short values alone (they would mangle ordinary
+    text), so it could show in a line."""
     if file is None:
+        short = sum(len(key) < MIN_SECRET_LENGTH for key in given)
+        if short:
+            problems.append(f"{label}: {_too_short(short, len(given))}")
         return ClientKeys(given, (DEFAULT_TENANT,) * len(given))
     keys: list[str] = []
     tenants: list[str] = []
@@ -237,6 +243,9 @@ def bind_client_keys(
             )
             continue
         key, tenant = words[0], words[1] if len(words) == 2 else DEFAULT_TENANT
+        if len(key) < MIN_SECRET_LENGTH:
+            problems.append(f"{where}: {_too_short(1, 1)}")
+            continue
         if tenant not in tenant_names:
             known = (
                 f"tenants: {', '.join(tenant_names)}"
@@ -255,3 +264,13 @@ def bind_client_keys(
         keys.append(key)
         tenants.append(tenant)
     return ClientKeys(tuple(keys), tuple(tenants))
+
+
+def _too_short(short: int, of: int) -> str:
+    keys = (
+        "its key is" if of == 1 else "its keys are" if short == of else f"{short} of its keys are"
+    )
+    return (
+        f"{keys} shorter than {MIN_SECRET_LENGTH} characters, too short for the logs to hide; "
+        "use long random keys (openssl rand -hex 32)"
+    )
