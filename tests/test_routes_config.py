@@ -657,3 +657,23 @@ def test_repeats_are_found_among_sets_and_routes_with_other_mistakes_too():
     )
     assert f"{CONFIG}: routes[3].prefix: '/b/' is also the prefix of routes[2]" in problems
     assert len(problems) == 4, problems  # and the missing secret, and the plain http
+
+
+@pytest.mark.parametrize(
+    ("content", "problem"),
+    [
+        ("x = [\n", "not valid TOML (Invalid value (at end of document))"),
+        (None, "cannot be read (No such file or directory)"),
+    ],
+    ids=["not-toml", "missing"],
+)
+def test_check_reports_a_file_it_cannot_parse_in_one_line_and_nothing_it_would_have_set(
+    tmp_path, content, problem
+):
+    """The appid, app_key and upstream the file would have set are not follow-on problems."""
+    if content is not None:
+        (tmp_path / "broken.toml").write_text(content)
+    result = run_command("check", "--config", "broken.toml", cwd=tmp_path, env=command_env())
+    assert result.returncode == 2, result.stderr
+    [line] = result.stderr.splitlines()
+    assert line.startswith(f"sobot-proxy: configuration error: config file broken.toml: {problem}")

@@ -628,6 +628,10 @@ def load_with_provenance(
     """load_settings, and where each value came from (see Provenance)."""
     problems: list[str] = []
     toml_values, toml_label = _read_toml(flags, env, read_text, problems)
+    if toml_values is None:
+        # The file is the one problem: whatever it would have set ("appid is required", "no
+        # upstream") follows from it, and would only bury it.
+        raise ConfigError(problems)
     sources = (
         _Source(
             "flag",
@@ -795,7 +799,9 @@ def _read_toml(
     env: Mapping[str, str],
     read_text: Callable[[Path], str],
     problems: list[str],
-) -> tuple[dict[str, Any], str]:
+) -> tuple[dict[str, Any] | None, str]:
+    """The TOML file's known values and its name for messages; None for the values if it
+    cannot be read or parsed (the problem added to `problems`)."""
     name = flags.get("config") or env.get(CONFIG_ENV)
     if not name:
         return {}, ""
@@ -804,10 +810,10 @@ def _read_toml(
         values = tomllib.loads(read_text(Path(name)))
     except OSError as exc:
         problems.append(f"config file {label}: cannot be read ({exc.strerror or exc})")
-        return {}, label
+        return None, label
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         problems.append(f"config file {label}: not valid TOML ({exc})")
-        return {}, label
+        return None, label
     known = TOML_KEYS | ALL_TABLES
     for key in sorted(set(values) - known):
         problems.append(
