@@ -488,6 +488,28 @@ def test_tenants_is_a_known_table():
     assert "tenants" in problems[0]
 
 
+@pytest.mark.parametrize(
+    ("top_level", "flags", "env", "named"),
+    [
+        ("", {}, {}, "SOBOT_APPID"),
+        ("", {"appid": "main-appid"}, {"SOBOT_APPID": "env-appid"}, "--appid"),
+        ('appid = "main-appid"\n', {}, {"SOBOT_APPID": None}, "the file's top-level appid"),
+    ],
+    ids=["env", "flag", "file"],
+)
+def test_a_tenant_repeating_the_default_appid_names_where_that_appid_was_given(
+    top_level, flags, env, named
+):
+    toml = top_level + WITH_KEY.replace("acme-appid", "main-appid")
+    given = {name: value for name, value in {**ENV, **env}.items() if value is not None}
+    with pytest.raises(ConfigError) as caught:
+        load_settings({"config": CONFIG, **flags}, given, read_text=lambda _path: toml)
+    assert caught.value.problems == [
+        f"{CONFIG}: tenants.acme.appid: the same v5 appid as the default set ({named}): a "
+        "client's own get_token could not tell the two apart"
+    ]
+
+
 def test_every_mistake_of_every_tenant_is_listed_in_one_run():
     toml = (
         '[tenants.acme]\nappid = "main-appid"\n'  # no key, and default's appid

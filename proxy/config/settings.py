@@ -684,6 +684,7 @@ def load_with_provenance(
         file_label=toml_label,
         read_text=read_text,
         default_appid=values["appid"],
+        default_appid_source=_appid_source(origins["appid"]),
         main_base_url=values["base_url"] or (REGIONS[region] if region else None),
         allow_insecure_upstream=bool(values["allow_insecure_upstream"]),
         problems=problems,
@@ -733,6 +734,12 @@ def load_with_provenance(
         raise ConfigError(problems)
     config_file = flags.get("config") or env.get(CONFIG_ENV)
     return settings, Provenance(origins, region, str(config_file) if config_file else None)
+
+
+def _appid_source(origin: Origin) -> str:
+    """Where the top-level appid was given, as a message about a repeat of it names it: the
+    line already names the file, so the file's own key is named by its place in it."""
+    return "the file's top-level appid" if origin.layer == "config file" else origin.name
 
 
 def _config_origin(flags: Mapping[str, Any], env: Mapping[str, str]) -> Origin:

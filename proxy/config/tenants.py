@@ -99,15 +99,17 @@ def parse_tables(
     file_label: str,
     read_text: Callable[[Path], str],
     default_appid: str | None,
+    default_appid_source: str,
     main_base_url: str | None,
     allow_insecure_upstream: bool,
     problems: list[str],
 ) -> Tables:
     """The sets, tenants and routes of a TOML file's top-level values, every problem added to
     `problems`. `default_appid` and `main_base_url` are the top level's (None if missing or
-    bad, which is a problem of its own)."""
+    bad, which is a problem of its own); `default_appid_source` names where the appid was given
+    (SOBOT_APPID, --appid or the file), for a message about a repeat of it."""
     reader = Reader(file_label, read_text, allow_insecure_upstream, problems)
-    appids = AppidRegister(reader, default_appid)
+    appids = AppidRegister(reader, default_appid, default_appid_source)
     credentials, declared = credential_sets(reader, toml_values.get("credentials", {}), appids)
     given_tenants = toml_values.get("tenants", {})
     if not isinstance(given_tenants, dict):

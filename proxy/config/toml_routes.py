@@ -300,11 +300,13 @@ class AppidRegister:
     Fed the values as given, so a set with another mistake is compared too: every problem shows
     in one run."""
 
-    def __init__(self, reader: Reader, default_appid: str | None) -> None:
+    def __init__(self, reader: Reader, default_appid: str | None, default_source: str) -> None:
+        """`default_source`: where the default set's appid was given ("SOBOT_APPID",
+        "--appid", "the file's top-level appid"), for a message to name."""
         self._reader = reader
         self._first: dict[tuple[str, str], str] = {}
         if default_appid is not None:
-            self._first["v5", default_appid] = "the default set (SOBOT_APPID)"
+            self._first["v5", default_appid] = f"the default set ({default_source})"
 
     def add(self, where: str, kind: Any, appid: Any, *, tenant: bool = False) -> None:
         """`where`: the set's key path; `tenant`: it is a tenant's main appid (kind v5)."""
