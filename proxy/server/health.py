@@ -9,10 +9,11 @@ Tenants: readiness is `default`'s, whose tokens are fetched at start-up. A named
 on its first request and may sit idle (its tokens left to expire), so it cannot decide whether
 the proxy takes traffic, and one company's refused key must not take every other company's
 proxy out of its load balancer. The body stays short with a thousand tenants: `default`'s sets
-in full, then `tenants`: how many are configured, started and failing, and the problem of the
-first PROBLEMS_SHOWN started tenants whose tokens fail. A set whose token is valid but whose
-renewal fails (a new key Sobot refuses after a reload: `configuration_error`) stays ready and
-says so: `warning`, `problem` and `configuration_error` in its entry, `warning` at the top.
+in full, then `tenants`: how many are configured, started and failing (0 included), and, only
+when some fail, the problem of the first PROBLEMS_SHOWN started tenants whose tokens fail. A
+set whose token is valid but whose renewal fails (a new key Sobot refuses after a reload:
+`configuration_error`) stays ready and says so: `warning`, `problem` and `configuration_error`
+in its entry, `warning` at the top.
 `/readyz?tenant=NAME` reports that tenant's sets in full, and is 503 while one it uses lacks a
 token. Who may see the tenants' names is the caller's to decide (app.py): with client keys, only
 an operator's key.
@@ -72,11 +73,13 @@ def _tenants_summary(tenants: Tenants, names_tenants: bool) -> dict[str, object]
             warnings = _warnings(report)
             if warnings:
                 problems[tenant.name] = warnings
-    summary: dict[str, object] = {"configured": tenants.configured, "started": len(started)}
-    if problems:
-        summary["failing"] = len(problems)
-        if names_tenants:  # the first few: a probe's answer stays short when many fail
-            summary["problems"] = dict(itertools.islice(problems.items(), PROBLEMS_SHOWN))
+    summary: dict[str, object] = {
+        "configured": tenants.configured,
+        "started": len(started),
+        "failing": len(problems),  # always, 0 included: a probe's query needs no default
+    }
+    if problems and names_tenants:  # the first few: a probe's answer stays short when many fail
+        summary["problems"] = dict(itertools.islice(problems.items(), PROBLEMS_SHOWN))
     return summary
 
 
