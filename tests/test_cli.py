@@ -335,6 +335,29 @@ def test_fake_sobot_needs_both_v6_arguments(tmp_path):
     assert "--v6-appid and --v6-secret go together" in result.stderr
 
 
+# An option's line in --help: its flags (and metavar), then its help on the same line after two
+# spaces or more, or on the lines below, indented further.
+HELP_OPTION = re.compile(r"^  (-\S.*?)(?:  +(\S.*))?$")
+
+
+@pytest.mark.parametrize("command", ["serve", "check", "fake-sobot"])
+def test_every_option_of_every_command_says_what_it_is(tmp_path, command):
+    result = run_command(command, "--help", cwd=tmp_path, env=command_env(COLUMNS="100"))
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.split("options:\n", 1)[1].splitlines()
+    options: dict[str, str] = {}
+    current = ""
+    for line in lines:
+        option = HELP_OPTION.match(line)
+        if option is not None:
+            current = option.group(1)
+            options[current] = option.group(2) or ""
+        elif line.startswith("    ") and current:
+            options[current] += line.strip()
+    assert "--log-format {json,console}" in options or "--log-format LOG_FORMAT" in options
+    assert [name for name, text in options.items() if not text] == []
+
+
 def test_listening_publicly_without_keys_needs_an_explicit_opt_out_and_warns(tmp_path):
     env = command_env(**CONFIGURED, SOBOT_PROXY_ALLOW_UNAUTHENTICATED="1")
     with running("--host", "0.0.0.0", "--port", "0", cwd=tmp_path, env=env) as proxy:

@@ -134,14 +134,27 @@ def build_parser() -> argparse.ArgumentParser:
         "fake-sobot",
         help="run a fake Sobot upstream, for development without credentials",
     )
-    fake_cmd.add_argument("--host", default="127.0.0.1")
-    fake_cmd.add_argument("--port", type=int, default=8081)
-    fake_cmd.add_argument("--appid", default=DEMO_APPID)
-    fake_cmd.add_argument("--app-key", default=DEMO_APP_KEY)
+    fake_cmd.add_argument(
+        "--host", default="127.0.0.1", help="address to listen on [default: %(default)s]"
+    )
+    fake_cmd.add_argument(
+        "--port", type=int, default=8081, help="port to listen on [default: %(default)s]"
+    )
+    # A test tool: its secrets may be on the command line, unlike the proxy's.
+    fake_cmd.add_argument(
+        "--appid",
+        default=DEMO_APPID,
+        help="the v5 company's appid, which get_token accepts [default: %(default)s]",
+    )
+    fake_cmd.add_argument(
+        "--app-key",
+        default=DEMO_APP_KEY,
+        help="that company's app_key, which get_token's sign must be made with (a fake's key: "
+        "fine on the command line, unlike the proxy's) [default: %(default)s]",
+    )
     fake_cmd.add_argument(
         "--token-lifetime", type=float, default=86400.0, help="expires_in of issued tokens"
     )
-    # A test tool: its secrets may be on the command line, unlike the proxy's.
     fake_cmd.add_argument("--v6-appid", help="serve the V6 call centre with this appId")
     fake_cmd.add_argument("--v6-secret", help="the V6 app_secret (with --v6-appid)")
     fake_cmd.add_argument(
@@ -153,8 +166,18 @@ def build_parser() -> argparse.ArgumentParser:
         type=companies_file,
         help="more v5 companies to serve, one `appid app_key` a line (blank and # lines skipped)",
     )
-    fake_cmd.add_argument("--log-level", choices=LOG_LEVELS, default="info")
-    fake_cmd.add_argument("--log-format", choices=LOG_FORMATS, default="json")
+    fake_cmd.add_argument(
+        "--log-level",
+        choices=LOG_LEVELS,
+        default="info",
+        help="the lowest level logged [default: %(default)s]",
+    )
+    fake_cmd.add_argument(
+        "--log-format",
+        choices=LOG_FORMATS,
+        default="json",
+        help="json (one object a line) or console [default: %(default)s]",
+    )
     return parser
 
 
