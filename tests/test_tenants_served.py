@@ -225,10 +225,15 @@ async def test_a_client_key_decides_the_tenant_and_cannot_reach_another(
     assert response.status == 200
     assert len(acme_host.received) == 1
     assert not fake.received
-    # The key's own tenant named: fine. Another: 403, nothing forwarded anywhere.
+    # The key's own tenant named: fine. Another: 403, nothing forwarded anywhere; an operator
+    # key (`default`'s) included, and a name no tenant has too (not 404: no probing for names).
     same = {**bearer(KEY_ACME), HEADER: "acme"}
     assert (await proxy.get("/api/ws/5/ticket/list", headers=same)).status == 200
-    for key, other in ((KEY_ACME, "default"), (KEY_ACME, "beta"), (KEY_DEFAULT, "acme")):
+    refused = ("default", "beta", "nobody")
+    for key, other in [(KEY_ACME, name) for name in refused] + [
+        (KEY_DEFAULT, "acme"),
+        (KEY_DEFAULT, "nobody"),
+    ]:
         response = await proxy.get("/api/ws/5/ticket/list", headers={**bearer(key), HEADER: other})
         assert response.status == 403, (key, other)
         assert (await response.json())["ret_code"] == "980403"
