@@ -304,11 +304,11 @@ async def test_requests_in_flight_finish_across_a_reload_that_rekeys_and_rebuild
     config_file(tmp_path, fake.url, more=moved)
     assert await proxy.app[RELOADER].reload(loader(config))
     event = logs.events("reloaded")[0]
-    assert event["tenants_rebuilt"] == ["acme"]
+    assert (event["sets_rebuilt"], event["upstreams_changed"]) == (["acme/default"], ["acme"])
     assert event["keys_changed"] == ["default/default"]
     assert not acme_before.renewing
     # The held answers: acme's first says its token was rejected, so that request replays on
-    # the retired manager, which fetches a token on demand as ever.
+    # the retired manager, which hands it to its successor (the same appid): one fetch.
     acme_host.script({"ret_code": "900002", "ret_msg": "token expired"})
     fake.release_answers()
     acme_host.release_answers()
@@ -319,6 +319,106 @@ async def test_requests_in_flight_finish_across_a_reload_that_rekeys_and_rebuild
     # The rebuilt acme starts on its next request, with a manager of its own.
     assert (await proxy.get("/api/echo", headers={HEADER: "acme"})).status == 200
     assert tokens(proxy, "acme") is not acme_before
+
+
+async def test_a_reload_that_adds_an_unrelated_set_keeps_the_held_token_and_its_manager(
+    aiohttp_client, fake: FakeSobot, logs: CapturedLogs, tmp_path
+):
+    """Adding a set no route uses changes nothing `default`'s token depends on: the requests
+    in flight and those after it are served with the one token, no token call, no rejection."""
+    config = config_file(tmp_path, fake.url)
+    proxy = await reloading_proxy(aiohttp_client, config, logs)
+    assert (await proxy.get("/api/echo")).status == 200
+    before, held = tokens(proxy), fake.current_token
+    fake.hold_answers()
+    in_flight = [asyncio.create_task(proxy.get("/api/echo")) for _ in range(3)]
+    async with asyncio.timeout(10):
+        await fake.wait_for_api_calls(4)
+    other = '[credentials.other]\nkind = "v5"\nappid = "other-appid"\napp_key = "other-key-0123"\n'
+    config_file(tmp_path, fake.url, more=other)
+    assert await proxy.app[RELOADER].reload(loader(config))
+    fake.release_answers()
+    async with asyncio.timeout(10):
+        answers = await asyncio.gather(*in_flight)
+    assert [answer.status for answer in answers] == [200, 200, 200]
+    assert (await proxy.get("/api/echo")).status == 200
+    assert (fake.stats.get_token_calls, fake.stats.token_rejections) == (1, 0)
+    assert fake.received[-1].headers["token"] == held
+    assert tokens(proxy) is before
+    assert before.renewing
+    event = logs.events("reloaded")[0]
+    assert (event["sets_added"], event["sets_rebuilt"]) == (["default/other"], [])
+
+
+async def test_a_reload_changing_one_sets_appid_rebuilds_that_set_only(
+    aiohttp_client, logs: CapturedLogs, tmp_path
+):
+    sobot = FakeSobot(
+        APPID, APP_KEY, companies={"other-1": "other-key-1", "other-2": "other-key-2"}
+    )
+    await sobot.start()
+    try:
+
+        def other(appid: str) -> str:
+            return (
+                f'[credentials.other]\nkind = "v5"\nappid = "{appid}"\n'
+                f'app_key = "other-key-{appid[-1]}"\n'
+                '[[routes]]\nprefix = "/chat-third/api/"\ncredentials = "other"\n'
+            )
+
+        config = config_file(tmp_path, sobot.url, more=other("other-1"))
+        proxy = await reloading_proxy(aiohttp_client, config, logs)
+        assert (await proxy.get("/api/echo")).status == 200
+        assert (await proxy.get("/chat-third/api/echo")).status == 200
+        default = proxy.app[TENANTS].default.sets
+        held, other_before = sobot.current_token, default.named("other").tokens
+        calls = sobot.stats.get_token_calls  # default's and other-1's
+
+        config_file(tmp_path, sobot.url, more=other("other-2"))
+        assert await proxy.app[RELOADER].reload(loader(config))
+        now = proxy.app[TENANTS].default.sets
+        assert now.default.tokens is default.default.tokens  # kept, with its token
+        assert now.named("other").tokens is not other_before
+        assert not other_before.renewing
+        event = logs.events("reloaded")[0]
+        assert (event["sets_rebuilt"], event["keys_changed"]) == (["default/other"], [])
+        assert (await proxy.get("/api/echo")).status == 200
+        assert sobot.received[-1].headers["token"] == held
+        assert (await proxy.get("/chat-third/api/echo")).status == 200
+        assert sobot.stats.get_token_calls == calls + 1  # other-2's only
+        assert sobot.stats.token_rejections == 0
+    finally:
+        await sobot.stop()
+
+
+async def test_a_replay_on_a_retired_set_takes_its_successors_token(
+    aiohttp_client, fake: FakeSobot, logs: CapturedLogs, tmp_path
+):
+    """`default` moves to another upstream (the same host, by name): its new manager fetches
+    at once, which rotates the token the requests in flight carry. Their replays take the new
+    manager's token rather than fetching one more, which would rotate it in turn."""
+    config = config_file(tmp_path, fake.url)
+    proxy = await reloading_proxy(aiohttp_client, config, logs)
+    assert (await proxy.get("/api/echo")).status == 200
+    before = tokens(proxy)
+    fake.hold_answers()
+    in_flight = [asyncio.create_task(proxy.get("/api/echo")) for _ in range(2)]
+    async with asyncio.timeout(10):
+        await fake.wait_for_api_calls(3)
+    config_file(tmp_path, fake.url.replace("127.0.0.1", "localhost"))
+    assert await proxy.app[RELOADER].reload(loader(config))
+    async with asyncio.timeout(10):
+        await fake.wait_for_get_token_calls(2)  # the new manager's, at once
+    fake.script({"ret_code": "900002", "ret_msg": "token expired"}, times=2)
+    fake.release_answers()
+    async with asyncio.timeout(10):
+        answers = await asyncio.gather(*in_flight)
+    assert [answer.status for answer in answers] == [200, 200]
+    assert (await proxy.get("/api/echo")).status == 200
+    assert fake.stats.get_token_calls == 2
+    assert fake.received[-1].token_state == "valid"
+    assert tokens(proxy) is not before
+    assert not before.renewing
 
 
 # -- client keys and the Redis password ------------------------------------------------------
