@@ -236,6 +236,33 @@ async def test_a_setting_that_needs_a_restart_is_named_and_the_rest_applied(
     assert proxy.app[RELOADER].settings.upstream_timeout == 30.0  # as it runs
 
 
+async def test_a_reload_that_would_leave_a_kept_route_without_its_set_changes_nothing(
+    aiohttp_client, logs: CapturedLogs, tmp_path
+):
+    """Routes need a restart: removing a route and its set at once would keep the route and
+    drop the set, which start-up refuses (and every request on it would get 403)."""
+    sobot = FakeSobot(APPID, APP_KEY, v6_appid="v6-appid", v6_secret="v6-secret-0123")
+    await sobot.start()
+    try:
+        callcenter = (
+            '[credentials.callcenter]\nkind = "v6"\nappid = "v6-appid"\n'
+            'app_key = "v6-secret-0123"\n'
+            '[[routes]]\nprefix = "/callservice/"\ncredentials = "callcenter"\n'
+        )
+        config = config_file(tmp_path, sobot.url, more=callcenter)
+        proxy = await reloading_proxy(aiohttp_client, config, logs)
+        assert (await proxy.get("/callservice/v6/echo")).status == 200
+        config_file(tmp_path, sobot.url)  # the route and its set both removed
+        assert not await proxy.app[RELOADER].reload(loader(config))
+        [failed] = logs.events("reload_failed")
+        assert "'callcenter' is not a credential set" in failed["problem"]
+        assert not logs.events("reloaded")
+        assert (await proxy.get("/callservice/v6/echo")).status == 200
+        assert proxy.app[TENANTS].default.sets.find("callcenter") is not None
+    finally:
+        await sobot.stop()
+
+
 # -- a new key Sobot refuses ---------------------------------------------------------------
 
 
