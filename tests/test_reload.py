@@ -20,6 +20,7 @@ from aiohttp.test_utils import TestClient
 
 from proxy.config.settings import Settings, load_settings
 from proxy.server.app import RELOADER, TENANTS, make_app
+from proxy.server.hangups import note_early
 from proxy.testing.fake_sobot import FakeSobot
 from proxy.tokens.manager import Backoff, TokenManager
 from tests.conftest import APP_KEY, APPID, CapturedLogs, RedisServer, eventually
@@ -204,6 +205,37 @@ async def test_sighup_adds_and_removes_tenants(
     assert fake.stats.get_token_calls == 1
     # Its token series are gone from /metrics: the labels stay the configured names.
     assert 'tenant="acme"' not in await (await proxy.get("/metrics")).text()
+
+
+async def test_a_sighup_before_the_reloader_starts_is_answered_by_one_reload_when_it_does(
+    aiohttp_client, fake: FakeSobot, acme_host: FakeSobot, logs: CapturedLogs, tmp_path
+):
+    """The configuration is read, then a SIGHUP comes (acme was just added) before the handler
+    is there: it is noted, and the proxy reloads once it can."""
+    config = config_file(tmp_path, fake.url)
+    load = loader(config)
+    settings = load()  # as `serve` reads it at start-up
+    note_early()  # as `serve` does first of all
+    config_file(tmp_path, fake.url, more=acme_table(acme_host, tmp_path))
+    os.kill(os.getpid(), signal.SIGHUP)
+    app = make_app(settings, secrets=logs.secrets, reload_with=load, watch_interval=0.1)
+    proxy = await aiohttp_client(app)
+    event = await reloaded(logs)
+    assert (event["cause"], event["tenants_added"]) == ("signal", ["acme"])
+    assert len(logs.events("reload_requested")) == 1
+    assert (await proxy.get("/api/echo", headers={HEADER: "acme"})).status == 200
+
+
+async def test_a_sighup_while_shutting_down_is_ignored(
+    aiohttp_client, fake: FakeSobot, logs: CapturedLogs, tmp_path
+):
+    """Once the Reloader is closed, SIGHUP no longer reloads, and its default action (the
+    end of the process) must not come back while the rest is cleaned up."""
+    proxy = await reloading_proxy(aiohttp_client, config_file(tmp_path, fake.url), logs)
+    await proxy.app[RELOADER].close()  # the first step of the app's cleanup
+    assert signal.getsignal(signal.SIGHUP) == signal.SIG_IGN
+    os.kill(os.getpid(), signal.SIGHUP)  # ignored: this test process lives on
+    assert (await proxy.get("/api/echo")).status == 200
 
 
 async def test_a_broken_toml_file_on_sighup_changes_nothing_and_the_proxy_serves_on(

@@ -41,6 +41,7 @@ import structlog
 from proxy.config.reload import FileWatch, applied, reread_secrets, restart_needed, watched_files
 from proxy.config.settings import ConfigError, Settings
 from proxy.logs import Secrets
+from proxy.server import hangups
 from proxy.server.access import AccessPolicy
 from proxy.server.credentials import CredentialSet
 from proxy.server.metrics import Metrics
@@ -95,6 +96,8 @@ class Reloader:
         loop = asyncio.get_running_loop()
         loop.add_signal_handler(signal.SIGHUP, lambda: self._hangup(load))
         self._signal_installed = True
+        if hangups.take_noted():  # one came while starting: what was read may be the old
+            self._hangup(load)
         self._spawn(self._watch_files(interval))
 
     def _hangup(self, load: Callable[[], Settings]) -> None:
@@ -121,6 +124,10 @@ class Reloader:
         """At shutdown: no more reloads; the retired sets' managers stopped, stores closed."""
         if self._signal_installed:
             asyncio.get_running_loop().remove_signal_handler(signal.SIGHUP)
+            # That restored the default action, which ends the process: a SIGHUP while the
+            # rest shuts down must not cut its cleanup short.
+            signal.signal(signal.SIGHUP, signal.SIG_IGN)
+            self._signal_installed = False
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
