@@ -10,7 +10,8 @@ import asyncio
 import dataclasses
 import os
 import signal
-from collections.abc import AsyncIterator, Callable
+import ssl
+from collections.abc import AsyncIterator, Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -19,10 +20,19 @@ import redis
 from aiohttp.test_utils import TestClient
 
 from proxy.config.settings import Settings, load_settings
-from proxy.server.app import RELOADER, TENANTS, make_app
+from proxy.config.tenants import TenantSettings
+from proxy.logs import get_logger
+from proxy.server.access import AccessPolicy
+from proxy.server.app import API, RELOADER, TENANTS, make_app
+from proxy.server.building import TenantBuilder
 from proxy.server.hangups import note_early
+from proxy.server.metrics import Metrics
+from proxy.server.reload import Reloader
+from proxy.server.tenants import Rebuilt, Tenant, Tenants
 from proxy.testing.fake_sobot import FakeSobot
 from proxy.tokens.manager import Backoff, TokenManager
+from proxy.tokens.source import token_client
+from proxy.tokens.store import TokenStores
 from tests.conftest import APP_KEY, APPID, CapturedLogs, RedisServer, eventually
 from tests.processes import (
     STACK_APP_KEY,
@@ -478,6 +488,98 @@ async def test_a_replay_on_a_retired_set_takes_its_successors_token(
     assert fake.received[-1].token_state == "valid"
     assert tokens(proxy) is not before
     assert not before.renewing
+
+
+# -- a reload is all or nothing --------------------------------------------------------------
+
+
+class FailingOn:
+    """The real builder, whose rebuild of one tenant fails (as a bug would)."""
+
+    def __init__(self, builder: TenantBuilder, tenant: str) -> None:
+        self._builder, self._tenant = builder, tenant
+
+    def build(self, config: TenantSettings) -> Tenant:
+        return self._builder.build(config)
+
+    def rebuild(self, tenant: Tenant, before: TenantSettings, config: TenantSettings) -> Rebuilt:
+        if config.name == self._tenant:
+            raise RuntimeError("a bug")
+        return self._builder.rebuild(tenant, before, config)
+
+    def commit(self, rebuilt: Rebuilt) -> None:
+        self._builder.commit(rebuilt)
+
+
+async def test_a_reload_whose_last_rebuild_fails_switches_no_source(
+    fake: FakeSobot, acme_host: FakeSobot, logs: CapturedLogs, tmp_path
+):
+    """`default`'s key changes and acme's rebuild fails: `default` is worked out before acme,
+    and must still sign with its old key, which Sobot still has."""
+    config = config_file(tmp_path, fake.url, more=acme_table(acme_host, tmp_path))
+    settings = loader(config)()
+    client = token_client(settings, ssl.create_default_context())
+    stores = TokenStores(settings, log=get_logger())
+    builder = TenantBuilder(
+        settings, client, Metrics(), get_logger(), logs.secrets, Backoff(), stores
+    )
+    tenants = Tenants(settings.all_tenants, FailingOn(builder, "acme"))
+    try:
+        assert tenants.get("acme") is not None
+        default = tenants.default.sets.default.tokens
+        async with asyncio.timeout(10):
+            held = await default.get()
+        (tmp_path / "app_key").write_text(NEW_KEY)  # Sobot does not know it
+        moved = acme_table(acme_host, tmp_path).replace("127.0.0.1", "localhost")
+        config_file(tmp_path, fake.url, more=moved)
+        with pytest.raises(RuntimeError):
+            tenants.reconfigure(loader(config)().all_tenants)
+        assert tenants.default.sets.default.tokens is default
+        async with asyncio.timeout(10):
+            renewed = await default.replace(held)  # a fetch, signed with the key in force
+        assert renewed.value == fake.current_token
+        assert fake.stats.get_token_calls == 2
+    finally:
+        for tenant in tenants.started():
+            for managed in tenant.sets:
+                await managed.tokens.stop()
+        await client.close()
+
+
+class RefusingKeys(AccessPolicy):
+    """An access policy whose key table cannot be swapped (as a bug would have it)."""
+
+    def use(self, bindings: Iterable[tuple[str, str]]) -> None:
+        raise RuntimeError("a bug")
+
+
+async def test_the_file_watch_survives_a_failing_reload_and_keeps_watching(
+    aiohttp_client, fake: FakeSobot, logs: CapturedLogs, tmp_path
+):
+    keys = tmp_path / "client_keys"
+    keys.write_text("first-client-key-0123456789abcdef\n")
+    config = config_file(tmp_path, fake.url, more=f'client_keys_file = "{keys}"\n')
+    proxy = await reloading_proxy(aiohttp_client, config, logs)
+    settings = proxy.app[RELOADER].settings
+    reloader = Reloader(
+        settings,
+        tenants=proxy.app[TENANTS],
+        access=RefusingKeys(settings),
+        store_password=None,
+        secrets=logs.secrets,
+        metrics=Metrics(),
+        log=get_logger(),
+        settled=proxy.app[API].settled,
+    )
+    reloader.start(loader(config), interval=0.05)
+    try:
+        for number, key in enumerate(("second", "third"), start=1):
+            keys.write_text(f"{key}-client-key-0123456789abcdef\n")
+            # The app's own reloader takes the change; ours fails each time, and watches on.
+            failed = await reloaded(logs, number, event="reload_failed")
+            assert (failed["cause"], failed["problem"]) == ("files", "internal error")
+    finally:
+        await reloader.close()
 
 
 # -- client keys and the Redis password ------------------------------------------------------

@@ -108,9 +108,14 @@ class Reloader:
     async def _watch_files(self, interval: float) -> None:
         while True:
             await asyncio.sleep(interval)
-            # A few stat() calls: cheap enough for the event loop.
-            if self._files.changed():
-                await self.reread()
+            try:
+                # A few stat() calls: cheap enough for the event loop.
+                if self._files.changed():
+                    await self.reread()
+            except Exception:
+                # Whatever it was, the files are watched on: a silent end would leave every
+                # later change unnoticed.
+                self._log.exception("reload_failed", cause="files", problem="internal error")
 
     def _spawn(self, work: Awaitable[object]) -> None:
         async def run() -> None:
