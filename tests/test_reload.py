@@ -159,6 +159,17 @@ async def test_a_kubernetes_secret_swapped_through_its_symlink_is_noticed(
     assert fake.stats.get_token_calls == 2
 
 
+async def test_a_key_file_rewritten_with_the_same_key_is_an_unchanged_reload(
+    aiohttp_client, fake: FakeSobot, logs: CapturedLogs, tmp_path
+):
+    proxy = await reloading_proxy(aiohttp_client, config_file(tmp_path, fake.url), logs)
+    (tmp_path / "app_key").write_text(APP_KEY + "\n\n")  # an extra newline: the same key
+    event = await reloaded(logs, event="reload_unchanged")
+    assert (event["cause"], event["level"]) == ("files", "info")
+    assert not logs.events("reloaded")
+    assert (await proxy.get("/api/echo")).status == 200
+
+
 async def test_an_unreadable_key_file_fails_the_reload_and_changes_nothing(
     aiohttp_client, fake: FakeSobot, logs: CapturedLogs, tmp_path
 ):

@@ -41,7 +41,7 @@ from proxy.config.settings import (
 )
 from proxy.logs import configure_logging, get_logger
 from proxy.server import hangups
-from proxy.server.app import API, CONNECTIONS, CREDENTIALS, ROUTES, make_app
+from proxy.server.app import API, CONNECTIONS, TENANTS, make_app
 from proxy.server.connections import raise_open_files_limit
 from proxy.server.listen import run, serve
 from proxy.testing.fake_sobot import FakeSobot, read_companies
@@ -326,9 +326,10 @@ def _run_serve(
                 hint=f"try: curl http://{host}:{port}/api/echo?hello=world (v5) and "
                 f"curl http://{host}:{port}/callservice/v6/echo (V6)",
             )
+        default = app[TENANTS].default  # as it is now: a reload may have come first
         await announce(
-            app[CREDENTIALS],
-            app[ROUTES],
+            default.sets,
+            default.routes,
             settings,
             log,
             url=f"http://{host}:{port}",

@@ -23,7 +23,8 @@ closed once every request that was in flight when it was retired has finished, o
 
 A reload that fails (a configuration problem, or anything else) changes nothing: one
 `reload_failed` line per problem, and the proxy serves on. One that succeeds logs `reloaded` with
-the names of what changed, never a secret. Reloads run one at a time.
+the names of what changed, never a secret, or `reload_unchanged` when nothing did. Reloads run
+one at a time.
 """
 
 from __future__ import annotations
@@ -202,6 +203,10 @@ class Reloader:
         self.settings = new
         self._files.watch(watched_files(new))
         self._retire(old, new, changes)
+        if not (changes.changed or keys_changed or password_changed):
+            # A file rewritten with the same content (an extra newline), a SIGHUP after no edit.
+            self._log.info("reload_unchanged", cause=cause)
+            return True
         self._log.info(
             "reloaded",
             cause=cause,
