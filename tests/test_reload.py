@@ -658,11 +658,13 @@ def test_a_serve_process_reloads_on_sighup_and_never_exits_on_a_bad_reload(tmp_p
         config.write_text(base)
         env = command_env(SOBOT_PROXY_PORT="0")
         with running("serve", "--config", str(config), cwd=tmp_path, env=env) as proxy:
-            url = f"http://127.0.0.1:{proxy.wait_for_event('listening')['port']}"
+            listening = proxy.wait_for_event("listening")
+            assert listening["pid"] == proxy.process.pid  # whom the README says to signal
+            url = f"http://127.0.0.1:{listening['port']}"
             wait_until_ready(url)
             acme = '[tenants.acme]\nappid = "acme"\napp_key = "acme-key-0123456789"\n'
             config.write_text(base + "upstream_timeout = 7\n" + acme)
-            proxy.process.send_signal(signal.SIGHUP)
+            os.kill(listening["pid"], signal.SIGHUP)
             assert proxy.wait_for_event("reload_needs_restart")["settings"] == ["upstream_timeout"]
             assert proxy.wait_for_event("reloaded")["tenants_added"] == ["acme"]
             config.write_text("not = [toml")
