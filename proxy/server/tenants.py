@@ -222,6 +222,7 @@ class Tenants:
                 plan = self._builder.rebuild(tenant, before, config)
                 plans.append(plan)
                 started[name] = plan.tenant
+        index = _kind_index(configs_now)
         # Everything is worked out: from here on nothing raises, and nothing is awaited.
         for plan in plans:
             self._builder.commit(plan)
@@ -233,15 +234,19 @@ class Tenants:
         ]
         retired += [(plan.tenant.name, managed) for plan in plans for managed in plan.retired]
         started = {DEFAULT_TENANT: started.pop(DEFAULT_TENANT), **started}  # `default` first
-        self._kind_index, self._token_kinds, self._set_kinds = _kind_index(configs_now)
+        self._kind_index, self._token_kinds, self._set_kinds = index
         self._configs = configs_now
         self._started = started
         self.default = started[DEFAULT_TENANT]
-        successors = {
-            (managed.credential.kind, managed.credential.appid): managed.tokens
-            for tenant in started.values()
-            for managed in tenant.sets
-        }
+        successors = (
+            {
+                (managed.credential.kind, managed.credential.appid): managed.tokens
+                for tenant in started.values()
+                for managed in tenant.sets
+            }
+            if retired
+            else {}
+        )
         return Reconfigured(
             added=tuple(added),
             removed=tuple(removed),
