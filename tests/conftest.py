@@ -21,7 +21,7 @@ from yarl import URL
 
 from proxy.config.settings import Settings
 from proxy.logs import Secrets, configure_logging
-from proxy.server.app import CREDENTIALS, make_app
+from proxy.server.app import TENANTS, make_app
 from proxy.testing.fake_sobot import FakeSobot
 from proxy.tokens.manager import Backoff, TokenManager
 
@@ -113,7 +113,7 @@ def exact_url(client: TestClient[Any, Any], target: str) -> URL:
 
 def tokens_of(client: TestClient[Any, Any], credentials: str = "default") -> TokenManager:
     """The token manager of a credential set of the proxy `client` serves."""
-    return client.app[CREDENTIALS].named(credentials).tokens
+    return client.app[TENANTS].default.sets.named(credentials).tokens
 
 
 class RedisServer:

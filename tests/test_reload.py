@@ -10,7 +10,8 @@ import asyncio
 import dataclasses
 import os
 import signal
-from collections.abc import AsyncIterator, Callable
+import ssl
+from collections.abc import AsyncIterator, Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -19,9 +20,19 @@ import redis
 from aiohttp.test_utils import TestClient
 
 from proxy.config.settings import Settings, load_settings
-from proxy.server.app import RELOADER, TENANTS, make_app
+from proxy.config.tenants import TenantSettings
+from proxy.logs import get_logger
+from proxy.server.access import AccessPolicy
+from proxy.server.app import API, RELOADER, TENANTS, make_app
+from proxy.server.building import TenantBuilder
+from proxy.server.hangups import note_early
+from proxy.server.metrics import Metrics
+from proxy.server.reload import Reloader
+from proxy.server.tenants import Rebuilt, Tenant, Tenants
 from proxy.testing.fake_sobot import FakeSobot
 from proxy.tokens.manager import Backoff, TokenManager
+from proxy.tokens.source import token_client
+from proxy.tokens.store import TokenStores
 from tests.conftest import APP_KEY, APPID, CapturedLogs, RedisServer, eventually
 from tests.processes import (
     STACK_APP_KEY,
@@ -148,6 +159,17 @@ async def test_a_kubernetes_secret_swapped_through_its_symlink_is_noticed(
     assert fake.stats.get_token_calls == 2
 
 
+async def test_a_key_file_rewritten_with_the_same_key_is_an_unchanged_reload(
+    aiohttp_client, fake: FakeSobot, logs: CapturedLogs, tmp_path
+):
+    proxy = await reloading_proxy(aiohttp_client, config_file(tmp_path, fake.url), logs)
+    (tmp_path / "app_key").write_text(APP_KEY + "\n\n")  # an extra newline: the same key
+    event = await reloaded(logs, event="reload_unchanged")
+    assert (event["cause"], event["level"]) == ("files", "info")
+    assert not logs.events("reloaded")
+    assert (await proxy.get("/api/echo")).status == 200
+
+
 async def test_an_unreadable_key_file_fails_the_reload_and_changes_nothing(
     aiohttp_client, fake: FakeSobot, logs: CapturedLogs, tmp_path
 ):
@@ -206,6 +228,37 @@ async def test_sighup_adds_and_removes_tenants(
     assert 'tenant="acme"' not in await (await proxy.get("/metrics")).text()
 
 
+async def test_a_sighup_before_the_reloader_starts_is_answered_by_one_reload_when_it_does(
+    aiohttp_client, fake: FakeSobot, acme_host: FakeSobot, logs: CapturedLogs, tmp_path
+):
+    """The configuration is read, then a SIGHUP comes (acme was just added) before the handler
+    is there: it is noted, and the proxy reloads once it can."""
+    config = config_file(tmp_path, fake.url)
+    load = loader(config)
+    settings = load()  # as `serve` reads it at start-up
+    note_early()  # as `serve` does first of all
+    config_file(tmp_path, fake.url, more=acme_table(acme_host, tmp_path))
+    os.kill(os.getpid(), signal.SIGHUP)
+    app = make_app(settings, secrets=logs.secrets, reload_with=load, watch_interval=0.1)
+    proxy = await aiohttp_client(app)
+    event = await reloaded(logs)
+    assert (event["cause"], event["tenants_added"]) == ("signal", ["acme"])
+    assert len(logs.events("reload_requested")) == 1
+    assert (await proxy.get("/api/echo", headers={HEADER: "acme"})).status == 200
+
+
+async def test_a_sighup_while_shutting_down_is_ignored(
+    aiohttp_client, fake: FakeSobot, logs: CapturedLogs, tmp_path
+):
+    """Once the Reloader is closed, SIGHUP no longer reloads, and its default action (the
+    end of the process) must not come back while the rest is cleaned up."""
+    proxy = await reloading_proxy(aiohttp_client, config_file(tmp_path, fake.url), logs)
+    await proxy.app[RELOADER].close()  # the first step of the app's cleanup
+    assert signal.getsignal(signal.SIGHUP) == signal.SIG_IGN
+    os.kill(os.getpid(), signal.SIGHUP)  # ignored: this test process lives on
+    assert (await proxy.get("/api/echo")).status == 200
+
+
 async def test_a_broken_toml_file_on_sighup_changes_nothing_and_the_proxy_serves_on(
     aiohttp_client, fake: FakeSobot, acme_host: FakeSobot, logs: CapturedLogs, tmp_path
 ):
@@ -234,6 +287,33 @@ async def test_a_setting_that_needs_a_restart_is_named_and_the_rest_applied(
     assert "7" not in str(warning["settings"])  # names, never values
     assert logs.events("reloaded")[0]["tenants_added"] == ["acme"]
     assert proxy.app[RELOADER].settings.upstream_timeout == 30.0  # as it runs
+
+
+async def test_a_reload_that_would_leave_a_kept_route_without_its_set_changes_nothing(
+    aiohttp_client, logs: CapturedLogs, tmp_path
+):
+    """Routes need a restart: removing a route and its set at once would keep the route and
+    drop the set, which start-up refuses (and every request on it would get 403)."""
+    sobot = FakeSobot(APPID, APP_KEY, v6_appid="v6-appid", v6_secret="v6-secret-0123")
+    await sobot.start()
+    try:
+        callcenter = (
+            '[credentials.callcenter]\nkind = "v6"\nappid = "v6-appid"\n'
+            'app_key = "v6-secret-0123"\n'
+            '[[routes]]\nprefix = "/callservice/"\ncredentials = "callcenter"\n'
+        )
+        config = config_file(tmp_path, sobot.url, more=callcenter)
+        proxy = await reloading_proxy(aiohttp_client, config, logs)
+        assert (await proxy.get("/callservice/v6/echo")).status == 200
+        config_file(tmp_path, sobot.url)  # the route and its set both removed
+        assert not await proxy.app[RELOADER].reload(loader(config))
+        [failed] = logs.events("reload_failed")
+        assert "'callcenter' is not a credential set" in failed["problem"]
+        assert not logs.events("reloaded")
+        assert (await proxy.get("/callservice/v6/echo")).status == 200
+        assert proxy.app[TENANTS].default.sets.find("callcenter") is not None
+    finally:
+        await sobot.stop()
 
 
 # -- a new key Sobot refuses ---------------------------------------------------------------
@@ -304,11 +384,11 @@ async def test_requests_in_flight_finish_across_a_reload_that_rekeys_and_rebuild
     config_file(tmp_path, fake.url, more=moved)
     assert await proxy.app[RELOADER].reload(loader(config))
     event = logs.events("reloaded")[0]
-    assert event["tenants_rebuilt"] == ["acme"]
+    assert (event["sets_rebuilt"], event["upstreams_changed"]) == (["acme/default"], ["acme"])
     assert event["keys_changed"] == ["default/default"]
     assert not acme_before.renewing
     # The held answers: acme's first says its token was rejected, so that request replays on
-    # the retired manager, which fetches a token on demand as ever.
+    # the retired manager, which hands it to its successor (the same appid): one fetch.
     acme_host.script({"ret_code": "900002", "ret_msg": "token expired"})
     fake.release_answers()
     acme_host.release_answers()
@@ -319,6 +399,198 @@ async def test_requests_in_flight_finish_across_a_reload_that_rekeys_and_rebuild
     # The rebuilt acme starts on its next request, with a manager of its own.
     assert (await proxy.get("/api/echo", headers={HEADER: "acme"})).status == 200
     assert tokens(proxy, "acme") is not acme_before
+
+
+async def test_a_reload_that_adds_an_unrelated_set_keeps_the_held_token_and_its_manager(
+    aiohttp_client, fake: FakeSobot, logs: CapturedLogs, tmp_path
+):
+    """Adding a set no route uses changes nothing `default`'s token depends on: the requests
+    in flight and those after it are served with the one token, no token call, no rejection."""
+    config = config_file(tmp_path, fake.url)
+    proxy = await reloading_proxy(aiohttp_client, config, logs)
+    assert (await proxy.get("/api/echo")).status == 200
+    before, held = tokens(proxy), fake.current_token
+    fake.hold_answers()
+    in_flight = [asyncio.create_task(proxy.get("/api/echo")) for _ in range(3)]
+    async with asyncio.timeout(10):
+        await fake.wait_for_api_calls(4)
+    other = '[credentials.other]\nkind = "v5"\nappid = "other-appid"\napp_key = "other-key-0123"\n'
+    config_file(tmp_path, fake.url, more=other)
+    assert await proxy.app[RELOADER].reload(loader(config))
+    fake.release_answers()
+    async with asyncio.timeout(10):
+        answers = await asyncio.gather(*in_flight)
+    assert [answer.status for answer in answers] == [200, 200, 200]
+    assert (await proxy.get("/api/echo")).status == 200
+    assert (fake.stats.get_token_calls, fake.stats.token_rejections) == (1, 0)
+    assert fake.received[-1].headers["token"] == held
+    assert tokens(proxy) is before
+    assert before.renewing
+    event = logs.events("reloaded")[0]
+    assert (event["sets_added"], event["sets_rebuilt"]) == (["default/other"], [])
+
+
+async def test_a_reload_changing_one_sets_appid_rebuilds_that_set_only(
+    aiohttp_client, logs: CapturedLogs, tmp_path
+):
+    sobot = FakeSobot(
+        APPID, APP_KEY, companies={"other-1": "other-key-1", "other-2": "other-key-2"}
+    )
+    await sobot.start()
+    try:
+
+        def other(appid: str) -> str:
+            return (
+                f'[credentials.other]\nkind = "v5"\nappid = "{appid}"\n'
+                f'app_key = "other-key-{appid[-1]}"\n'
+                '[[routes]]\nprefix = "/chat-third/api/"\ncredentials = "other"\n'
+            )
+
+        config = config_file(tmp_path, sobot.url, more=other("other-1"))
+        proxy = await reloading_proxy(aiohttp_client, config, logs)
+        assert (await proxy.get("/api/echo")).status == 200
+        assert (await proxy.get("/chat-third/api/echo")).status == 200
+        default = proxy.app[TENANTS].default.sets
+        held, other_before = sobot.current_token, default.named("other").tokens
+        calls = sobot.stats.get_token_calls  # default's and other-1's
+
+        config_file(tmp_path, sobot.url, more=other("other-2"))
+        assert await proxy.app[RELOADER].reload(loader(config))
+        now = proxy.app[TENANTS].default.sets
+        assert now.default.tokens is default.default.tokens  # kept, with its token
+        assert now.named("other").tokens is not other_before
+        assert not other_before.renewing
+        event = logs.events("reloaded")[0]
+        assert (event["sets_rebuilt"], event["keys_changed"]) == (["default/other"], [])
+        assert (await proxy.get("/api/echo")).status == 200
+        assert sobot.received[-1].headers["token"] == held
+        assert (await proxy.get("/chat-third/api/echo")).status == 200
+        assert sobot.stats.get_token_calls == calls + 1  # other-2's only
+        assert sobot.stats.token_rejections == 0
+    finally:
+        await sobot.stop()
+
+
+async def test_a_replay_on_a_retired_set_takes_its_successors_token(
+    aiohttp_client, fake: FakeSobot, logs: CapturedLogs, tmp_path
+):
+    """`default` moves to another upstream (the same host, by name): its new manager fetches
+    at once, which rotates the token the requests in flight carry. Their replays take the new
+    manager's token rather than fetching one more, which would rotate it in turn."""
+    config = config_file(tmp_path, fake.url)
+    proxy = await reloading_proxy(aiohttp_client, config, logs)
+    assert (await proxy.get("/api/echo")).status == 200
+    before = tokens(proxy)
+    fake.hold_answers()
+    in_flight = [asyncio.create_task(proxy.get("/api/echo")) for _ in range(2)]
+    async with asyncio.timeout(10):
+        await fake.wait_for_api_calls(3)
+    config_file(tmp_path, fake.url.replace("127.0.0.1", "localhost"))
+    assert await proxy.app[RELOADER].reload(loader(config))
+    async with asyncio.timeout(10):
+        await fake.wait_for_get_token_calls(2)  # the new manager's, at once
+    fake.script({"ret_code": "900002", "ret_msg": "token expired"}, times=2)
+    fake.release_answers()
+    async with asyncio.timeout(10):
+        answers = await asyncio.gather(*in_flight)
+    assert [answer.status for answer in answers] == [200, 200]
+    assert (await proxy.get("/api/echo")).status == 200
+    assert fake.stats.get_token_calls == 2
+    assert fake.received[-1].token_state == "valid"
+    assert tokens(proxy) is not before
+    assert not before.renewing
+
+
+# -- a reload is all or nothing --------------------------------------------------------------
+
+
+class FailingOn:
+    """The real builder, whose rebuild of one tenant fails (as a bug would)."""
+
+    def __init__(self, builder: TenantBuilder, tenant: str) -> None:
+        self._builder, self._tenant = builder, tenant
+
+    def build(self, config: TenantSettings) -> Tenant:
+        return self._builder.build(config)
+
+    def rebuild(self, tenant: Tenant, before: TenantSettings, config: TenantSettings) -> Rebuilt:
+        if config.name == self._tenant:
+            raise RuntimeError("a bug")
+        return self._builder.rebuild(tenant, before, config)
+
+    def commit(self, rebuilt: Rebuilt) -> None:
+        self._builder.commit(rebuilt)
+
+
+async def test_a_reload_whose_last_rebuild_fails_switches_no_source(
+    fake: FakeSobot, acme_host: FakeSobot, logs: CapturedLogs, tmp_path
+):
+    """`default`'s key changes and acme's rebuild fails: `default` is worked out before acme,
+    and must still sign with its old key, which Sobot still has."""
+    config = config_file(tmp_path, fake.url, more=acme_table(acme_host, tmp_path))
+    settings = loader(config)()
+    client = token_client(settings, ssl.create_default_context())
+    stores = TokenStores(settings, log=get_logger())
+    builder = TenantBuilder(
+        settings, client, Metrics(), get_logger(), logs.secrets, Backoff(), stores
+    )
+    tenants = Tenants(settings.all_tenants, FailingOn(builder, "acme"))
+    try:
+        assert tenants.get("acme") is not None
+        default = tenants.default.sets.default.tokens
+        async with asyncio.timeout(10):
+            held = await default.get()
+        (tmp_path / "app_key").write_text(NEW_KEY)  # Sobot does not know it
+        moved = acme_table(acme_host, tmp_path).replace("127.0.0.1", "localhost")
+        config_file(tmp_path, fake.url, more=moved)
+        with pytest.raises(RuntimeError):
+            tenants.reconfigure(loader(config)().all_tenants)
+        assert tenants.default.sets.default.tokens is default
+        async with asyncio.timeout(10):
+            renewed = await default.replace(held)  # a fetch, signed with the key in force
+        assert renewed.value == fake.current_token
+        assert fake.stats.get_token_calls == 2
+    finally:
+        for tenant in tenants.started():
+            for managed in tenant.sets:
+                await managed.tokens.stop()
+        await client.close()
+
+
+class RefusingKeys(AccessPolicy):
+    """An access policy whose key table cannot be swapped (as a bug would have it)."""
+
+    def use(self, bindings: Iterable[tuple[str, str]]) -> None:
+        raise RuntimeError("a bug")
+
+
+async def test_the_file_watch_survives_a_failing_reload_and_keeps_watching(
+    aiohttp_client, fake: FakeSobot, logs: CapturedLogs, tmp_path
+):
+    keys = tmp_path / "client_keys"
+    keys.write_text("first-client-key-0123456789abcdef\n")
+    config = config_file(tmp_path, fake.url, more=f'client_keys_file = "{keys}"\n')
+    proxy = await reloading_proxy(aiohttp_client, config, logs)
+    settings = proxy.app[RELOADER].settings
+    reloader = Reloader(
+        settings,
+        tenants=proxy.app[TENANTS],
+        access=RefusingKeys(settings),
+        store_password=None,
+        secrets=logs.secrets,
+        metrics=Metrics(),
+        log=get_logger(),
+        settled=proxy.app[API].settled,
+    )
+    reloader.start(loader(config), interval=0.05)
+    try:
+        for number, key in enumerate(("second", "third"), start=1):
+            keys.write_text(f"{key}-client-key-0123456789abcdef\n")
+            # The app's own reloader takes the change; ours fails each time, and watches on.
+            failed = await reloaded(logs, number, event="reload_failed")
+            assert (failed["cause"], failed["problem"]) == ("files", "internal error")
+    finally:
+        await reloader.close()
 
 
 # -- client keys and the Redis password ------------------------------------------------------
@@ -386,11 +658,13 @@ def test_a_serve_process_reloads_on_sighup_and_never_exits_on_a_bad_reload(tmp_p
         config.write_text(base)
         env = command_env(SOBOT_PROXY_PORT="0")
         with running("serve", "--config", str(config), cwd=tmp_path, env=env) as proxy:
-            url = f"http://127.0.0.1:{proxy.wait_for_event('listening')['port']}"
+            listening = proxy.wait_for_event("listening")
+            assert listening["pid"] == proxy.process.pid  # whom the README says to signal
+            url = f"http://127.0.0.1:{listening['port']}"
             wait_until_ready(url)
             acme = '[tenants.acme]\nappid = "acme"\napp_key = "acme-key-0123456789"\n'
             config.write_text(base + "upstream_timeout = 7\n" + acme)
-            proxy.process.send_signal(signal.SIGHUP)
+            os.kill(listening["pid"], signal.SIGHUP)
             assert proxy.wait_for_event("reload_needs_restart")["settings"] == ["upstream_timeout"]
             assert proxy.wait_for_event("reloaded")["tenants_added"] == ["acme"]
             config.write_text("not = [toml")

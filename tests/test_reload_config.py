@@ -247,6 +247,22 @@ def test_client_keys_switched_on_need_a_restart(tmp_path):
     assert applied(without, with_keys) == without
 
 
+def test_kept_routes_naming_a_set_no_tenant_has_any_more_fail_the_reload(config):
+    """The routes need a restart, so they stay; the sets are applied: a route left naming a set
+    no tenant has would be a start-up error, so the reload is one too."""
+    old = load(config)
+    without_acme = TOML.split("[tenants.acme]")[0]  # acme and its callcenter gone, routes too
+    config.write_text(without_acme)
+    (config.parent / "client.keys").write_text(f"{CLIENT_KEYS[0]}\n")
+    new = load(config)
+    assert restart_needed(old, new) == ["routes"]
+    with pytest.raises(ConfigError) as raised:
+        applied(old, new)
+    [problem] = raised.value.problems
+    assert problem.startswith("routes (prefix '/callservice/').credentials: 'callcenter' is not")
+    assert "until a restart" in problem
+
+
 def test_applied_takes_a_file_that_moved(config):
     old = load(config)
     (config.parent / "moved.key").write_text("moved-acme-key")

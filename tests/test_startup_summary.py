@@ -13,7 +13,7 @@ from typing import Any
 from proxy.cli.startup import announce
 from proxy.config.settings import Settings
 from proxy.logs import get_logger
-from proxy.server.app import CREDENTIALS, ROUTES
+from proxy.server.app import TENANTS
 from proxy.testing.fake_sobot import FakeSobot
 from proxy.tokens.store import describe_store
 from tests.conftest import CapturedLogs
@@ -180,8 +180,8 @@ async def test_a_region_a_redis_store_and_client_keys_are_described(
         client_keys=("client-key-one-0123456789", "client-key-two-0123456789"),
     )
     await announce(
-        proxy.app[CREDENTIALS],
-        proxy.app[ROUTES],
+        proxy.app[TENANTS].default.sets,
+        proxy.app[TENANTS].default.routes,
         described,
         get_logger(),
         url="http://0.0.0.0:8080",

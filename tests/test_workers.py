@@ -216,8 +216,10 @@ async def test_sighup_is_passed_on_to_every_worker_and_ends_none(tmp_path):
                 len(events("reload_requested")) == 2 * times
             )
 
+        # The pid to send it to, as the README says: the supervisor's, from its own log line.
+        assert started["supervisor_pid"] == proxy.process.pid
         for times in (1, 2):  # a second SIGHUP too: a worker that took one is still there
-            proxy.process.send_signal(signal.SIGHUP)
+            os.kill(started["supervisor_pid"], signal.SIGHUP)
             proxy.wait_for_line(functools.partial(passed_on, times))
         [first, second] = events("reload_forwarded")
         assert first["pids"] == second["pids"] == started["pids"]

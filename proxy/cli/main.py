@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
-import signal
 import socket
 import sys
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
@@ -41,7 +40,8 @@ from proxy.config.settings import (
     load_with_provenance,
 )
 from proxy.logs import configure_logging, get_logger
-from proxy.server.app import API, CONNECTIONS, CREDENTIALS, ROUTES, make_app
+from proxy.server import hangups
+from proxy.server.app import API, CONNECTIONS, TENANTS, make_app
 from proxy.server.connections import raise_open_files_limit
 from proxy.server.listen import run, serve
 from proxy.testing.fake_sobot import FakeSobot, read_companies
@@ -276,10 +276,9 @@ def _run_check(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
 def _run_serve(
     args: argparse.Namespace, environ: Mapping[str, str], arguments: Sequence[str]
 ) -> int:
-    # A hang-up while starting is ignored (the configuration is being read just now); once
-    # serving, it reloads (server/reload.py).
-    if signal.getsignal(signal.SIGHUP) == signal.SIG_DFL:
-        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    # A hang-up while starting is noted, and answered by one reload once the proxy can reload
+    # (server/hangups.py): the configuration about to be read may be the old one by then.
+    hangups.note_early()
     flags = _flags(args)
     env = dict(environ)
     demo_socket = None
@@ -350,9 +349,10 @@ def _run_serve(
                 hint=f"try: curl http://{host}:{port}/api/echo?hello=world (v5) and "
                 f"curl http://{host}:{port}/callservice/v6/echo (V6)",
             )
+        default = app[TENANTS].default  # as it is now: a reload may have come first
         await announce(
-            app[CREDENTIALS],
-            app[ROUTES],
+            default.sets,
+            default.routes,
             settings,
             log,
             url=f"http://{host}:{port}",

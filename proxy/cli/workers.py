@@ -115,7 +115,13 @@ def supervise(
     started_at = [time.monotonic()] * settings.workers
     delays = [FIRST_RESTART_DELAY] * settings.workers
     restart_at: list[float | None] = [None] * settings.workers
-    log.info("workers_started", workers=settings.workers, port=port, pids=[w.pid for w in workers])
+    log.info(
+        "workers_started",
+        workers=settings.workers,
+        port=port,
+        pids=[w.pid for w in workers],
+        supervisor_pid=os.getpid(),  # the one to send SIGHUP to: it passes it on
+    )
     try:
         passed_on = 0
         while not stopping:

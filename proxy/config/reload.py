@@ -3,7 +3,8 @@ which files to watch.
 
     reread_secrets   the same Settings with every secret that came from a file read again
     restart_needed   the settings that differ and that a reload does not apply
-    applied          the old Settings with everything a reload applies taken from the new
+    applied          the old Settings with everything a reload applies taken from the new,
+                     refused if the routes it keeps name a set no tenant has any more
     watched_files    the secret files whose change starts a reload
     FileWatch        tells which of them changed since it last looked
 
@@ -31,11 +32,11 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Final, NamedTuple
 
-from proxy.config.routes import CredentialSettings
+from proxy.config.routes import NO_CREDENTIALS, CredentialSettings
 from proxy.config.secret_files import ReadText, read_secret, read_secret_lines, read_text
 from proxy.config.settings import ConfigError, Settings
 from proxy.config.tenants import ClientKeys, bind_client_keys
-from proxy.config.toml_routes import key_path
+from proxy.config.toml_routes import key_path, known_sets, unknown_set
 
 # The Settings fields a reload takes from the new configuration; every other field that
 # differs is named by restart_needed. The *_file fields say where a secret came from.
@@ -167,12 +168,37 @@ def restart_needed(old: Settings, new: Settings) -> list[str]:
 
 def applied(old: Settings, new: Settings) -> Settings:
     """`old` with everything a reload applies taken from `new`: equal to `new` when
-    restart_needed(old, new) is empty. Client keys turned on or off keep the old ones."""
+    restart_needed(old, new) is empty. Client keys turned on or off keep the old ones.
+
+    Raises ConfigError when what would run does not hold together as start-up requires: the
+    routes (kept) name a credential set that no tenant (new) has any more."""
     taken = {name: getattr(new, name) for name in APPLIED}
     if _client_keys_switched(old, new):
         for name in _CLIENT_KEY_FIELDS:
             del taken[name]
-    return dataclasses.replace(old, **taken)
+    running = dataclasses.replace(old, **taken)
+    problems = _kept_routes_problems(running)
+    if problems:
+        raise ConfigError(problems)
+    return running
+
+
+def _kept_routes_problems(settings: Settings) -> list[str]:
+    """The routes (kept as they run) that name a set none of the tenants has, checked as the
+    loader checks the file's routes (toml_routes.unknown_set)."""
+    known = known_sets(
+        config.name for tenant in settings.all_tenants for config in tenant.credentials
+    )
+    problems = []
+    for route in settings.routes:
+        given = NO_CREDENTIALS if route.credentials is None else route.credentials
+        problem = unknown_set(given, known)
+        if problem is not None:
+            problems.append(
+                f"routes (prefix {route.prefix!r}).credentials: {problem}; the routes stay as "
+                "they are until a restart, so their sets must stay too"
+            )
+    return problems
 
 
 def _client_keys_switched(old: Settings, new: Settings) -> bool:

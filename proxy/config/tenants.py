@@ -31,7 +31,6 @@ from typing import Any, Final
 from proxy.config import values
 from proxy.config.routes import (
     DEFAULT_CREDENTIALS,
-    NO_CREDENTIALS,
     CredentialSettings,
     RouteSettings,
 )
@@ -43,6 +42,7 @@ from proxy.config.toml_routes import (
     Reader,
     credential_sets,
     key_path,
+    known_sets,
     parse_routes,
     required,
     secret,
@@ -124,7 +124,7 @@ def parse_tables(
             tenants.append(tenant)
     _one_kind_per_name(reader, credentials, tenants)
     # A route may name a set only some tenants have: the others are refused it per request.
-    known = (DEFAULT_CREDENTIALS, NO_CREDENTIALS, *dict.fromkeys((*declared, *sets_of_tenants)))
+    known = known_sets((*declared, *sets_of_tenants))
     routes = parse_routes(reader, toml_values, known)
     names = (DEFAULT_TENANT, *(name for name in given_tenants if _valid_name(name)))
     return Tables(credentials, tuple(tenants), routes, names)

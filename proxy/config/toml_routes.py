@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final, NamedTuple
@@ -103,6 +103,20 @@ def credential_sets(
         if isinstance(table, dict):
             appids.add(key_path(*under, "credentials", name), table.get("kind"), table.get("appid"))
     return credentials, tuple(name for name in given_sets if _valid_name(name))
+
+
+def known_sets(names: Iterable[str]) -> tuple[str, ...]:
+    """What a route's `credentials` may name when the tenants' sets are called `names`: one of
+    them, `default` or `none`."""
+    return (DEFAULT_CREDENTIALS, NO_CREDENTIALS, *dict.fromkeys(names))
+
+
+def unknown_set(given: object, known: tuple[str, ...]) -> str | None:
+    """Why a route's `credentials` value `given` names none of the `known` sets (None: it
+    names one). At start-up and for the routes a reload keeps (config/reload.py)."""
+    if isinstance(given, str) and given in known:
+        return None
+    return f"{given!r} is not a credential set (known: {', '.join(known)})"
 
 
 def parse_routes(
@@ -207,11 +221,9 @@ def _route(
     credentials: str | None = DEFAULT_CREDENTIALS
     if "credentials" in table:
         given = table["credentials"]
-        if not isinstance(given, str) or given not in known_credentials:
-            reader.problem(
-                f"{where}.credentials",
-                f"{given!r} is not a credential set (known: {', '.join(known_credentials)})",
-            )
+        problem = unknown_set(given, known_credentials)
+        if problem is not None:
+            reader.problem(f"{where}.credentials", problem)
         credentials = None if given == NO_CREDENTIALS else given
     if len(reader.problems) > problems_before:
         return None

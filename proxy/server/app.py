@@ -35,24 +35,20 @@ from proxy.server.access import AccessPolicy
 from proxy.server.body import SpoolBudget
 from proxy.server.building import TenantBuilder
 from proxy.server.connections import ClientConnections
-from proxy.server.credentials import CredentialSets
 from proxy.server.forward import Forwarder
 from proxy.server.handler import ApiHandler, write_whole
 from proxy.server.health import healthz, readyz
 from proxy.server.local_token import LocalTokenEndpoint
 from proxy.server.metrics import CONTENT_TYPE, Metrics
 from proxy.server.reload import WATCH_INTERVAL, Reloader, secrets_of
-from proxy.server.routing import RouteTable
 from proxy.server.tenants import Tenants
 from proxy.tokens.manager import Backoff
 from proxy.tokens.source import token_client
 from proxy.tokens.store import StorePassword, TokenStores
 from proxy.upstream import Client
 
+# The tenants as they are now (a reload replaces `default`'s sets and routes: read them here).
 TENANTS: Final = web.AppKey("tenants", Tenants)
-# `default`'s as started (a reload may replace them: TENANTS has the tenants as they are now).
-CREDENTIALS: Final = web.AppKey("credentials", CredentialSets)
-ROUTES: Final = web.AppKey("routes", RouteTable)
 RELOADER: Final = web.AppKey("reloader", Reloader)
 API: Final = web.AppKey("api", ApiHandler)
 ACCESS: Final = web.AppKey("access", AccessPolicy)
@@ -152,8 +148,6 @@ def make_app(
         )
         tenants = Tenants(settings.all_tenants, builder)
         app[TENANTS] = tenants
-        app[CREDENTIALS] = tenants.default.sets
-        app[ROUTES] = tenants.default.routes
         api = app[API] = ApiHandler(
             access=access,
             forwarder=Forwarder(

@@ -1,18 +1,18 @@
 """Making a tenant's served state from its settings: its credential sets (each with its token
 source, store and manager) and its routes, bound to its main upstream and its sets.
 
-    build(config)            a new tenant, its routes' tokens renewing from now on
-    rekeyed(tenant, config)  the same tenant with new secrets: each set keeps its manager and
-                             the token it holds; the next token call signs with the new secret
-    retire(tenant)           a tenant a reload rebuilt or removed: no more renewing, while the
-                             requests that hold it finish (its stores are closed later)
+    build(config)                    a new tenant, its routes' tokens renewing from now on
+    rebuild(tenant, before, config)  a started tenant as a reload has it, worked out: each set
+                                     whose kind, appid and token upstream are the same keeps
+                                     its manager and the token it holds (a new secret signs
+                                     the next token call), the others are made anew
+    commit(rebuilt)                  put that in force: sources switched, new sets started
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Iterable
 from dataclasses import dataclass
 
 import structlog
@@ -24,7 +24,7 @@ from proxy.logs import Secrets
 from proxy.server.credentials import CredentialSet, CredentialSets
 from proxy.server.metrics import Metrics
 from proxy.server.routing import Route, RouteTable
-from proxy.server.tenants import Tenant
+from proxy.server.tenants import Rebuilt, SetChanges, Tenant
 from proxy.sobot.credential import Credential
 from proxy.sobot.kinds import KINDS
 from proxy.tokens.manager import Backoff, TokenManager
@@ -52,42 +52,64 @@ class TenantBuilder:
 
     def build(self, tenant: TenantSettings) -> Tenant:
         """A tenant's sets and routes, its routes' tokens renewing from now on."""
-        routed = {route.credentials for route in self.settings.route_table}
-        sets = CredentialSets(
-            [
-                self._managed(config, tenant, config.name in routed)
-                for config in tenant.credential_sets
-            ]
-        )
+        sets = CredentialSets([self._managed(config, tenant) for config in tenant.credential_sets])
         for managed in sets:
-            if managed.in_use:
-                managed.tokens.start()
+            self._start(tenant.name, managed, at_once=True)
         if tenant.name != DEFAULT_TENANT:
             self.log.info("tenant_started", tenant=tenant.name)
         return Tenant(tenant.name, sets, self._routes(tenant, sets))
 
-    def rekeyed(self, tenant: Tenant, config: TenantSettings, changed: frozenset[str]) -> Tenant:
-        """`tenant` with the secrets of `config`, whose sets are the same but for the secrets of
-        the sets named in `changed`."""
-        configs = {each.name: each for each in config.credential_sets}
-        sets = []
-        for managed in tenant.sets:
-            if managed.name in changed:
-                credential = credential_of(configs[managed.name])
-                managed.source.use(credential)
-                managed = dataclasses.replace(managed, credential=credential)
+    def rebuild(self, tenant: Tenant, before: TenantSettings, config: TenantSettings) -> Rebuilt:
+        """`tenant` (started, as `before` configured it) as `config` has it, set by set: a set
+        whose kind, appid and token upstream are the same keeps its manager, source and store
+        (with the new credential if that changed), the others are made anew; its routes are
+        bound again. Nothing is started or switched here (`commit` does that)."""
+        changes = SetChanges.between(before, config)
+        sets, fresh, rekeyed = [], [], []
+        for set_config in config.credential_sets:
+            managed = tenant.sets.find(set_config.name)
+            if managed is not None and set_config.name in changes.kept:
+                if set_config.name in changes.rekeyed:
+                    managed = dataclasses.replace(managed, credential=credential_of(set_config))
+                    rekeyed.append(managed)
+            else:
+                managed = self._managed(set_config, config)
+                fresh.append(managed)
             sets.append(managed)
-        rekeyed = CredentialSets(sets)
-        return Tenant(tenant.name, rekeyed, self._routes(config, rekeyed))
+        kept = {id(managed.tokens) for managed in sets}
+        retired = tuple(managed for managed in tenant.sets if id(managed.tokens) not in kept)
+        bound = CredentialSets(sets)
+        return Rebuilt(
+            Tenant(config.name, bound, self._routes(config, bound)),
+            tuple(fresh),
+            tuple(rekeyed),
+            retired,
+        )
+
+    def commit(self, rebuilt: Rebuilt) -> None:
+        """The kept sets' sources sign with their new credentials from now on; the new sets
+        start: `default`'s at once, a named tenant's on its next use (like a tenant not started
+        yet: a reload costs an idle tenant no token call)."""
+        for managed in rebuilt.rekeyed:
+            managed.source.use(managed.credential)
+        for managed in rebuilt.fresh:
+            self._start(rebuilt.tenant.name, managed, at_once=rebuilt.tenant.name == DEFAULT_TENANT)
+
+    def _start(self, tenant: str, managed: CredentialSet, *, at_once: bool) -> None:
+        self.metrics.watch_token(tenant, managed.name, managed.tokens.expires_in)
+        if not managed.in_use:
+            return
+        if at_once:
+            managed.tokens.start()
+        else:
+            managed.tokens.start_when_used()
 
     def _routes(self, tenant: TenantSettings, sets: CredentialSets) -> RouteTable:
         return RouteTable(_bound(route, tenant, sets) for route in self.settings.route_table)
 
-    def _managed(
-        self, config: CredentialSettings, tenant: TenantSettings, in_use: bool
-    ) -> CredentialSet:
+    def _managed(self, config: CredentialSettings, tenant: TenantSettings) -> CredentialSet:
         """One credential set of `tenant`, with its token source, store and manager (not
-        started yet)."""
+        started yet, nothing else told of it)."""
         settings = self.settings
         credential = credential_of(config)
         named_tenant = tenant.name != DEFAULT_TENANT
@@ -119,19 +141,8 @@ class TenantBuilder:
             # A named tenant unused for a token's life stops renewing; `default` never does.
             pauses_when_idle=named_tenant,
         )
-        self.metrics.watch_token(tenant.name, config.name, tokens.expires_in)
+        in_use = any(route.credentials == config.name for route in self.settings.route_table)
         return CredentialSet(config.name, credential, tokens, source, store, in_use)
-
-
-def retire(tenants: Iterable[Tenant]) -> list[CredentialSet]:
-    """Stop the background renewal of `tenants`' sets for good; the sets, whose stores are
-    to be closed once no request holds them."""
-    retired = []
-    for tenant in tenants:
-        for managed in tenant.sets:
-            managed.tokens.retire()
-            retired.append(managed)
-    return retired
 
 
 def _bound(route: ResolvedRoute, tenant: TenantSettings, sets: CredentialSets) -> Route:

@@ -8,20 +8,23 @@ Two triggers (`Reloader.start`):
                     are looked at; on a change their secrets are read again, the TOML file is not
 
 Applying (`apply`), synchronously on the event loop, so a request sees the old or the new:
-    tenants         server/tenants.py: unchanged left alone; secrets alone changed: the same
-                    token managers and tokens, the next token call signs with the new secret;
-                    otherwise rebuilt (retired, and built again on first use; `default` at
-                    once); removed: its requests now get 404
+    tenants         server/tenants.py, set by set: a credential set whose kind, appid and
+                    token upstream are unchanged keeps its token manager and token (a new
+                    secret signs the next token call); one changed otherwise, or added, gets a
+                    new manager (`default`'s fetches at once, a named tenant's on its next use);
+                    a tenant removed: its requests now get 404
     client keys     one swap of the key table (server/access.py)
     Redis password  new connections authenticate with it (tokens/store.py: StorePassword)
     secrets         every new one registered with the logs, for good (the old ones stay too)
-A retired tenant's managers renew no more, and serve the requests that still hold them (their
-held token, a replay's fetch); its stores are closed once every request that was in flight
-when it was retired has finished, or at shutdown.
+A retired set's manager renews no more, and serves the requests that still hold it: their
+held token, and a replay's token from its successor (the set that now has its kind and appid:
+a fetch of its own would rotate the successor's token), or a fetch without one. Its store is
+closed once every request that was in flight when it was retired has finished, or at shutdown.
 
 A reload that fails (a configuration problem, or anything else) changes nothing: one
 `reload_failed` line per problem, and the proxy serves on. One that succeeds logs `reloaded` with
-the names of what changed, never a secret. Reloads run one at a time.
+the names of what changed, never a secret, or `reload_unchanged` when nothing did. Reloads run
+one at a time.
 """
 
 from __future__ import annotations
@@ -39,8 +42,8 @@ import structlog
 from proxy.config.reload import FileWatch, applied, reread_secrets, restart_needed, watched_files
 from proxy.config.settings import ConfigError, Settings
 from proxy.logs import Secrets
+from proxy.server import hangups
 from proxy.server.access import AccessPolicy
-from proxy.server.building import retire
 from proxy.server.credentials import CredentialSet
 from proxy.server.metrics import Metrics
 from proxy.server.tenants import Reconfigured, Tenants
@@ -94,6 +97,8 @@ class Reloader:
         loop = asyncio.get_running_loop()
         loop.add_signal_handler(signal.SIGHUP, lambda: self._hangup(load))
         self._signal_installed = True
+        if hangups.take_noted():  # one came while starting: what was read may be the old
+            self._hangup(load)
         self._spawn(self._watch_files(interval))
 
     def _hangup(self, load: Callable[[], Settings]) -> None:
@@ -104,9 +109,14 @@ class Reloader:
     async def _watch_files(self, interval: float) -> None:
         while True:
             await asyncio.sleep(interval)
-            # A few stat() calls: cheap enough for the event loop.
-            if self._files.changed():
-                await self.reread()
+            try:
+                # A few stat() calls: cheap enough for the event loop.
+                if self._files.changed():
+                    await self.reread()
+            except Exception:
+                # Whatever it was, the files are watched on: a silent end would leave every
+                # later change unnoticed.
+                self._log.exception("reload_failed", cause="files", problem="internal error")
 
     def _spawn(self, work: Awaitable[object]) -> None:
         async def run() -> None:
@@ -120,6 +130,10 @@ class Reloader:
         """At shutdown: no more reloads; the retired sets' managers stopped, stores closed."""
         if self._signal_installed:
             asyncio.get_running_loop().remove_signal_handler(signal.SIGHUP)
+            # That restored the default action, which ends the process: a SIGHUP while the
+            # rest shuts down must not cut its cleanup short.
+            signal.signal(signal.SIGHUP, signal.SIG_IGN)
+            self._signal_installed = False
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -189,52 +203,56 @@ class Reloader:
         self.settings = new
         self._files.watch(watched_files(new))
         self._retire(old, new, changes)
+        if not (changes.changed or keys_changed or password_changed):
+            # A file rewritten with the same content (an extra newline), a SIGHUP after no edit.
+            self._log.info("reload_unchanged", cause=cause)
+            return True
         self._log.info(
             "reloaded",
             cause=cause,
             tenants_added=list(changes.added),
             tenants_removed=list(changes.removed),
-            tenants_rebuilt=list(changes.rebuilt),
+            sets_added=list(changes.sets_added),
+            sets_removed=list(changes.sets_removed),
+            sets_rebuilt=list(changes.sets_rebuilt),
             keys_changed=list(changes.rekeyed),
+            upstreams_changed=list(changes.upstreams_changed),
             client_keys_changed=keys_changed,
             store_password_changed=password_changed,
         )
         return True
 
     def _applicable(self, old: Settings, new: Settings) -> tuple[Settings, list[str]]:
-        """`new` less what cannot change while running (those kept as they are), and names."""
-        kept = []
-        if bool(old.client_keys) != bool(new.client_keys):
-            # Whether Authorization is the proxy's own (consumed) or the client's for Sobot is
-            # fixed at start-up (server/headers.py): turning keys on or off needs a restart.
-            kept.append("client_keys (turning client keys on or off)")
-            new = dataclasses.replace(
-                new, client_keys=old.client_keys, client_key_tenants=old.client_key_tenants
-            )
+        """`new` less what cannot change while running (kept as it is), and its name. (Client
+        keys turned on or off are kept by `applied`, and named by `restart_needed`.)"""
         if old.token_store_password != new.token_store_password and (
             self._store_password is None or new.token_store_password is None
         ):
             # Only a password kept apart from the URL, there before and after, is swapped.
-            kept.append("token_store_password")
             new = dataclasses.replace(new, token_store_password=old.token_store_password)
-        return new, kept
+            return new, ["token_store_password"]
+        return new, []
 
     def _retire(self, old: Settings, new: Settings, changes: Reconfigured) -> None:
-        """Retire the tenants `changes` replaced or removed, and drop their metrics' series."""
-        retired = retire(changes.retired)
-        for tenant in changes.retired:
-            for managed in tenant.sets:
-                self._metrics.unwatch_token(tenant.name, managed.name, managed.tokens.expires_in)
-        before = {tenant.name: tenant for tenant in old.all_tenants}
+        """Retire the sets `changes` replaced or removed (a replay on one is handed to its
+        successor), and drop the metrics' series of the sets and tenants now gone."""
+        for retired in changes.retired:
+            retired.managed.tokens.retire(retired.successor)
+            self._metrics.unwatch_token(
+                retired.tenant, retired.managed.name, retired.managed.tokens.expires_in
+            )
         after = {tenant.name: tenant for tenant in new.all_tenants}
-        for name in (*changes.removed, *changes.rebuilt):
-            sets = {config.name for config in before[name].credential_sets}
-            if name in after:
-                sets -= {config.name for config in after[name].credential_sets}
-            self._metrics.forget(name, tuple(sorted(sets)), requests=name not in after)
-        if retired:
-            self._retired += retired
-            self._spawn(self._close_when_settled(retired))
+        for tenant in old.all_tenants:
+            sets = {config.name for config in tenant.credential_sets}
+            now = after.get(tenant.name)
+            if now is not None:
+                sets -= {config.name for config in now.credential_sets}
+            if sets or now is None:
+                self._metrics.forget(tenant.name, tuple(sorted(sets)), requests=now is None)
+        retired_sets = [retired.managed for retired in changes.retired]
+        if retired_sets:
+            self._retired += retired_sets
+            self._spawn(self._close_when_settled(retired_sets))
 
     async def _close_when_settled(self, retired: list[CredentialSet]) -> None:
         await self._settled()

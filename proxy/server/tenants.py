@@ -17,22 +17,25 @@ A client's own token request names an appid: `claimant` finds the tenant with a 
 kind and appid, and that set's credential to check the request's sign with, from an index
 built over every tenant, started or not (at start-up and at each reload: `reconfigure`): a
 request that fails the check starts nothing.
+
+A reload (`reconfigure`) changes the tenants set by set (`SetChanges`): a set whose kind, appid
+and token upstream stay keeps its token manager and the token it holds.
 """
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Final, Protocol
 
-from proxy.config.routes import DEFAULT_CREDENTIALS
+from proxy.config.routes import DEFAULT_CREDENTIALS, CredentialSettings
 from proxy.config.tenants import DEFAULT_TENANT, TenantSettings
 from proxy.errors import Forbidden, UnknownTenant
-from proxy.server.credentials import CredentialSets
+from proxy.server.credentials import CredentialSet, CredentialSets
 from proxy.server.routing import RouteTable
 from proxy.sobot.credential import Credential, names, spelling
 from proxy.sobot.kinds import KINDS
+from proxy.tokens.manager import TokenManager
 
 HEADER: Final = "X-Sobot-Tenant"
 
@@ -52,22 +55,112 @@ class Builder(Protocol):
         """A tenant's state, the tokens its routes use renewing from now on."""
         ...
 
-    def rekeyed(self, tenant: Tenant, config: TenantSettings, changed: frozenset[str]) -> Tenant:
-        """`tenant` as `config` has it, whose sets differ only in the secrets of `changed`."""
+    def rebuild(self, tenant: Tenant, before: TenantSettings, config: TenantSettings) -> Rebuilt:
+        """The started `tenant` (as `before` configured it) as `config` has it, not yet in
+        force: nothing it returns is started and no source is switched (see `commit`)."""
+        ...
+
+    def commit(self, rebuilt: Rebuilt) -> None:
+        """Put `rebuilt` in force: the kept sets' sources sign with their new credentials, the
+        new sets start."""
         ...
 
 
 @dataclass(frozen=True, slots=True)
+class Rebuilt:
+    """A started tenant as a new configuration has it, worked out but not yet in force.
+    `fresh`: its new sets (made, not started); `rekeyed`: kept sets (the same manager, source
+    and store) with a new credential, for their sources to switch to; `retired`: the sets
+    replaced or removed."""
+
+    tenant: Tenant
+    fresh: tuple[CredentialSet, ...] = ()
+    rekeyed: tuple[CredentialSet, ...] = ()
+    retired: tuple[CredentialSet, ...] = ()
+
+
+def token_identity(config: CredentialSettings, tenant: TenantSettings) -> tuple[str, str, str]:
+    """What a set's token depends on: its kind, appid and token upstream (the base URL its
+    token call goes to). A set whose identity a reload leaves alone keeps its manager."""
+    return config.kind, config.appid, config.base_url or tenant.base_url
+
+
+@dataclass(frozen=True, slots=True)
+class SetChanges:
+    """How the sets of one tenant differ between two configurations, by name: `kept` the
+    same identity (`token_identity`), `rekeyed` those of them whose credential changed (the
+    secret, the authorization scheme), `rebuilt` a changed identity, `added` and `removed`."""
+
+    kept: frozenset[str]
+    rekeyed: frozenset[str]
+    rebuilt: frozenset[str]
+    added: frozenset[str]
+    removed: frozenset[str]
+
+    @classmethod
+    def between(cls, before: TenantSettings, after: TenantSettings) -> SetChanges:
+        old = {config.name: config for config in before.credential_sets}
+        new = {config.name: config for config in after.credential_sets}
+        kept = frozenset(
+            name
+            for name, config in new.items()
+            if name in old and token_identity(old[name], before) == token_identity(config, after)
+        )
+        return cls(
+            kept=kept,
+            rekeyed=frozenset(
+                name
+                for name in kept
+                if (old[name].secret, old[name].authorization_scheme)
+                != (new[name].secret, new[name].authorization_scheme)
+            ),
+            rebuilt=frozenset(name for name in new if name in old and name not in kept),
+            added=frozenset(name for name in new if name not in old),
+            removed=frozenset(name for name in old if name not in new),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class RetiredSet:
+    """A set a reconfiguration replaced or removed; `successor`: the manager now serving the
+    same kind and appid, if a started tenant has one (a replay is handed to it)."""
+
+    tenant: str
+    managed: CredentialSet
+    successor: TokenManager | None
+
+
+@dataclass(frozen=True, slots=True)
 class Reconfigured:
-    """What a reconfiguration changed: tenants added, removed, rebuilt (an appid, an upstream,
-    a set's kind, a set added or removed), and the sets ("tenant/set") whose secret alone
-    changed; `retired`: the started tenants it replaced or removed, for the caller to retire."""
+    """What a reconfiguration changed: tenants added and removed; the sets ("tenant/set") added
+    to or removed from a tenant that stays, rebuilt (a new kind, appid or token upstream: a new
+    token manager) and rekeyed (a new secret or authorization scheme: the same manager);
+    the tenants whose main upstream changed (their routes go there now); and `retired`: the
+    started sets replaced or removed, for the caller to retire."""
 
     added: tuple[str, ...] = ()
     removed: tuple[str, ...] = ()
-    rebuilt: tuple[str, ...] = ()
+    sets_added: tuple[str, ...] = ()
+    sets_removed: tuple[str, ...] = ()
+    sets_rebuilt: tuple[str, ...] = ()
     rekeyed: tuple[str, ...] = ()
-    retired: tuple[Tenant, ...] = ()
+    upstreams_changed: tuple[str, ...] = ()
+    retired: tuple[RetiredSet, ...] = ()
+
+    @property
+    def changed(self) -> bool:
+        """Whether anything changed at all."""
+        return any(
+            (
+                self.added,
+                self.removed,
+                self.sets_added,
+                self.sets_removed,
+                self.sets_rebuilt,
+                self.rekeyed,
+                self.upstreams_changed,
+            )
+        )
 
 
 class Tenants:
@@ -93,51 +186,83 @@ class Tenants:
         self.default = default
 
     def reconfigure(self, configs: Sequence[TenantSettings]) -> Reconfigured:
-        """Serve `configs` (every tenant, `default` first) from now on. A tenant whose settings
-        are the same is left alone; one whose secrets alone changed keeps its token managers
-        (and the tokens they hold: the next token call signs with the new secret); one changed
-        otherwise is rebuilt, and a removed one dropped: the started ones are returned as
-        `retired`. A rebuilt or added tenant starts on its first use, `default` at once.
+        """Serve `configs` (every tenant, `default` first) from now on, set by set: a set whose
+        kind, appid and token upstream are the same keeps its manager, source and store (and
+        the token held; a new secret signs the next token call), a set that changed otherwise
+        or was added gets a new manager, and one changed or removed is returned as retired.
+        A started tenant's routes are bound again to its sets; a tenant not started yet is
+        built from its new configuration on its first use; a removed one is dropped.
 
-        Synchronous, on the event loop: a request sees the tenants as they were or as they
-        are, never a mix."""
+        All is worked out first (`Builder.rebuild`): if that raises, nothing has changed.
+        Then put in force in one step, synchronously on the event loop: a request sees the
+        tenants as they were or as they are, never a mix."""
         configs_now = {config.name: config for config in configs}
-        started: dict[str, Tenant] = {}
-        retired: list[Tenant] = []
-        added, rebuilt, rekeyed = [], [], []
+        assert DEFAULT_TENANT in configs_now
+        assert DEFAULT_TENANT in self._started
         removed = [name for name in self._configs if name not in configs_now]
-        retired += [self._started[name] for name in removed if name in self._started]
+        added = [name for name in configs_now if name not in self._configs]
+        sets_added, sets_removed, sets_rebuilt, rekeyed, upstreams = [], [], [], [], []
+        started: dict[str, Tenant] = {}
+        plans: list[Rebuilt] = []
         for name, config in configs_now.items():
             before = self._configs.get(name)
+            if before is None or before == config:
+                if name in self._started:
+                    started[name] = self._started[name]
+                continue
+            changes = SetChanges.between(before, config)
+            sets_added += [f"{name}/{each}" for each in sorted(changes.added)]
+            sets_removed += [f"{name}/{each}" for each in sorted(changes.removed)]
+            sets_rebuilt += [f"{name}/{each}" for each in sorted(changes.rebuilt)]
+            rekeyed += [f"{name}/{each}" for each in sorted(changes.rekeyed)]
+            if before.base_url != config.base_url:
+                upstreams.append(name)
             tenant = self._started.get(name)
-            if before is None:
-                added.append(name)
-            elif before == config:
-                if tenant is not None:
-                    started[name] = tenant
-            elif _shape(before) != _shape(config):
-                rebuilt.append(name)
-                if tenant is not None:
-                    retired.append(tenant)
-            else:
-                changed = frozenset(
-                    old.name
-                    for old, new in zip(before.credential_sets, config.credential_sets, strict=True)
-                    if old.secret != new.secret
-                )
-                rekeyed += [f"{name}/{set_name}" for set_name in sorted(changed)]
-                if tenant is not None:
-                    started[name] = self._builder.rekeyed(tenant, config, changed)
-        if DEFAULT_TENANT not in started:
-            started[DEFAULT_TENANT] = self._builder.build(configs_now[DEFAULT_TENANT])
+            if tenant is not None:
+                plan = self._builder.rebuild(tenant, before, config)
+                plans.append(plan)
+                started[name] = plan.tenant
+        index = _kind_index(configs_now)
+        # Everything is worked out: from here on nothing raises, and nothing is awaited.
+        for plan in plans:
+            self._builder.commit(plan)
+        retired = [
+            (name, managed)
+            for name in removed
+            if name in self._started
+            for managed in self._started[name].sets
+        ]
+        retired += [(plan.tenant.name, managed) for plan in plans for managed in plan.retired]
         started = {DEFAULT_TENANT: started.pop(DEFAULT_TENANT), **started}  # `default` first
-        # One step each, nothing awaited in between: no request runs while they change.
-        self._kind_index, self._token_kinds, self._set_kinds = _kind_index(configs_now)
+        self._kind_index, self._token_kinds, self._set_kinds = index
         self._configs = configs_now
         self._started = started
         self.default = started[DEFAULT_TENANT]
+        successors = (
+            {
+                (managed.credential.kind, managed.credential.appid): managed.tokens
+                for tenant in started.values()
+                for managed in tenant.sets
+            }
+            if retired
+            else {}
+        )
         return Reconfigured(
-            tuple(added), tuple(removed), tuple(rebuilt), tuple(rekeyed), tuple(retired)
+            added=tuple(added),
+            removed=tuple(removed),
+            sets_added=tuple(sets_added),
+            sets_removed=tuple(sets_removed),
+            sets_rebuilt=tuple(sets_rebuilt),
+            rekeyed=tuple(rekeyed),
+            upstreams_changed=tuple(upstreams),
+            retired=tuple(
+                RetiredSet(
+                    name,
+                    managed,
+                    successors.get((managed.credential.kind, managed.credential.appid)),
+                )
+                for name, managed in retired
+            ),
         )
 
     @property
@@ -235,12 +360,3 @@ def _kind_index(
             set_kinds.setdefault(credentials.name, credential)
     kinds = tuple(next(iter(by_appid.values()))[2] for by_appid in index.values())
     return index, kinds, set_kinds
-
-
-def _shape(config: TenantSettings) -> TenantSettings:
-    """`config` without its secrets: what must stay the same for a tenant to keep its tokens."""
-    return dataclasses.replace(
-        config,
-        app_key="",
-        credentials=tuple(dataclasses.replace(each, secret="") for each in config.credentials),
-    )

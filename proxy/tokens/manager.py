@@ -24,9 +24,12 @@
   background once it has not been used (get, replace) for longer than its token's life: an idle
   tenant costs no token calls. Its next use starts renewing again (the held token, if still
   valid, serves at once; otherwise that use fetches one).
-- `retire()` (a reload rebuilt or removed the tenant): no more background renewal, but a request
-  still holding the manager is served to its end: the held token, and a fetch on demand for its
-  replay, as before.
+- `retire(successor)` (a reload replaced or removed the credential set): no more background
+  renewal, but a request still holding the manager is served to its end: the held token, and
+  for its replay a token from `successor` (the manager that now serves the same appid: a fetch
+  here would supersede the token it holds), or without one a fetch on demand as before.
+- `start_when_used()` (a named tenant's set a reload made anew): renewing starts at its first
+  use, as when the tenant was first used.
 - Tokens are obtained through a store (tokens/store.py): in one process it only remembers; shared in
   Redis, it lets replicas adopt the token one of them fetched, and tells them when it changes.
   If the store cannot be reached, a replica renews alone, serves on, and reconciles with the
@@ -144,6 +147,7 @@ class TokenManager:
         self._pauses_when_idle = pauses_when_idle
         self._last_used = clock()
         self._paused = False  # the refresher stopped for idleness: the next use restarts it
+        self._successor: TokenManager | None = None  # retired: who serves its appid now
 
     # -- used on every request -------------------------------------------------------------
 
@@ -169,7 +173,8 @@ class TokenManager:
         self._last_used = self._clock()
         if self._paused:
             self._paused = False
-            self._log.info("token_renewal_resumed")
+            if self._held is not None:  # else started for the first time (start_when_used)
+                self._log.info("token_renewal_resumed")
             self.start()
 
     async def get(self) -> Token:
@@ -179,11 +184,16 @@ class TokenManager:
         token = self._cache.get(_KEY)
         if token is not None:
             return token
+        if self._successor is not None:
+            return await self._successor.get()
         # Whatever was held has expired: any token but that one.
         return await self._shared_fetch(stale=None if self._held is None else self._held.value)
 
     async def replace(self, rejected: Token) -> Token:
         """A token to replay with after Sobot rejected `rejected` (v5: 900002 / 900001; V6: 401)."""
+        if self._successor is not None:
+            # Retired: a fetch here would supersede the token the set's successor holds.
+            return await self._successor.replace(rejected)
         if self._pauses_when_idle:
             self._used()
         current = self._cache.get(_KEY)
@@ -389,9 +399,20 @@ class TokenManager:
         if self._store.shared:
             self._watcher = asyncio.create_task(self._watch_store(), name="sobot-token-watcher")
 
-    def retire(self) -> None:
+    def start_when_used(self) -> None:
+        """Start the background refresher at the first use (get, replace), not now. Only for a
+        manager that `pauses_when_idle`: for another, the same as start()."""
+        if self._pauses_when_idle:
+            self._paused = True
+        else:
+            self.start()
+
+    def retire(self, successor: TokenManager | None = None) -> None:
         """Stop renewing in the background for good, unlike stop() leaving a fetch under way to
-        the requests that wait for it: they, and any replay still to come, are served as ever."""
+        the requests that wait for it: they, and any replay still to come, are served as ever.
+        `successor`: the manager that serves the same appid from now on; a replay (and a get
+        once the held token has expired) takes its token instead of fetching one here."""
+        self._successor = successor
         self._pauses_when_idle = False  # so no later use starts the refresher again
         self._paused = False
         for task in (self._refresher, self._watcher):
