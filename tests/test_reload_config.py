@@ -263,6 +263,38 @@ def test_kept_routes_naming_a_set_no_tenant_has_any_more_fail_the_reload(config)
     assert "until a restart" in problem
 
 
+def test_a_plain_http_tenant_needs_the_running_proxy_to_allow_it(config):
+    """allow_insecure_upstream changes only at a restart: a reload turning it on must not bring
+    in a tenant on plain http off this host under the running proxy, which refuses those."""
+    old = load(config)
+    insecure = TOML.replace('region = "us"', 'base_url = "http://sobot.example.com"')
+    config.write_text("allow_insecure_upstream = true\n" + insecure)
+    new = load(config)
+    assert restart_needed(old, new) == ["allow_insecure_upstream"]
+    with pytest.raises(ConfigError) as raised:
+        applied(old, new)
+    assert raised.value.problems == [
+        "acme/default: the upstream http://sobot.example.com is plain http and not on this "
+        "host, and allow_insecure_upstream is off in the running proxy (it changes only at a "
+        "restart)",
+        "acme/callcenter: the upstream http://sobot.example.com is plain http and not on this "
+        "host, and allow_insecure_upstream is off in the running proxy (it changes only at a "
+        "restart)",
+    ]
+
+
+def test_a_redis_password_file_rewritten_too_short_is_refused(config):
+    """As the loader refuses it: the logs could not hide so short a password."""
+    running = load(config)
+    (config.parent / "redis.password").write_text("short\n")
+    with pytest.raises(ConfigError) as raised:
+        reread_secrets(running)
+    assert raised.value.problems == [
+        "token_store_password_file: the password is shorter than 8 characters, too short for "
+        "the logs to hide; use a long random one"
+    ]
+
+
 def test_applied_takes_a_file_that_moved(config):
     old = load(config)
     (config.parent / "moved.key").write_text("moved-acme-key")

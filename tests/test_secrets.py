@@ -324,3 +324,14 @@ async def test_no_v6_secret_jwt_or_sign_reaches_a_log_line_or_an_error_answer(
     }
     written = b"\n".join([output, *answers, *granted]).decode()
     assert signs.isdisjoint(HEX32.findall(written))
+
+
+def test_a_percent_encoded_password_in_the_store_url_is_hidden_as_redis_py_sends_it(
+    settings: Settings,
+):
+    """redis-py sends the password decoded: the logs hide it in that form as well."""
+    store = "redis://:p%40ss%2Fword-0123456789@127.0.0.1:6379/0"
+    secrets = Secrets()
+    make_app(dataclasses.replace(settings, token_store=store), secrets=secrets)
+    line = b"AUTH p@ss/word-0123456789 and p%40ss%2Fword-0123456789"
+    assert secrets.scrub(line) == b"AUTH [redacted] and [redacted]"

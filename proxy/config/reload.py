@@ -34,9 +34,11 @@ from typing import Final, NamedTuple
 
 from proxy.config.routes import NO_CREDENTIALS, CredentialSettings
 from proxy.config.secret_files import ReadText, read_secret, read_secret_lines, read_text
-from proxy.config.settings import ConfigError, Settings
+from proxy.config.settings import TOO_SHORT, ConfigError, Settings
 from proxy.config.tenants import ClientKeys, bind_client_keys
 from proxy.config.toml_routes import key_path, known_sets, unknown_set
+from proxy.config.values import in_clear
+from proxy.logs import MIN_SECRET_LENGTH
 
 # The Settings fields a reload takes from the new configuration; every other field that
 # differs is named by restart_needed. The *_file fields say where a secret came from.
@@ -116,6 +118,8 @@ def reread_secrets(settings: Settings, *, read: ReadText = read_text) -> Setting
         password = reread(
             "token_store_password_file", settings.token_store_password_file, password or ""
         )
+        if password and len(password) < MIN_SECRET_LENGTH:  # as the loader refuses it
+            problems.append(f"token_store_password_file: the password {TOO_SHORT}")
     client_keys = ClientKeys(settings.client_keys, settings.client_key_tenants)
     if settings.client_keys_file is not None:
         client_keys = _reread_client_keys(settings, settings.client_keys_file, read, problems)
@@ -171,13 +175,14 @@ def applied(old: Settings, new: Settings) -> Settings:
     restart_needed(old, new) is empty. Client keys turned on or off keep the old ones.
 
     Raises ConfigError when what would run does not hold together as start-up requires: the
-    routes (kept) name a credential set that no tenant (new) has any more."""
+    routes (kept) name a credential set that no tenant (new) has any more, or an upstream is
+    plain http off this host while the running allow_insecure_upstream (kept) is off."""
     taken = {name: getattr(new, name) for name in APPLIED}
     if _client_keys_switched(old, new):
         for name in _CLIENT_KEY_FIELDS:
             del taken[name]
     running = dataclasses.replace(old, **taken)
-    problems = _kept_routes_problems(running)
+    problems = _kept_routes_problems(running) + _insecure_upstreams(running)
     if problems:
         raise ConfigError(problems)
     return running
@@ -198,6 +203,25 @@ def _kept_routes_problems(settings: Settings) -> list[str]:
                 f"routes (prefix {route.prefix!r}).credentials: {problem}; the routes stay as "
                 "they are until a restart, so their sets must stay too"
             )
+    return problems
+
+
+def _insecure_upstreams(settings: Settings) -> list[str]:
+    """The tenants' and sets' plain-http upstreams off this host, when the running process does
+    not allow them: allow_insecure_upstream needs a restart, so a reload that turns it on must
+    not bring in what only it would admit."""
+    if settings.allow_insecure_upstream:
+        return []
+    problems = []
+    for tenant in settings.all_tenants:
+        for config in tenant.credential_sets:
+            url = config.base_url or tenant.base_url
+            if in_clear(url):
+                problems.append(
+                    f"{tenant.name}/{config.name}: the upstream {url} is plain http and not on "
+                    "this host, and allow_insecure_upstream is off in the running proxy (it "
+                    "changes only at a restart)"
+                )
     return problems
 
 

@@ -274,13 +274,13 @@ def _token_store(value: Any) -> str:
     if db and not db.isdigit():
         raise ValueError("names a database that is not a number (redis://host:port/0)")
     if parts.password is not None and len(unquote(parts.password)) < MIN_SECRET_LENGTH:
-        raise ValueError(f"the password {_TOO_SHORT}")
+        raise ValueError(f"the password {TOO_SHORT}")
     return text
 
 
 # The logs' scrubber leaves shorter values alone (they would mangle ordinary text): a secret
 # that short could show in a line, so it is refused.
-_TOO_SHORT: Final = (
+TOO_SHORT: Final = (
     f"is shorter than {MIN_SECRET_LENGTH} characters, too short for the logs to hide; use a "
     "long random one"
 )
@@ -677,7 +677,7 @@ def load_with_provenance(
         )
     password = secrets["token_store_password"]
     if password and len(password[0]) < MIN_SECRET_LENGTH:
-        problems.append(f"{origins['token_store_password'].name}: the password {_TOO_SHORT}")
+        problems.append(f"{origins['token_store_password'].name}: the password {TOO_SHORT}")
     region = values["region"]
     tables = parse_tables(
         toml_values,

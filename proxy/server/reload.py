@@ -35,7 +35,7 @@ import os
 import signal
 from collections.abc import Awaitable, Callable
 from typing import Final
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 import structlog
 
@@ -53,11 +53,15 @@ WATCH_INTERVAL: Final = 2.0
 
 
 def secrets_of(settings: Settings) -> tuple[str, ...]:
-    """Every secret `settings` hold: app keys and V6 secrets, client keys, the Redis password."""
+    """Every secret `settings` hold: app keys and V6 secrets, client keys, the Redis password
+    (one in the store's URL both as written and percent-decoded, as redis-py sends it)."""
+    in_url = urlsplit(settings.token_store).password or ""
     return (
         *(config.secret for tenant in settings.all_tenants for config in tenant.credential_sets),
         *settings.client_keys,
-        urlsplit(settings.token_store).password or settings.token_store_password or "",
+        in_url,
+        unquote(in_url),
+        settings.token_store_password or "",
     )
 
 
