@@ -95,9 +95,10 @@ class ApiHandler:
 
     def _admit(
         self, request: web.BaseRequest, record: RequestRecord
-    ) -> tuple[str, str, Credential | None, Route | None]:
-        """(path, query, the kind whose token request it is, or the route it goes along), once
-        the request may be served at all (the allow-lists are the caller's to apply)."""
+    ) -> tuple[str, str, str, Credential | None, Route | None]:
+        """(path, query, the path as the upstream takes it, the kind whose token request it is,
+        or the route it goes along), once the request may be served at all (the allow-lists
+        are the caller's to apply)."""
         # Authentication comes first, so a caller without a key learns nothing else.
         self._access.authenticate(request.headers)
         path, query = split_target(request.raw_path)
@@ -108,11 +109,11 @@ class ApiHandler:
         if kind is not None:
             # Answered locally; counted under the route it would have gone along, if any.
             record.route = kind.token_path if route is None else route.prefix
-            return path, query, kind, None
+            return path, query, served, kind, None
         if route is None:
             raise NotProxied(self._not_routed)
         record.route, record.credentials = route.prefix, route.credentials_name
-        return path, query, kind, route
+        return path, query, served, kind, route
 
     async def expect(self, request: web.Request) -> web.StreamResponse | None:
         """`Expect: 100-continue`: refuse before the client sends its body, or invite it."""
@@ -121,9 +122,9 @@ class ApiHandler:
         reserved = NOTHING_RESERVED
         shape = None
         try:
-            path, _, kind, route = self._admit(request, record)
+            _, _, served, kind, route = self._admit(request, record)
             shape = _shape(kind, route)
-            self._access.authorize(request.method, path)
+            self._access.authorize(request.method, served)
             if request.headers.get(hdrs.EXPECT, "").lower() != "100-continue":
                 raise ExpectationFailed("only `Expect: 100-continue` is understood")
             if kind is not None:
@@ -211,9 +212,9 @@ class ApiHandler:
         reserved = request.pop(_RESERVED, None) if hdrs.EXPECT in request.headers else None
         shape = None
         try:
-            path, query, kind, route = self._admit(request, record)
+            path, query, served, kind, route = self._admit(request, record)
             shape = _shape(kind, route)
-            self._access.authorize(request.method, path)
+            self._access.authorize(request.method, served)
             if kind is not None:
                 response, record.ret_code, record.credentials = await self._local_token.answer(
                     request, kind
