@@ -260,15 +260,21 @@ def fake_sobot(
         yield fake, f"http://127.0.0.1:{fake.wait_for_event('listening')['port']}"
 
 
-def routes_config(directory: Path, *, v6_secret: str = STACK_V6_SECRET, more: str = "") -> Path:
-    """A TOML file beside its secret's file: the `callcenter` V6 set (STACK_V6_APPID) on the
-    V6_ROUTE prefix, and `more` TOML after it. Its path, for `--config`."""
+def routes_config(
+    directory: Path,
+    *,
+    v6_appid: str = STACK_V6_APPID,
+    v6_secret: str = STACK_V6_SECRET,
+    more: str = "",
+) -> Path:
+    """A TOML file beside its secret's file: the `callcenter` V6 set on the V6_ROUTE prefix,
+    and `more` TOML after it. Its path, for `--config`."""
     (directory / "v6.secret").write_text(v6_secret + "\n")
     config = directory / "routes.toml"
     config.write_text(
         f"""[credentials.callcenter]
 kind = "v6"
-appid = "{STACK_V6_APPID}"
+appid = "{v6_appid}"
 app_key_file = "v6.secret"
 
 [[routes]]

@@ -18,7 +18,7 @@ from proxy.testing.fake_sobot import FakeSobot
 from proxy.tokens.source import token_client, token_source
 from proxy.tokens.store import SharedRedis, StoredToken
 from tests.conftest import APP_KEY, APPID, lying_peer
-from tests.processes import EXIT_TIMEOUT, HEX32, command_env, run_command
+from tests.processes import EXIT_TIMEOUT, HEX32, command_env, routes_config, run_command
 
 PREFIX = "sobot-proxy: configuration error: "
 PROBE = "/api/ws/5/ticket/list?page=1"
@@ -518,18 +518,7 @@ SECOND_HOST = "https://api-c.soboten.com"
 def routes_file(tmp_path, *, v6_secret: str = V6_SECRET) -> str:
     """A TOML file with a V6 set on /callservice/, the AI agent on a second host and a route
     that injects nothing; its secret in a file beside it."""
-    (tmp_path / "v6.secret").write_text(v6_secret + "\n")
-    config = tmp_path / "routes.toml"
-    config.write_text(
-        f"""[credentials.callcenter]
-kind = "v6"
-appid = "{V6_APPID}"
-app_key_file = "v6.secret"
-
-[[routes]]
-prefix = "/callservice/"
-credentials = "callcenter"
-
+    more = f"""
 [[routes]]
 prefix = "/text/ai-agent-open/"
 upstream = "{SECOND_HOST}"
@@ -538,8 +527,7 @@ upstream = "{SECOND_HOST}"
 prefix = "/signed/"
 credentials = "none"
 """
-    )
-    return str(config)
+    return str(routes_config(tmp_path, v6_appid=V6_APPID, v6_secret=v6_secret, more=more))
 
 
 @pytest.fixture

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import ssl
 import time
 import tracemalloc
 from collections.abc import AsyncIterator, Callable
@@ -15,9 +16,14 @@ import orjson
 import pytest
 from aiohttp.test_utils import TestClient
 
+from proxy.cli.prove import probe_problem
 from proxy.config.routes import CredentialSettings, RouteSettings
+from proxy.config.settings import Settings
+from proxy.logs import Secrets, get_logger
 from proxy.server.routing import Route, RouteTable
+from proxy.sobot.v6 import V6Credential
 from proxy.testing.fake_sobot import FakeSobot
+from proxy.tokens.source import CredentialTokenSource, token_client
 from tests.conftest import (
     APP_KEY,
     APPID,
@@ -523,3 +529,45 @@ async def test_an_encoded_newline_is_refused_by_the_proxy_not_aiohttps_router(pr
     assert (await response.json())["ret_code"] == "980400"
     assert "X-Request-Id" in response.headers  # answered (and logged) by the proxy's handler
     assert fake.stats.api_calls == 0
+
+
+async def test_the_v6_token_call_sends_one_accept(fake: FakeSobot):
+    """The kind's own headers replace the defaults: one Accept, application/json (seen on the
+    wire, by a server that records the request's head)."""
+    heads: list[bytes] = []
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        heads.append(await reader.readuntil(b"\r\n\r\n"))
+        body = b'{"access_token": "opaque", "expires_in": 3600}'
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(answer, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    client = token_client(
+        Settings(APPID, APP_KEY, "http://127.0.0.1"), ssl.create_default_context()
+    )
+    try:
+        source = CredentialTokenSource(
+            client,
+            V6Credential(V6_APPID, V6_SECRET),
+            base_url=f"http://127.0.0.1:{port}",
+            deadline=10,
+            log=get_logger(),
+            secrets=Secrets(),
+        )
+        async with asyncio.timeout(10):
+            assert (await source.fetch()).lifetime == 3600
+    finally:
+        await client.close()
+        server.close()
+    [head] = heads
+    accepts = [line for line in head.split(b"\r\n") if line.lower().startswith(b"accept:")]
+    assert accepts == [b"Accept: application/json"]
+
+
+def test_a_probe_path_is_folded_as_the_proxy_folds_it():
+    settings = Settings(APPID, APP_KEY, "https://sg.sobot.io")
+    assert probe_problem(settings, "//api/5/user/get") is None
+    assert probe_problem(settings, "//nowhere/x") == "no route serves it"

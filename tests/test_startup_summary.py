@@ -4,6 +4,7 @@ one `started` event in json."""
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import re
 import urllib.parse
@@ -11,6 +12,7 @@ import urllib.request
 from typing import Any
 
 from proxy.cli.startup import announce
+from proxy.config.routes import CredentialSettings
 from proxy.config.settings import Settings
 from proxy.logs import get_logger
 from proxy.server.app import TENANTS
@@ -197,3 +199,26 @@ async def test_a_region_a_redis_store_and_client_keys_are_described(
     assert OBTAINED.fullmatch(started["token_status"])
     assert b"store-password" not in logs.raw
     assert b"client-key" not in logs.raw
+
+
+async def test_a_set_no_route_uses_is_summarised_as_not_fetched(
+    make_proxy, fake: FakeSobot, settings: Settings, logs: CapturedLogs
+):
+    """The summary does not wait for a token nobody fetches: a set no route names is fetched
+    only when a client asks for its token."""
+    idle = CredentialSettings("callcenter", "v6", "v6-appid", "v6-secret-0123456789")
+    proxy = await make_proxy(credentials=(idle,))
+    async with asyncio.timeout(10):
+        await announce(
+            proxy.app[TENANTS].default.sets,
+            proxy.app[TENANTS].default.routes,
+            dataclasses.replace(settings, credentials=(idle,)),
+            get_logger(),
+            url="http://127.0.0.1:8080",
+            worker=None,
+            token_store="memory",
+        )
+    [started] = logs.events("started")
+    default, callcenter = started["credentials"]
+    assert OBTAINED.search(default)
+    assert callcenter.startswith("callcenter (v6): not fetched: no route uses it")

@@ -4,7 +4,7 @@ import orjson
 import pytest
 
 from proxy.sobot import v5
-from proxy.sobot.credential import IssuedToken, MalformedAnswer
+from proxy.sobot.credential import MAX_LIFETIME, IssuedToken, MalformedAnswer
 
 
 def test_sign_matches_the_vendors_worked_example():
@@ -48,6 +48,9 @@ def test_token_answer_with_an_error_code_has_no_token():
         b'{"ret_code": "000000", "item": {"token": "t", "expires_in": "0"}}',
         b'{"ret_code": "000000", "item": {"token": "t", "expires_in": -5}}',
         b'{"ret_code": "000000", "item": {"token": "t", "expires_in": true}}',
+        # Written into every forwarded request's head: a CR LF would end the header there.
+        b'{"ret_code": "000000", "item": {"token": "t\\r\\nX-Injected: 1", "expires_in": 60}}',
+        b'{"ret_code": "000000", "item": {"token": "two words", "expires_in": 60}}',
     ],
 )
 def test_malformed_token_answers_are_refused(body):
@@ -73,3 +76,12 @@ def test_ret_code_is_found_under_either_name(answer, code):
 
 def test_issued_token_repr_hides_the_value():
     assert "secret-value" not in repr(IssuedToken("secret-value", 60.0))
+
+
+def test_a_lifetime_is_never_believed_past_max_lifetime():
+    """A lifetime past 30 days is a misread: renewing early costs one get_token, never renewing
+    would cost every request."""
+    body = b'{"ret_code": "000000", "item": {"token": "t", "expires_in": 1e300}}'
+    _, _, token = v5.parse_token_answer(body)
+    assert token is not None
+    assert token.lifetime == MAX_LIFETIME

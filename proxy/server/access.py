@@ -24,7 +24,6 @@ from multidict import CIMultiDictProxy
 
 from proxy.config.settings import Settings
 from proxy.errors import Forbidden, Unauthorized
-from proxy.server.paths import as_served
 
 _BEARER: Final = "bearer "
 
@@ -59,13 +58,14 @@ class AccessPolicy:
             raise Unauthorized("the client key is not valid")
         return tenant
 
-    def authorize(self, method: str, path: str) -> None:
+    def authorize(self, method: str, served: str) -> None:
         """Raise Forbidden unless the allow-lists (when set) admit this method and path."""
         if self._allow_methods and method not in self._allow_methods:
             raise Forbidden(f"the method {method} is not allowed through this proxy")
-        # Matched on the path as the upstream takes it (paths.as_served): encoded slashes and
-        # dot segments never get this far, so decoding cannot make one path pass for another.
-        if self._allow_paths and not as_served(path).startswith(self._allow_paths):
+        # `served`: the path as the upstream takes it (paths.as_served, made once by the
+        # handler). Encoded slashes and dot segments never get this far, so decoding cannot
+        # make one path pass for another.
+        if self._allow_paths and not served.startswith(self._allow_paths):
             raise Forbidden("this path is not allowed through this proxy")
 
 

@@ -111,12 +111,13 @@ class ApiHandler:
 
     def _admit(
         self, request: web.BaseRequest, record: RequestRecord
-    ) -> tuple[str, str, Credential | None, Route | None, str, Tenant | None, str | None]:
-        """(path, query, the kind whose token request it is, or the route it goes along, the
-        tenant's name, the tenant if it has started, the client key's tenant if client keys are
-        on), once the request may be served at all (the allow-lists are the caller's to apply).
-        Nothing is built: for a tenant not started yet the route is the shared prefixes' one
-        (`default`'s), for the caller to bind (_bound) once the request is to be forwarded."""
+    ) -> tuple[str, str, str, Credential | None, Route | None, str, Tenant | None, str | None]:
+        """(path, query, the path as the upstream takes it, the kind whose token request it is,
+        or the route it goes along, the tenant's name, the tenant if it has started, the client
+        key's tenant if client keys are on), once the request may be served at all (the
+        allow-lists are the caller's to apply). Nothing is built: for a tenant not started yet
+        the route is the shared prefixes' one (`default`'s), for the caller to bind (_bound)
+        once the request is to be forwarded."""
         # Authentication comes first, so a caller without a key learns nothing else.
         key_tenant = self._access.authenticate(request.headers)
         name = self._tenants.name_for_request(key_tenant, _named_tenant(request.headers))
@@ -130,11 +131,11 @@ class ApiHandler:
         if kind is not None:
             # Answered locally; counted under the route it would have gone along, if any.
             record.route = kind.token_path if route is None else route.prefix
-            return path, query, kind, None, name, tenant, key_tenant
+            return path, query, served, kind, None, name, tenant, key_tenant
         if route is None:
             raise NotProxied(self._not_routed)
         record.route, record.credentials = route.prefix, route.credentials_name
-        return path, query, kind, route, name, tenant, key_tenant
+        return path, query, served, kind, route, name, tenant, key_tenant
 
     def _refuse_lacking(self, route: Route | None, name: str, tenant: Tenant | None) -> None:
         """Refuse a route whose credential set the tenant `name` has not (its `tenant`, if it
@@ -163,12 +164,12 @@ class ApiHandler:
             return route.credential_set.credential
         return None if route.lacking is None else self._tenants.kind_of_set(route.lacking)
 
-    def _bound(self, name: str, path: str) -> Route:
-        """The route of `path` as the tenant `name` takes it, the tenant started now: its first
-        request to be forwarded."""
+    def _bound(self, name: str, served: str) -> Route:
+        """The route of the path `served` (as the upstream takes it) as the tenant `name` takes
+        it, the tenant started now: its first request to be forwarded."""
         tenant = self._tenants.get(name)
         assert tenant is not None  # a configured name
-        route = tenant.routes.match(as_served(path))
+        route = tenant.routes.match(served)
         assert route is not None  # the prefixes are shared
         return route
 
@@ -179,10 +180,10 @@ class ApiHandler:
         reserved = NOTHING_RESERVED
         shape = None
         try:
-            path, _, kind, route, name, tenant, _ = self._admit(request, record)
+            _, _, served, kind, route, name, tenant, _ = self._admit(request, record)
             shape = self._shape(kind, route)
             self._refuse_lacking(route, name, tenant)
-            self._access.authorize(request.method, path)
+            self._access.authorize(request.method, served)
             if request.headers.get(hdrs.EXPECT, "").lower() != "100-continue":
                 raise ExpectationFailed("only `Expect: 100-continue` is understood")
             if kind is not None:
@@ -271,12 +272,13 @@ class ApiHandler:
         reserved = request.pop(_RESERVED, None) if hdrs.EXPECT in request.headers else None
         shape = None
         try:
-            path, query, kind, route, name, tenant, key_tenant = self._admit(request, record)
+            admitted = self._admit(request, record)
+            path, query, served, kind, route, name, tenant, key_tenant = admitted
             # Every line logged from now on while this request is handled names its tenant.
             structlog.contextvars.bind_contextvars(tenant=name)
             shape = self._shape(kind, route)
             self._refuse_lacking(route, name, tenant)
-            self._access.authorize(request.method, path)
+            self._access.authorize(request.method, served)
             if kind is not None:
                 answer = await self._local_token.answer(request, kind, key_tenant=key_tenant)
                 response, record.ret_code, record.credentials, answered_for = answer
@@ -285,7 +287,7 @@ class ApiHandler:
                 record.status = response.status
                 return response
             if tenant is None:
-                route = self._bound(name, path)
+                route = self._bound(name, served)
             assert route is not None
             return await self._forwarder.forward(request, route, path, query, record, reserved)
         except ProxyError as exc:

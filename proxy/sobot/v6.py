@@ -79,9 +79,14 @@ def make_sign(appid: str, current_time: str, app_secret: str) -> str:
     return hashlib.md5((appid + current_time + RESPONSE_TYPE + app_secret).encode()).hexdigest()
 
 
+def error(code: int, message: str) -> dict[str, object]:
+    """The fields of a V6-shaped error, as the vendor's V6 answers carry them."""
+    return {"code": code, "message": message, "status": "Error"}
+
+
 def error_body(code: int, message: str) -> bytes:
     """A V6-shaped error answer."""
-    return orjson.dumps({"code": code, "message": message, "status": "Error"})
+    return orjson.dumps(error(code, message))
 
 
 class V6Credential:
@@ -208,8 +213,8 @@ class V6Credential:
         return f"{code} ({meaning})" if meaning else code
 
     def error_fields(self, status: int, message: str) -> Mapping[str, object]:
-        # As the vendor's V6 errors: a V6 client finds `code` and `message` where it looks.
-        return {"code": status, "message": message, "status": "Error"}
+        # A V6 client finds `code` and `message` where it looks.
+        return error(status, message)
 
 
 def _json_object(body: bytes) -> dict[str, Any] | None:
