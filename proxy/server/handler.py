@@ -19,7 +19,7 @@ import asyncio
 import time
 import weakref
 from collections.abc import Iterable
-from typing import Final
+from typing import Final, NamedTuple
 
 import structlog
 from aiohttp import HttpVersion11, hdrs, web
@@ -48,6 +48,22 @@ from proxy.server.routing import Route
 from proxy.server.tenants import HEADER as TENANT_HEADER
 from proxy.server.tenants import Tenant, Tenants
 from proxy.sobot.credential import Credential
+
+
+class Admitted(NamedTuple):
+    """A request that may be served (the allow-lists still to apply): where it goes and for whom.
+    Nothing is built for it: for a tenant not started yet, `route` is the shared prefixes' one
+    (`default`'s), for the handler to bind (_bound) once the request is to be forwarded."""
+
+    path: str
+    query: str
+    served: str  # the path as the upstream takes it (paths.as_served)
+    kind: Credential | None  # the kind whose token request it is, answered locally
+    route: Route | None  # the route it goes along (None for a token request)
+    tenant_name: str
+    tenant: Tenant | None  # if it has started
+    key_tenant: str | None  # the client key's tenant, when client keys are on
+
 
 # The spool room reserved when `Expect: 100-continue` was answered, for handle() to take over.
 _RESERVED: Final = web.RequestKey("spool_reserved", Reservation)
@@ -109,15 +125,8 @@ class ApiHandler:
         running = self._running
         return len(running) > (1 if asyncio.current_task() in running else 0)
 
-    def _admit(
-        self, request: web.BaseRequest, record: RequestRecord
-    ) -> tuple[str, str, str, Credential | None, Route | None, str, Tenant | None, str | None]:
-        """(path, query, the path as the upstream takes it, the kind whose token request it is,
-        or the route it goes along, the tenant's name, the tenant if it has started, the client
-        key's tenant if client keys are on), once the request may be served at all (the
-        allow-lists are the caller's to apply). Nothing is built: for a tenant not started yet
-        the route is the shared prefixes' one (`default`'s), for the caller to bind (_bound)
-        once the request is to be forwarded."""
+    def _admit(self, request: web.BaseRequest, record: RequestRecord) -> Admitted:
+        """The request, once it may be served at all (see Admitted)."""
         # Authentication comes first, so a caller without a key learns nothing else.
         key_tenant = self._access.authenticate(request.headers)
         name = self._tenants.name_for_request(key_tenant, _named_tenant(request.headers))
@@ -131,15 +140,16 @@ class ApiHandler:
         if kind is not None:
             # Answered locally; counted under the route it would have gone along, if any.
             record.route = kind.token_path if route is None else route.prefix
-            return path, query, served, kind, None, name, tenant, key_tenant
+            return Admitted(path, query, served, kind, None, name, tenant, key_tenant)
         if route is None:
             raise NotProxied(self._not_routed)
         record.route, record.credentials = route.prefix, route.credentials_name
-        return path, query, served, kind, route, name, tenant, key_tenant
+        return Admitted(path, query, served, kind, route, name, tenant, key_tenant)
 
-    def _refuse_lacking(self, route: Route | None, name: str, tenant: Tenant | None) -> None:
-        """Refuse a route whose credential set the tenant `name` has not (its `tenant`, if it
-        has started: its routes know; else its configuration)."""
+    def _refuse_lacking(self, admitted: Admitted) -> None:
+        """Refuse a route whose credential set the request's tenant has not (a started tenant's
+        routes know; else its configuration)."""
+        route, name, tenant = admitted.route, admitted.tenant_name, admitted.tenant
         if route is None:
             return
         if tenant is not None:
@@ -180,13 +190,13 @@ class ApiHandler:
         reserved = NOTHING_RESERVED
         shape = None
         try:
-            _, _, served, kind, route, name, tenant, _ = self._admit(request, record)
-            shape = self._shape(kind, route)
-            self._refuse_lacking(route, name, tenant)
-            self._access.authorize(request.method, served)
+            admitted = self._admit(request, record)
+            shape = self._shape(admitted.kind, admitted.route)
+            self._refuse_lacking(admitted)
+            self._access.authorize(request.method, admitted.served)
             if request.headers.get(hdrs.EXPECT, "").lower() != "100-continue":
                 raise ExpectationFailed("only `Expect: 100-continue` is understood")
-            if kind is not None:
+            if admitted.kind is not None:
                 self._local_token.admit(request)
             else:
                 # Capacity, declared size and spool room: the refusal comes instead of the 100.
@@ -277,7 +287,7 @@ class ApiHandler:
             # Every line logged from now on while this request is handled names its tenant.
             structlog.contextvars.bind_contextvars(tenant=name)
             shape = self._shape(kind, route)
-            self._refuse_lacking(route, name, tenant)
+            self._refuse_lacking(admitted)
             self._access.authorize(request.method, served)
             if kind is not None:
                 answer = await self._local_token.answer(request, kind, key_tenant=key_tenant)
