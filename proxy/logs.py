@@ -85,18 +85,12 @@ class Secrets:
         self._lasting.update(form for value in values for form in _forms(value))
         self._lasting_watch.rebuild(self._lasting)
 
-    def add(self, value: str, *, lasting: bool = False, owner: object = None) -> None:
-        """Watch for `value`: for good when `lasting` (keys), else as one of the last values
+    def add(self, value: str, *, owner: object = None) -> None:
+        """Watch for the short-lived `value` (a token, a signature) as one of the last values
         `owner` added (an object, weakly referenced: its values go with it), or, without an
-        owner, as one of the last few added so."""
+        owner, as one of the last few added so. Keys: add_lasting."""
         forms = _forms(value)
         if not forms:
-            return
-        if lasting:
-            for form in forms:
-                if form not in self._lasting:
-                    self._lasting.add(form)
-                    self._lasting_watch.add(form, lambda: self._lasting)
             return
         kept = self._unowned if owner is None else self._owned.get(owner)
         if kept is None:

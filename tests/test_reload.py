@@ -28,7 +28,7 @@ from proxy.server.building import TenantBuilder
 from proxy.server.hangups import note_early
 from proxy.server.metrics import Metrics
 from proxy.server.reload import Reloader
-from proxy.server.tenants import Rebuilt, Tenant, Tenants
+from proxy.server.tenants import Rebuilt, SetChanges, Tenant, Tenants
 from proxy.testing.fake_sobot import FakeSobot
 from proxy.tokens.manager import Backoff, TokenManager
 from proxy.tokens.source import token_client
@@ -513,10 +513,10 @@ class FailingOn:
     def build(self, config: TenantSettings) -> Tenant:
         return self._builder.build(config)
 
-    def rebuild(self, tenant: Tenant, before: TenantSettings, config: TenantSettings) -> Rebuilt:
+    def rebuild(self, tenant: Tenant, config: TenantSettings, changes: SetChanges) -> Rebuilt:
         if config.name == self._tenant:
             raise RuntimeError("a bug")
-        return self._builder.rebuild(tenant, before, config)
+        return self._builder.rebuild(tenant, config, changes)
 
     def commit(self, rebuilt: Rebuilt) -> None:
         self._builder.commit(rebuilt)

@@ -52,7 +52,6 @@ from proxy.logs import Secrets
 from proxy.server.paths import split_target
 from proxy.sobot import v5
 from proxy.sobot.credential import Credential
-from proxy.sobot.kinds import KINDS
 from proxy.tokens.source import GetTokenFailed, token_client, token_source
 from proxy.tokens.store import (
     RenewalBusy,
@@ -187,7 +186,7 @@ async def _prove(
         processors=[],
         wrapper_class=structlog.make_filtering_bound_logger(logging.CRITICAL),
     )
-    credential = KINDS[config.kind](config.appid, config.secret, config.authorization_scheme)
+    credential = config.credential()
     tls = ssl.create_default_context(cafile=settings.ca_bundle)
     async with contextlib.AsyncExitStack() as resources:
         client = token_client(settings, tls)

@@ -15,6 +15,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Final
 
+from proxy.sobot.credential import Credential
+from proxy.sobot.kinds import KINDS
+
 DEFAULT_CREDENTIALS: Final = "default"
 NO_CREDENTIALS: Final = "none"
 # The v5 families seen in real clients, all on the regional domain with the v5 token.
@@ -41,6 +44,10 @@ class CredentialSettings:
     # The file the secret was read from (None: given as a value), for a reload to read again.
     # Where the secret came from, not what the set is: left out of ==.
     secret_file: str | None = field(default=None, compare=False)
+
+    def credential(self) -> Credential:
+        """The set as its kind speaks it: appid, secret and injection."""
+        return KINDS[self.kind](self.appid, self.secret, self.authorization_scheme)
 
 
 @dataclass(frozen=True, slots=True)

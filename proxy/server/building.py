@@ -25,16 +25,10 @@ from proxy.server.credentials import CredentialSet, CredentialSets
 from proxy.server.metrics import Metrics
 from proxy.server.routing import Route, RouteTable
 from proxy.server.tenants import Rebuilt, SetChanges, Tenant
-from proxy.sobot.credential import Credential
-from proxy.sobot.kinds import KINDS
 from proxy.tokens.manager import Backoff, TokenManager
 from proxy.tokens.source import token_source
 from proxy.tokens.store import TokenStores
 from proxy.upstream import Client
-
-
-def credential_of(config: CredentialSettings) -> Credential:
-    return KINDS[config.kind](config.appid, config.secret, config.authorization_scheme)
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,18 +53,17 @@ class TenantBuilder:
             self.log.info("tenant_started", tenant=tenant.name)
         return Tenant(tenant.name, sets, self._routes(tenant, sets))
 
-    def rebuild(self, tenant: Tenant, before: TenantSettings, config: TenantSettings) -> Rebuilt:
-        """`tenant` (started, as `before` configured it) as `config` has it, set by set: a set
+    def rebuild(self, tenant: Tenant, config: TenantSettings, changes: SetChanges) -> Rebuilt:
+        """`tenant` (started) as `config` has it, `changes` its sets' changes, set by set: a set
         whose kind, appid and token upstream are the same keeps its manager, source and store
         (with the new credential if that changed), the others are made anew; its routes are
         bound again. Nothing is started or switched here (`commit` does that)."""
-        changes = SetChanges.between(before, config)
         sets, fresh, rekeyed = [], [], []
         for set_config in config.credential_sets:
             managed = tenant.sets.find(set_config.name)
             if managed is not None and set_config.name in changes.kept:
                 if set_config.name in changes.rekeyed:
-                    managed = dataclasses.replace(managed, credential=credential_of(set_config))
+                    managed = dataclasses.replace(managed, credential=set_config.credential())
                     rekeyed.append(managed)
             else:
                 managed = self._managed(set_config, config)
@@ -111,7 +104,7 @@ class TenantBuilder:
         """One credential set of `tenant`, with its token source, store and manager (not
         started yet, nothing else told of it)."""
         settings = self.settings
-        credential = credential_of(config)
+        credential = config.credential()
         named_tenant = tenant.name != DEFAULT_TENANT
         set_log = self.log.bind(credentials=config.name)
         if named_tenant:  # `default`'s lines stay as they were before there were tenants

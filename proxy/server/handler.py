@@ -133,7 +133,7 @@ class ApiHandler:
         record.tenant = name
         path, query = split_target(request.raw_path)
         record.path = path
-        kind = self._local_token.kind_of(path)
+        kind = self._tenants.token_kind(path)
         served = as_served(path)
         tenant = self._tenants.built(name)
         route = (tenant or self._tenants.default).routes.match(served)
@@ -309,7 +309,7 @@ class ApiHandler:
             self._log.exception("internal_error", method=record.method, path=record.path)
             error = InternalError("the proxy failed to handle the request; see its log")
             record.status, record.ret_code = error.status, error.ret_code
-            return error.to_response()
+            return _error_response(error, shape)
         finally:
             if reserved is not None:
                 reserved.release()  # forward() has, unless it was never reached

@@ -46,10 +46,6 @@ class LocalTokenEndpoint:
         self._wall_clock = wall_clock
         self._strangers: dict[str, Credential] = {}  # kind -> a set no one can ask for
 
-    def kind_of(self, path: str) -> Credential | None:
-        """The kind whose token endpoint `path` is, if it is one the proxy answers."""
-        return self._tenants.token_kind(path)
-
     def admit(self, request: web.BaseRequest) -> None:
         """Before the body is read (`Expect: 100-continue`): refuse a body too large."""
         if request.content_length is not None and request.content_length > MAX_BODY:

@@ -2,7 +2,8 @@
 and routes, built when the tenant is first used.
 
     Tenants     every configured tenant by name; `default` built at start-up, a named tenant
-                when its first request is forwarded (a dict lookup per request once built)
+                when its first request is forwarded or its first token request passes the
+                sign check (a dict lookup per request once built)
     Tenant      one tenant's CredentialSets (its token managers and stores) and its RouteTable
                 (the shared prefixes, bound to its main upstream and its sets)
 
@@ -11,7 +12,8 @@ that names another is refused (403); without client keys, X-Sobot-Tenant names i
 `default`. A name no tenant has is 404. The header is the proxy's own: never sent upstream
 (headers.py). Only the name is resolved then: the handler checks the request against the shared
 prefixes, the tenant's configured sets and the allow-lists first, and builds the tenant only to
-forward it, so a refused request starts nothing.
+forward it (or to answer a token request whose sign verified), so a refused request starts
+nothing.
 
 A client's own token request names an appid: `claimant` finds the tenant with a set of that
 kind and appid, and that set's credential to check the request's sign with, from an index
@@ -34,7 +36,6 @@ from proxy.errors import Forbidden, UnknownTenant
 from proxy.server.credentials import CredentialSet, CredentialSets
 from proxy.server.routing import RouteTable
 from proxy.sobot.credential import Credential, names, spelling
-from proxy.sobot.kinds import KINDS
 from proxy.tokens.manager import TokenManager
 
 HEADER: Final = "X-Sobot-Tenant"
@@ -55,9 +56,10 @@ class Builder(Protocol):
         """A tenant's state, the tokens its routes use renewing from now on."""
         ...
 
-    def rebuild(self, tenant: Tenant, before: TenantSettings, config: TenantSettings) -> Rebuilt:
-        """The started `tenant` (as `before` configured it) as `config` has it, not yet in
-        force: nothing it returns is started and no source is switched (see `commit`)."""
+    def rebuild(self, tenant: Tenant, config: TenantSettings, changes: SetChanges) -> Rebuilt:
+        """The started `tenant` as `config` has it (`changes`: its sets' changes from what it
+        was), not yet in force: nothing it returns is started and no source is switched (see
+        `commit`)."""
         ...
 
     def commit(self, rebuilt: Rebuilt) -> None:
@@ -219,7 +221,7 @@ class Tenants:
                 upstreams.append(name)
             tenant = self._started.get(name)
             if tenant is not None:
-                plan = self._builder.rebuild(tenant, before, config)
+                plan = self._builder.rebuild(tenant, config, changes)
                 plans.append(plan)
                 started[name] = plan.tenant
         index = _kind_index(configs_now)
@@ -287,12 +289,6 @@ class Tenants:
             tenant = self._started[name] = self._builder.build(config)
         return tenant
 
-    def for_request(self, key_tenant: str | None, named: str | None) -> Tenant:
-        """The tenant of a request, built now if this is its first use (see name_for_request)."""
-        tenant = self.get(self.name_for_request(key_tenant, named))
-        assert tenant is not None  # a configured name
-        return tenant
-
     def name_for_request(self, key_tenant: str | None, named: str | None) -> str:
         """The name of a request's tenant, a configured one; nothing is built. `key_tenant`: the
         client key's (None: no client keys); `named`, what X-Sobot-Tenant says (None: no such
@@ -352,9 +348,7 @@ def _kind_index(
     set_kinds: dict[str, Credential] = {}
     for config in configs.values():
         for credentials in config.credential_sets:
-            credential = KINDS[credentials.kind](
-                credentials.appid, credentials.secret, credentials.authorization_scheme
-            )
+            credential = credentials.credential()
             by_appid = index.setdefault(credentials.kind, {})
             by_appid[credentials.appid] = (config.name, credentials.name, credential)
             set_kinds.setdefault(credentials.name, credential)

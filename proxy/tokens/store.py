@@ -133,7 +133,7 @@ SHARED_FILE: Final = "a file shared by the workers (no SOBOT_TOKEN_STORE)"
 
 
 def describe_store(url: str, *, workers_directory: str | None = None) -> str:
-    """The store's URL without its password, for logs; as make_store chooses it, so in a
+    """The store's URL without its password, for logs; as TokenStores.make chooses it, so in a
     worker of several, `memory` is the workers' shared file."""
     if url == "memory":
         return url if workers_directory is None else SHARED_FILE
@@ -176,10 +176,6 @@ class TokenStores:
                 log=log,
                 on_error=on_error,
             )
-
-    @property
-    def redis(self) -> SharedRedis | None:
-        return self._redis
 
     def make(
         self, *, namespace: str, appid: str, log: structlog.typing.FilteringBoundLogger

@@ -62,11 +62,6 @@ class Subscriber:
         """Whether a subscription is confirmed on a working connection."""
         return bool(self._confirmed)
 
-    @property
-    def channels(self) -> frozenset[str]:
-        """The channels watched now."""
-        return frozenset(self._watches)
-
     def watch(self, channel: str) -> Watch:
         watch = Watch()
         self._watches.setdefault(channel, set()).add(watch)
