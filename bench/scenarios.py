@@ -17,7 +17,7 @@ import os
 import ssl
 import statistics
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
@@ -114,9 +114,14 @@ def measure(
     return record
 
 
+def median(values: Iterable[float | None]) -> float | None:
+    """The median of the values measured (None: none was)."""
+    present = [value for value in values if value is not None]
+    return statistics.median(present) if present else None
+
+
 def _median(runs: Sequence[dict[str, Any]], key: str) -> float | None:
-    values = [run[key] for run in runs if run.get(key) is not None]
-    return statistics.median(values) if values else None
+    return median(run.get(key) for run in runs)
 
 
 def summary(runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
@@ -245,7 +250,7 @@ def throughput(
     if baseline is not None:
         measured["after_vs_baseline"] = {
             connections: {
-                key: _ratio(row[SOBOT][key], row[BASELINE][key])
+                key: ratio(row[SOBOT][key], row[BASELINE][key])
                 for key in ("requests_per_s", "cpu_us_per_request")
             }
             for connections, row in results.items()
@@ -253,7 +258,7 @@ def throughput(
     return measured
 
 
-def _ratio(after: float | None, before: float | None) -> float | None:
+def ratio(after: float | None, before: float | None) -> float | None:
     return after / before if after is not None and before else None
 
 

@@ -25,16 +25,23 @@ from __future__ import annotations
 import functools
 import json
 import secrets
-import statistics
 import time
-from collections.abc import Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
 # The throughput scenario's measuring, so the figures are taken exactly as it takes them.
-from bench.scenarios import Target, measure, started, summary, truncate, warm_up_targets
+from bench.scenarios import (
+    Target,
+    measure,
+    median,
+    ratio,
+    started,
+    summary,
+    truncate,
+    warm_up_targets,
+)
 from bench.system import (
     MIB,
     BenchError,
@@ -164,11 +171,6 @@ def _use_every_tenant(proxy: Server, fake: Server, count: int) -> int:
     return _fake_stats(fake)["tokens_issued"] - before
 
 
-def _median(values: Sequence[float | None]) -> float | None:
-    present = [value for value in values if value is not None]
-    return statistics.median(present) if present else None
-
-
 def tenants(
     directory: Path,
     placement: Placement,
@@ -259,14 +261,14 @@ def tenants(
             "proxy_cpus": placement.proxy,
         },
         "load": by_setup,
-        "cpu_ratio": _ratio(cpu[SPREAD], cpu[ONE]),
-        "cpu_ratio_default_only": _ratio(cpu[DEFAULT_ONLY], cpu[ONE]),
+        "cpu_ratio": ratio(cpu[SPREAD], cpu[ONE]),
+        "cpu_ratio_default_only": ratio(cpu[DEFAULT_ONLY], cpu[ONE]),
         "cpu_ratio_per_round": [round(ratio, 3) for ratio in per_round],
-        "start_up_s": {name: _median(samples) for name, samples in start_up.items()},
+        "start_up_s": {name: median(samples) for name, samples in start_up.items()},
         "start_up_samples_s": {
             name: [round(sample, 3) for sample in samples] for name, samples in start_up.items()
         },
-        "start_up_ratio": _ratio(_median(start_up[SPREAD]), _median(start_up[ONE])),
+        "start_up_ratio": ratio(median(start_up[SPREAD]), median(start_up[ONE])),
         "rss_idle_mib": {name: value / MIB for name, value in rss_idle.items()},
         "rss_used_mib": rss_used / MIB,
         "rss_after_load_mib": rss_after_load / MIB,
@@ -278,7 +280,3 @@ def tenants(
         # 0: every tenant held its token through the load (no fetch, no replay).
         "tokens_issued_under_load": under_load,
     }
-
-
-def _ratio(after: float | None, before: float | None) -> float | None:
-    return after / before if after is not None and before else None

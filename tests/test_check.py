@@ -343,6 +343,15 @@ async def test_online_proves_the_credentials_with_get_token_when_told_to(tmp_pat
     assert_no_secret(result, *fake.issued_tokens)
 
 
+async def test_the_probe_path_finds_its_route_as_the_proxy_folds_it(tmp_path, fake):
+    """`//api/...` goes along the `/api/` route in the proxy: the probe proves that route's set."""
+    result = await check_async(
+        tmp_path, "--online", "--rotate-token", "--probe-path", "/" + PROBE, **online_env(fake)
+    )
+    assert result.status == 0, result.output
+    assert [(r.path, r.token_state) for r in fake.received] == [("/api/ws/5/ticket/list", "valid")]
+
+
 async def test_online_with_a_wrong_app_key_exits_1_with_sobots_code(tmp_path, fake):
     env = online_env(fake, SOBOT_APP_KEY="not-the-app-key-0123")
     result = await check_async(tmp_path, "--online", "--rotate-token", **env)

@@ -5,8 +5,8 @@ came from (flag, environment, config file or default; a lower layer it overrides
 Secrets are never shown: a secret is only "set", with the file it was read from; a password in
 a Redis URL is masked.
 
-Then the tenants, the route table and the credential sets. Online (prove.py), each set's
-credentials are proven (the default tenant's only, for now).
+Then the tenants, the route table and the credential sets. Online (prove.py), every set of
+every tenant is proven, each at its tenant's upstream.
 
 Exit status: 0 valid (and, online, proven); 1 the credentials or the token were refused, or
 Sobot or the token store cannot be reached; 2 a configuration or usage problem.

@@ -117,6 +117,8 @@ async def _prove_all(
     settings: Settings, *, rotate_token: bool, probe: str | None, out: TextIO, err: TextIO
 ) -> int:
     results = []
+    if probe is not None:
+        probe = "".join(split_target(probe))  # as the proxy forwards it: `//api/x` is `/api/x`
     for tenant in settings.all_tenants:
         # The probe proves the tenant's set of the route it goes along (if that route injects
         # one, and the tenant has it), at the route's upstream or the tenant's main one.

@@ -34,11 +34,10 @@ from typing import Final, NamedTuple
 
 from proxy.config.routes import NO_CREDENTIALS, CredentialSettings
 from proxy.config.secret_files import ReadText, read_secret, read_secret_lines, read_text
-from proxy.config.settings import TOO_SHORT, ConfigError, Settings
+from proxy.config.settings import ConfigError, Settings, short_password
 from proxy.config.tenants import ClientKeys, bind_client_keys
 from proxy.config.toml_routes import key_path, known_sets, unknown_set
 from proxy.config.values import in_clear
-from proxy.logs import MIN_SECRET_LENGTH
 
 # The Settings fields a reload takes from the new configuration; every other field that
 # differs is named by restart_needed. The *_file fields say where a secret came from.
@@ -79,26 +78,23 @@ def reread_secrets(settings: Settings, *, read: ReadText = read_text) -> Setting
             problems.append(f"{setting}: {exc}")
             return current
 
-    def sets(under: tuple[str, ...], configs: Iterable[CredentialSettings]) -> tuple[str, ...]:
+    def reread_sets(
+        under: tuple[str, ...], configs: tuple[CredentialSettings, ...]
+    ) -> tuple[CredentialSettings, ...]:
         return tuple(
-            reread(
-                f"{key_path(*under, 'credentials', config.name)}.app_key_file",
-                config.secret_file,
-                config.secret,
+            dataclasses.replace(
+                config,
+                secret=reread(
+                    f"{key_path(*under, 'credentials', config.name)}.app_key_file",
+                    config.secret_file,
+                    config.secret,
+                ),
             )
             for config in configs
         )
 
-    def with_secrets(
-        configs: tuple[CredentialSettings, ...], secrets: tuple[str, ...]
-    ) -> tuple[CredentialSettings, ...]:
-        return tuple(
-            dataclasses.replace(config, secret=secret)
-            for config, secret in zip(configs, secrets, strict=True)
-        )
-
     app_key = reread("app_key_file", settings.app_key_file, settings.app_key)
-    credentials = with_secrets(settings.credentials, sets((), settings.credentials))
+    credentials = reread_sets((), settings.credentials)
     tenants = tuple(
         dataclasses.replace(
             tenant,
@@ -107,9 +103,7 @@ def reread_secrets(settings: Settings, *, read: ReadText = read_text) -> Setting
                 tenant.app_key_file,
                 tenant.app_key,
             ),
-            credentials=with_secrets(
-                tenant.credentials, sets(("tenants", tenant.name), tenant.credentials)
-            ),
+            credentials=reread_sets(("tenants", tenant.name), tenant.credentials),
         )
         for tenant in settings.tenants
     )
@@ -118,8 +112,9 @@ def reread_secrets(settings: Settings, *, read: ReadText = read_text) -> Setting
         password = reread(
             "token_store_password_file", settings.token_store_password_file, password or ""
         )
-        if password and len(password) < MIN_SECRET_LENGTH:  # as the loader refuses it
-            problems.append(f"token_store_password_file: the password {TOO_SHORT}")
+        short = short_password("token_store_password_file", password)
+        if short is not None:
+            problems.append(short)
     client_keys = ClientKeys(settings.client_keys, settings.client_key_tenants)
     if settings.client_keys_file is not None:
         client_keys = _reread_client_keys(settings, settings.client_keys_file, read, problems)

@@ -18,7 +18,6 @@ from urllib.parse import unquote, urlsplit
 
 from proxy.config import secret_files
 from proxy.config.routes import (
-    DEFAULT_CREDENTIALS,
     DEFAULT_FORWARD_PREFIXES,
     CredentialSettings,
     ResolvedRoute,
@@ -106,11 +105,9 @@ class Settings:
 
     @property
     def credential_sets(self) -> tuple[CredentialSettings, ...]:
-        """Every credential set: `default` (SOBOT_APPID, SOBOT_APP_KEY, the main upstream) first."""
-        default = CredentialSettings(
-            DEFAULT_CREDENTIALS, "v5", self.appid, self.app_key, secret_file=self.app_key_file
-        )
-        return (default, *self.credentials)
+        """The `default` tenant's credential sets: `default` (SOBOT_APPID, SOBOT_APP_KEY, the
+        main upstream) first."""
+        return self.all_tenants[0].credential_sets
 
     @property
     def all_tenants(self) -> tuple[TenantSettings, ...]:
@@ -284,6 +281,14 @@ TOO_SHORT: Final = (
     f"is shorter than {MIN_SECRET_LENGTH} characters, too short for the logs to hide; use a "
     "long random one"
 )
+
+
+def short_password(label: str, password: str | None) -> str | None:
+    """The problem with a Redis password (from `label`) too short for the logs to hide, if it
+    is: at start-up and when its file is read again."""
+    if password and len(password) < MIN_SECRET_LENGTH:
+        return f"{label}: the password {TOO_SHORT}"
+    return None
 
 
 def _host(value: Any) -> str:
@@ -676,8 +681,9 @@ def load_with_provenance(
             secret, env, toml_values, toml_label, read_text, problems
         )
     password = secrets["token_store_password"]
-    if password and len(password[0]) < MIN_SECRET_LENGTH:
-        problems.append(f"{origins['token_store_password'].name}: the password {TOO_SHORT}")
+    short = short_password(origins["token_store_password"].name, password[0] if password else None)
+    if short is not None:
+        problems.append(short)
     region = values["region"]
     tables = parse_tables(
         toml_values,
